@@ -1,0 +1,1 @@
+"""Glaze pipeline: the enrichment engine of Glaze."""

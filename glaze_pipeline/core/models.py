@@ -1,0 +1,162 @@
+"""Domain types shared by every part of the engine (no Dagster, no SQL)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EntityType(enum.StrEnum):
+    COMPANY = "company"
+    PERSON = "person"
+
+
+class CellStatus(enum.StrEnum):
+    """Terminal outcome of one cell; "not found" and "failed" are never the same thing."""
+
+    DONE = "done"
+    NOT_FOUND = "not_found"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class RowStatus(enum.StrEnum):
+    IDLE = "idle"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    AMBIGUOUS = "ambiguous"
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    LAUNCHED = "launched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_REQUEST_STATUSES
+
+
+TERMINAL_REQUEST_STATUSES = frozenset(
+    {
+        RequestStatus.SUCCEEDED,
+        RequestStatus.PARTIAL,
+        RequestStatus.FAILED,
+        RequestStatus.CANCELLED,
+    }
+)
+
+
+class RequestKind(enum.StrEnum):
+    ENRICH = "enrich"
+    ESTIMATE = "estimate"
+    PRE_ENRICH = "pre_enrich"
+
+
+@dataclass(frozen=True, slots=True)
+class EntityKey:
+    """Which real-world entity a cell is about, e.g. company by registrable domain.
+
+    `strength` is how much we trust the identifier itself: a domain pins a company, a
+    normalised name only suggests one, so values found through it get lower confidence.
+    """
+
+    type: EntityType
+    kind: str  # domain | name | linkedin | email | name_company
+    value: str
+    strength: float = 1.0
+
+    @property
+    def id(self) -> str:
+        return f"{self.type.value}:{self.kind}:{self.value}"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class CellRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    row_id: str
+    column_id: str
+
+
+class Selection(BaseModel):
+    """Which cells to fill: a grid (columns x rows), explicit cells, or the whole table.
+
+    Exactly one shape is given. In the grid shape, an empty `row_ids` means every row.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    column_ids: list[str] = Field(default_factory=list)
+    row_ids: list[str] = Field(default_factory=list)
+    cells: list[CellRef] = Field(default_factory=list)
+    whole_table: bool = False
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Selection:
+        shapes = [bool(self.column_ids), bool(self.cells), self.whole_table]
+        if sum(shapes) != 1:
+            raise ValueError(
+                "selection must give exactly one of: column_ids (+ optional row_ids), "
+                "cells, or whole_table=true"
+            )
+        if self.row_ids and not self.column_ids:
+            raise ValueError("row_ids needs column_ids (grid selection)")
+        return self
+
+    @property
+    def shape(self) -> str:
+        if self.cells:
+            return "cells"
+        if self.whole_table:
+            return "whole_table"
+        return "grid"
+
+
+# The per-entity result types are slotted dataclasses, not pydantic models: a large job
+# holds hundreds of thousands of them, and they never cross a trust boundary.
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    """One value for one field of one entity, with where it came from."""
+
+    value: Any
+    confidence: float
+    source: str
+    fetched_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FieldOutcome:
+    """How one requested field of one entity ended: a value, or why there is none."""
+
+    status: CellStatus
+    value: FieldValue | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRequest:
+    """A unique entity to enrich and the fields the job's cells want from it."""
+
+    key: EntityKey
+    fields: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class EntityOutcome:
+    key: EntityKey
+    fields: dict[str, FieldOutcome]

@@ -1,0 +1,89 @@
+"""The provider contract the waterfall relies on, and the errors it acts on.
+
+A provider answers for one entity type. Its errors form a small hierarchy so that the waterfall
+can tell "this entity does not exist there" (not found: try the next provider, charge only if the
+vendor charges misses) from "the provider could not answer" (rate limited, transient, bad
+response, fatal: record the error, try the next provider, charge nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from glaze_pipeline.core.models import EntityKey, EntityType
+
+
+class ProviderError(Exception):
+    """Base of every error a provider raises; `provider` names who raised it."""
+
+    def __init__(self, message: str, *, provider: str = "") -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
+class EntityNotFound(ProviderError):
+    """The provider answered: it knows nothing of this entity."""
+
+
+class RateLimited(ProviderError):
+    """429 or equivalent after the retries allowed; `retry_after` in seconds when given."""
+
+    def __init__(self, message: str, *, provider: str = "", retry_after: float | None = None):
+        super().__init__(message, provider=provider)
+        self.retry_after = retry_after
+
+
+class TransientProviderError(ProviderError):
+    """Timeouts, connection errors, 5xx: worth retrying later, not now."""
+
+
+class BadResponse(ProviderError):
+    """The provider answered with something we cannot parse or trust."""
+
+
+class FatalProviderError(ProviderError):
+    """Misconfiguration or refusal (401/403, bad request): retrying will not help."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider is switched off for now (circuit open); it was not called."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    """What a provider found: values by catalogue field, with an optional per-field confidence."""
+
+    values: Mapping[str, Any]
+    confidence: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """An enrichment source for one entity type."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def entity_type(self) -> EntityType: ...
+
+    @property
+    def fields(self) -> frozenset[str]: ...
+
+    @property
+    def cost_per_call(self) -> float: ...
+
+    @property
+    def confidence(self) -> float: ...
+
+    @property
+    def charges_misses(self) -> bool: ...
+
+    @property
+    def max_concurrency(self) -> int: ...
+
+    async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
+        """Answer for one entity, or raise a ProviderError subclass."""
+        ...

@@ -1,0 +1,135 @@
+"""The app database: tables, columns, rows (seed 001), the entity cache and the request/job record.
+
+Row `data` and `meta` are JSON (JSONB on Postgres) keyed by column key: `data` holds the cell
+values, `meta` holds per enriched cell its status, confidence, source provider and time.
+One `enrichment_requests` row is one job: the queue entry and the job record are the same
+thing, so there is a single source of truth for a job's state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class GlazeTable(Base):
+    __tablename__ = "tables"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class GlazeColumn(Base):
+    __tablename__ = "columns"
+    __table_args__ = (UniqueConstraint("table_id", "key"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    table_id: Mapped[str] = mapped_column(ForeignKey("tables.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(100))
+    label: Mapped[str] = mapped_column(String(200))
+    data_type: Mapped[str] = mapped_column(String(20), default="text")
+    # The catalogue field this column means (`company.industry`); None: inferred from `key`.
+    field: Mapped[str | None] = mapped_column(String(60))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class GlazeRow(Base):
+    __tablename__ = "rows"
+    __table_args__ = (Index("ix_rows_table_id_id", "table_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    table_id: Mapped[str] = mapped_column(ForeignKey("tables.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="idle")
+    confidence: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EntityCacheEntry(Base):
+    """The persistent cache tier: one provider's answer for one entity."""
+
+    __tablename__ = "entity_cache"
+
+    entity_id: Mapped[str] = mapped_column(String(400), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    found: Mapped[bool] = mapped_column(Boolean)
+    answer: Mapped[dict[str, Any]] = mapped_column(JSONType)  # {"values": {...}, "confidence": {...}}
+    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class EnrichmentRequest(Base):
+    """One enrichment request = one job: queue entry, run link, counters, cost and outcome."""
+
+    __tablename__ = "enrichment_requests"
+    __table_args__ = (
+        UniqueConstraint("table_id", "idempotency_key"),
+        Index("ix_enrichment_requests_claim", "status", "priority", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    table_id: Mapped[str] = mapped_column(String(40), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="enrich")
+    selection: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    budget: Mapped[float | None] = mapped_column(Float)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    # Progress, mirroring seed 001's job view (total / done / failed) plus the finer outcomes.
+    cells_total: Mapped[int] = mapped_column(Integer, default=0)
+    cells_done: Mapped[int] = mapped_column(Integer, default=0)
+    cells_failed: Mapped[int] = mapped_column(Integer, default=0)
+    cells_not_found: Mapped[int] = mapped_column(Integer, default=0)
+    cells_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    rows_total: Mapped[int] = mapped_column(Integer, default=0)
+    rows_written: Mapped[int] = mapped_column(Integer, default=0)
+    entities: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0)
+    provider_calls: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    cost_by_provider: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    budget_reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    launched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

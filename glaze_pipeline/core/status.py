@@ -1,0 +1,46 @@
+"""Row status and confidence, aggregated from the row's enriched cells (seed 001's table).
+
+| cells (of the row, in `meta`) | row status |
+| all done                      | done       |
+| all failed                    | failed     |
+| any running / queued          | running / queued |
+| no enriched cell              | idle       |
+| anything else (a mix, not found, skipped) | ambiguous |
+
+Because the row status is derived from `meta` alone, it can always be recomputed, which is how a
+cancelled or crashed job puts rows back to the status they had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from glaze_pipeline.core.models import CellStatus, RowStatus
+
+
+def aggregate_row(meta: Mapping[str, Any]) -> tuple[RowStatus, float | None, str | None]:
+    """(status, mean confidence of done cells, first error) for a row's cell meta."""
+    statuses: list[str] = []
+    confidences: list[float] = []
+    error: str | None = None
+    for cell in meta.values():
+        if not isinstance(cell, Mapping) or "status" not in cell:
+            continue
+        statuses.append(cell["status"])
+        if cell["status"] == CellStatus.DONE and cell.get("confidence") is not None:
+            confidences.append(float(cell["confidence"]))
+        if error is None and cell.get("error"):
+            error = str(cell["error"])
+    confidence = round(sum(confidences) / len(confidences), 4) if confidences else None
+    if not statuses:
+        return RowStatus.IDLE, None, None
+    if RowStatus.RUNNING in statuses:
+        return RowStatus.RUNNING, confidence, error
+    if RowStatus.QUEUED in statuses:
+        return RowStatus.QUEUED, confidence, error
+    if all(s == CellStatus.DONE for s in statuses):
+        return RowStatus.DONE, confidence, None
+    if all(s == CellStatus.FAILED for s in statuses):
+        return RowStatus.FAILED, None, error
+    return RowStatus.AMBIGUOUS, confidence, error

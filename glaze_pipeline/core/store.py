@@ -1,0 +1,506 @@
+"""The store: SQLAlchemy reads in pages and bulk writes, on Postgres or SQLite.
+
+Every write that touches many rows is one statement per batch: row patches are merged into the
+existing JSON in the database (`||` on Postgres, `json_patch` on SQLite), so keys this job did
+not touch, such as a cell a user edited during the run, are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from glaze_pipeline.core import migrate
+from glaze_pipeline.core.detection import ColumnSpec
+from glaze_pipeline.core.fields import column_field, parse_field
+from glaze_pipeline.core.schema import (
+    EnrichmentRequest,
+    GlazeColumn,
+    GlazeRow,
+    GlazeTable,
+)
+from glaze_pipeline.core.settings import database_url
+
+ID_CHUNK = 1000  # ids per IN (...) list
+
+
+class GlazeError(Exception):
+    """Base of the engine's own errors: bad input named clearly, raised before any write."""
+
+
+class UnknownTableError(GlazeError):
+    pass
+
+
+class UnknownColumnError(GlazeError):
+    pass
+
+
+class UnknownRowError(GlazeError):
+    pass
+
+
+class UnknownRequestError(GlazeError):
+    pass
+
+
+class InvalidSelectionError(GlazeError):
+    pass
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for Postgres whatever scheme was given (`postgres://`, `postgresql://`)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnDef:
+    key: str
+    label: str = ""
+    field: str | None = None
+    data_type: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    id: str
+    key: str
+    label: str
+    field: str | None
+    position: int
+
+    def spec(self) -> ColumnSpec:
+        return ColumnSpec(self.id, self.key, column_field(self.key, self.field))
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    id: str
+    name: str
+    columns: tuple[ColumnInfo, ...]
+
+    def column_by_id(self) -> dict[str, ColumnInfo]:
+        return {column.id: column for column in self.columns}
+
+    def column_by_key(self, key: str) -> ColumnInfo:
+        for column in self.columns:
+            if column.key == key:
+                return column
+        raise UnknownColumnError(f"table {self.id} has no column with key {key!r}")
+
+    def specs(self) -> list[ColumnSpec]:
+        return [column.spec() for column in self.columns]
+
+
+@dataclass(frozen=True, slots=True)
+class RowRecord:
+    id: str
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    status: str = "idle"
+
+
+@dataclass(frozen=True, slots=True)
+class RowPatch:
+    """What one job writes to one row: JSON keys to merge, and the row's new aggregate status."""
+
+    id: str
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    status: str
+    confidence: float | None
+    error: str | None
+
+
+class Store:
+    """The app database. One instance per process; it counts the statements it issues."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = normalize_url(database_url(url))
+        self.engine = _make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        self.statements = 0
+        event.listen(self.engine, "before_cursor_execute", self._count)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _count(self, *_args: Any) -> None:
+        self.statements += 1
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def upgrade(self) -> None:
+        migrate.upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- tables and columns ---------------------------------------------------------------
+
+    def create_table(
+        self, name: str, columns: Sequence[ColumnDef], *, description: str | None = None
+    ) -> TableInfo:
+        keys = [column.key for column in columns]
+        if len(set(keys)) != len(keys):
+            raise GlazeError(f"duplicate column keys in {keys}")
+        for column in columns:
+            if column.field:
+                parse_field(column.field)
+        table_id = new_id("tbl")
+        with self.session() as session, session.begin():
+            session.add(GlazeTable(id=table_id, name=name, description=description))
+            session.flush()
+            session.add_all(
+                GlazeColumn(
+                    id=new_id("col"),
+                    table_id=table_id,
+                    key=column.key,
+                    label=column.label or column.key,
+                    data_type=column.data_type,
+                    field=column.field,
+                    position=position,
+                )
+                for position, column in enumerate(columns)
+            )
+        return self.get_table(table_id)
+
+    def get_table(self, table_id: str) -> TableInfo:
+        with self.session() as session:
+            table = session.get(GlazeTable, table_id)
+            if table is None:
+                raise UnknownTableError(f"unknown table {table_id!r}")
+            columns = session.scalars(
+                select(GlazeColumn)
+                .where(GlazeColumn.table_id == table_id)
+                .order_by(GlazeColumn.position)
+            ).all()
+        return TableInfo(
+            table.id,
+            table.name,
+            tuple(ColumnInfo(c.id, c.key, c.label, c.field, c.position) for c in columns),
+        )
+
+    def list_tables(self) -> list[tuple[str, str, int]]:
+        """(id, name, row count) of every table, oldest first."""
+        counts = (
+            select(GlazeRow.table_id, func.count().label("n"))
+            .group_by(GlazeRow.table_id)
+            .subquery()
+        )
+        query = (
+            select(GlazeTable.id, GlazeTable.name, func.coalesce(counts.c.n, 0))
+            .outerjoin(counts, counts.c.table_id == GlazeTable.id)
+            .order_by(GlazeTable.created_at, GlazeTable.id)
+        )
+        with self.engine.connect() as connection:
+            return [(r[0], r[1], int(r[2])) for r in connection.execute(query)]
+
+    def tables_created_since(self, since: datetime | None) -> list[str]:
+        query = select(GlazeTable.id).order_by(GlazeTable.created_at)
+        if since is not None:
+            query = query.where(GlazeTable.created_at > since)
+        with self.engine.connect() as connection:
+            return list(connection.scalars(query))
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def insert_rows(
+        self, table_id: str, rows: Iterable[Mapping[str, Any]], *, batch_size: int = 5000
+    ) -> list[str]:
+        """Insert rows (dicts keyed by column key) in batches; returns their ids in order."""
+        self.get_table(table_id)
+        with self.engine.connect() as connection:
+            start = connection.scalar(
+                select(func.coalesce(func.max(GlazeRow.position), -1)).where(
+                    GlazeRow.table_id == table_id
+                )
+            )
+        position = int(start if start is not None else -1) + 1
+        ids: list[str] = []
+        batch: list[dict[str, Any]] = []
+        with self.engine.begin() as connection:
+            for data in rows:
+                row_id = new_id("row")
+                ids.append(row_id)
+                batch.append(
+                    {
+                        "id": row_id,
+                        "table_id": table_id,
+                        "position": position,
+                        "data": dict(data),
+                        "meta": {},
+                        "status": "idle",
+                    }
+                )
+                position += 1
+                if len(batch) >= batch_size:
+                    connection.execute(insert(GlazeRow), batch)
+                    batch = []
+            if batch:
+                connection.execute(insert(GlazeRow), batch)
+        return ids
+
+    def iter_row_pages(
+        self, table_id: str, *, row_ids: Sequence[str] | None = None, page_size: int = 1000
+    ) -> Iterator[list[RowRecord]]:
+        """Rows in pages, never the whole table at once: keyset by id, or the given ids.
+
+        With `row_ids`, an id that is not in the table raises UnknownRowError naming it.
+        """
+        columns = (GlazeRow.id, GlazeRow.data, GlazeRow.meta, GlazeRow.status)
+        if row_ids is not None:
+            ids = list(dict.fromkeys(row_ids))
+            for start in range(0, len(ids), page_size):
+                wanted = ids[start : start + page_size]
+                with self.engine.connect() as connection:
+                    found = connection.execute(
+                        select(*columns).where(
+                            GlazeRow.table_id == table_id, GlazeRow.id.in_(wanted)
+                        )
+                    ).all()
+                if len(found) != len(wanted):
+                    present = {row.id for row in found}
+                    missing = [row_id for row_id in wanted if row_id not in present]
+                    raise UnknownRowError(
+                        f"unknown row ids in table {table_id}: {', '.join(missing[:10])}"
+                        + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+                    )
+                yield [RowRecord(r.id, r.data or {}, r.meta or {}, r.status) for r in found]
+            return
+        last = ""
+        while True:
+            with self.engine.connect() as connection:
+                found = connection.execute(
+                    select(*columns)
+                    .where(GlazeRow.table_id == table_id, GlazeRow.id > last)
+                    .order_by(GlazeRow.id)
+                    .limit(page_size)
+                ).all()
+            if not found:
+                return
+            yield [RowRecord(r.id, r.data or {}, r.meta or {}, r.status) for r in found]
+            if len(found) < page_size:
+                return
+            last = found[-1].id
+
+    def rows_in_order(self, table_id: str, *, limit: int | None = None) -> list[RowRecord]:
+        """Rows by position, for display (the CLI's `show`)."""
+        query = (
+            select(GlazeRow.id, GlazeRow.data, GlazeRow.meta, GlazeRow.status)
+            .where(GlazeRow.table_id == table_id)
+            .order_by(GlazeRow.position)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as connection:
+            return [RowRecord(r.id, r.data or {}, r.meta or {}, r.status) for r in connection.execute(query)]
+
+    def get_row(self, row_id: str) -> GlazeRow:
+        with self.session() as session:
+            row = session.get(GlazeRow, row_id)
+            if row is None:
+                raise UnknownRowError(f"unknown row {row_id!r}")
+            return row
+
+    def edit_cell(self, row_id: str, key: str, value: Any) -> None:
+        """A user's edit of one cell, as the app makes it: a JSON merge of one key."""
+        self.apply_patches([], edits={row_id: {key: value}})
+
+    def apply_patches(
+        self, patches: Sequence[RowPatch], *, edits: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> int:
+        """Merge a batch of row patches in ONE statement; returns rows updated.
+
+        `edits` (row id -> keys) is a data-only merge, the path a user's edit takes.
+        """
+        payload = [
+            {
+                "id": p.id,
+                "data": p.data,
+                "meta": p.meta,
+                "status": p.status,
+                "confidence": p.confidence,
+                "error": p.error,
+                "stamp": 1,
+            }
+            for p in patches
+        ]
+        for row_id, data in (edits or {}).items():
+            payload.append({"id": row_id, "data": dict(data), "meta": {}, "stamp": 0})
+        if not payload:
+            return 0
+        statement = _PATCH_SQL[self.dialect]
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                text(statement),
+                {"payload": json.dumps(payload, default=str), "now": utcnow()},
+            )
+        return int(result.rowcount or 0)
+
+    # -- requests (jobs) ----------------------------------------------------------------
+
+    def create_request(self, **values: Any) -> str:
+        request_id = values.pop("id", None) or new_id("req")
+        now = utcnow()
+        with self.session() as session, session.begin():
+            session.add(
+                EnrichmentRequest(
+                    id=request_id,
+                    created_at=now,
+                    updated_at=now,
+                    **{**_REQUEST_DEFAULTS, **values},
+                )
+            )
+        return request_id
+
+    def get_request(self, request_id: str) -> EnrichmentRequest:
+        with self.session() as session:
+            request = session.get(EnrichmentRequest, request_id)
+            if request is None:
+                raise UnknownRequestError(f"unknown request {request_id!r}")
+            return request
+
+    def update_request(self, request_id: str, **values: Any) -> None:
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(EnrichmentRequest)
+                .where(EnrichmentRequest.id == request_id)
+                .values(updated_at=utcnow(), **values)
+            )
+        if result.rowcount == 0:
+            raise UnknownRequestError(f"unknown request {request_id!r}")
+
+    def lease_budget(self, request_id: str, preferred: float, minimum: float) -> float:
+        """Take up to `preferred` (at least `minimum`) of a request's budget; 0.0 if not left.
+
+        One conditional UPDATE per try, so concurrent chunks or processes can never reserve
+        more than the budget together.
+        """
+        for amount in dict.fromkeys((preferred, minimum)):
+            if amount <= 0:
+                continue
+            with self.engine.begin() as connection:
+                result = connection.execute(
+                    update(EnrichmentRequest)
+                    .where(
+                        EnrichmentRequest.id == request_id,
+                        EnrichmentRequest.budget_reserved + amount
+                        <= EnrichmentRequest.budget + 1e-9,
+                    )
+                    .values(budget_reserved=EnrichmentRequest.budget_reserved + amount)
+                )
+            if result.rowcount:
+                return amount
+        return 0.0
+
+    def return_budget(self, request_id: str, unused: float) -> None:
+        if unused <= 0:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(EnrichmentRequest)
+                .where(EnrichmentRequest.id == request_id)
+                .values(budget_reserved=EnrichmentRequest.budget_reserved - unused)
+            )
+
+
+_REQUEST_DEFAULTS: dict[str, Any] = {
+    "kind": "enrich",
+    "priority": 0,
+    "status": "queued",
+    "cancel_requested": False,
+    "cells_total": 0,
+    "cells_done": 0,
+    "cells_failed": 0,
+    "cells_not_found": 0,
+    "cells_skipped": 0,
+    "rows_total": 0,
+    "rows_written": 0,
+    "entities": 0,
+    "cache_hits": 0,
+    "provider_calls": {},
+    "cost_by_provider": {},
+    "cost": 0.0,
+    "budget_reserved": 0.0,
+}
+
+# `stamp` = 1: an engine write (status, confidence, error, last_run_at set); 0: a user edit.
+_PATCH_SQL = {
+    "postgresql": """
+        UPDATE rows AS r SET
+            data = r.data || v.data,
+            meta = r.meta || v.meta,
+            status = CASE WHEN v.stamp = 1 THEN v.status ELSE r.status END,
+            confidence = CASE WHEN v.stamp = 1 THEN v.confidence ELSE r.confidence END,
+            error = CASE WHEN v.stamp = 1 THEN v.error ELSE r.error END,
+            last_run_at = CASE WHEN v.stamp = 1 THEN CAST(:now AS timestamptz)
+                               ELSE r.last_run_at END
+        FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS v(
+            id text, data jsonb, meta jsonb, status text, confidence double precision,
+            error text, stamp int)
+        WHERE r.id = v.id
+    """,
+    "sqlite": """
+        UPDATE rows SET
+            data = json_patch(rows.data, v.data),
+            meta = json_patch(rows.meta, v.meta),
+            status = CASE WHEN v.stamp = 1 THEN v.status ELSE rows.status END,
+            confidence = CASE WHEN v.stamp = 1 THEN v.confidence ELSE rows.confidence END,
+            error = CASE WHEN v.stamp = 1 THEN v.error ELSE rows.error END,
+            last_run_at = CASE WHEN v.stamp = 1 THEN :now ELSE rows.last_run_at END
+        FROM (
+            SELECT value ->> '$.id' AS id, value -> '$.data' AS data, value -> '$.meta' AS meta,
+                   value ->> '$.status' AS status, value ->> '$.confidence' AS confidence,
+                   value ->> '$.error' AS error, value ->> '$.stamp' AS stamp
+            FROM json_each(:payload)
+        ) AS v
+        WHERE rows.id = v.id
+    """,
+}
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets the UI read while a job writes; busy_timeout makes writers queue, not fail.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+

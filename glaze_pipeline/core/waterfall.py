@@ -1,0 +1,208 @@
+"""The waterfall: ask providers cheapest first, stop as soon as every field is good enough."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from glaze_pipeline.core.budget import Budget
+from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
+from glaze_pipeline.core.models import (
+    CellStatus,
+    EntityKey,
+    EntityOutcome,
+    EntityRequest,
+    EntityType,
+    FieldOutcome,
+    FieldValue,
+)
+from glaze_pipeline.core.providers.base import (
+    EntityNotFound,
+    Provider,
+    ProviderAnswer,
+    ProviderError,
+)
+
+BUDGET_EXHAUSTED = "budget exhausted"
+DEFAULT_THRESHOLD = 0.8
+
+
+@dataclass
+class WaterfallStats:
+    """What a batch of lookups cost: calls and spend per provider, cache hits."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    cost: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    cache_hits: int = 0
+
+    def merge(self, other: WaterfallStats) -> None:
+        self.calls.update(other.calls)
+        self.cost.update(other.cost)
+        self.errors.update(other.errors)
+        self.cache_hits += other.cache_hits
+
+
+@dataclass
+class _Progress:
+    """The running state of one entity's waterfall."""
+
+    wanted: frozenset[str]
+    best: dict[str, FieldValue] = field(default_factory=dict)
+    not_found: set[str] = field(default_factory=set)
+    skipped: set[str] = field(default_factory=set)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+    def open_fields(self, threshold: float) -> frozenset[str]:
+        return frozenset(
+            name
+            for name in self.wanted
+            if name not in self.best or self.best[name].confidence < threshold
+        )
+
+    def take(self, provider: Provider, key: EntityKey, answer: CachedAnswer) -> None:
+        for name in self.wanted & provider.fields:
+            value = answer.values.get(name) if answer.found else None
+            if value is None or value == "":
+                self.not_found.add(name)
+                continue
+            confidence = answer.confidence.get(name, provider.confidence) * key.strength
+            current = self.best.get(name)
+            if current is None or confidence > current.confidence:
+                self.best[name] = FieldValue(value, confidence, provider.name, answer.fetched_at)
+
+    def outcome(self, key: EntityKey) -> EntityOutcome:
+        fields: dict[str, FieldOutcome] = {}
+        for name in self.wanted:
+            if name in self.best:
+                fields[name] = FieldOutcome(CellStatus.DONE, self.best[name])
+            elif name in self.skipped:
+                fields[name] = FieldOutcome(CellStatus.SKIPPED, error=BUDGET_EXHAUSTED)
+            elif name in self.not_found:
+                fields[name] = FieldOutcome(CellStatus.NOT_FOUND)
+            else:
+                errors = self.errors.get(name) or [f"no provider supplies {key.type.value}.{name}"]
+                fields[name] = FieldOutcome(CellStatus.FAILED, error="; ".join(errors))
+        return EntityOutcome(key, fields)
+
+
+class Waterfall:
+    """Cheapest-first enrichment of entities under a budget, with a cache in front of providers.
+
+    Per entity, providers are asked in cost order for the fields still open (no value, or one
+    under `threshold`); the walk stops as soon as none is open. A provider error is recorded and
+    the next provider is tried; only charged calls count against the budget.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        budget: Budget,
+        cache: AnswerCache | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+    ) -> None:
+        self.providers: dict[EntityType, list[Provider]] = {}
+        for provider in sorted(providers, key=lambda p: (p.cost_per_call, -p.confidence)):
+            self.providers.setdefault(provider.entity_type, []).append(provider)
+        self.budget = budget
+        self.cache = cache
+        self.threshold = threshold
+        self.stats = WaterfallStats()
+        self._limits = {p.name: asyncio.Semaphore(max(1, p.max_concurrency)) for p in providers}
+        self._cached: dict[CacheKey, CachedAnswer] = {}
+        self._new_answers: dict[CacheKey, CachedAnswer] = {}
+
+    async def enrich_many(
+        self, requests: Iterable[EntityRequest], *, concurrency: int = 50
+    ) -> list[EntityOutcome]:
+        """Enrich a batch: one cache read up front, one cache write at the end."""
+        requests = list(requests)
+        self._prefetch(requests)
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(request: EntityRequest) -> EntityOutcome:
+            async with gate:
+                return await self.enrich(request)
+
+        try:
+            return await asyncio.gather(*(one(r) for r in requests))
+        finally:
+            self.flush_cache()
+
+    async def enrich(self, request: EntityRequest) -> EntityOutcome:
+        key = request.key
+        progress = _Progress(request.fields)
+        for provider in self.providers.get(key.type, []):
+            asked = progress.open_fields(self.threshold) & provider.fields
+            if not asked:
+                continue
+            answer = await self._answer(provider, key, asked, progress)
+            if answer is not None:
+                progress.take(provider, key, answer)
+            if not progress.open_fields(self.threshold):
+                break
+        return progress.outcome(key)
+
+    async def _answer(
+        self, provider: Provider, key: EntityKey, asked: frozenset[str], progress: _Progress
+    ) -> CachedAnswer | None:
+        cache_key = (key.id, provider.name)
+        cached = self._cached.get(cache_key) or self._new_answers.get(cache_key)
+        if cached is not None:
+            self.stats.cache_hits += 1
+            return cached
+        cost = provider.cost_per_call
+        if not await self.budget.reserve(cost):
+            progress.skipped.update(asked)
+            return None
+        self.stats.calls[provider.name] += 1
+        charged = False
+        try:
+            async with self._limits[provider.name]:
+                found: ProviderAnswer | None = await provider.lookup(key, asked)
+            charged = True
+        except EntityNotFound:
+            found = None
+            charged = provider.charges_misses
+        except ProviderError as error:
+            self.stats.errors[provider.name] += 1
+            for name in asked:
+                progress.errors.setdefault(name, []).append(f"{provider.name}: {error}")
+            return None
+        finally:
+            # Anything but a charged answer gives the reservation back, crashes included.
+            if charged:
+                self.budget.commit(cost)
+                self.stats.cost[provider.name] += cost
+            else:
+                self.budget.release(cost)
+        answer = CachedAnswer(
+            found=found is not None,
+            values=dict(found.values) if found is not None else {},
+            confidence=dict(found.confidence) if found is not None else {},
+            fetched_at=datetime.now(UTC),
+        )
+        self._new_answers[cache_key] = answer
+        return answer
+
+    def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
+        if self.cache is None:
+            return
+        keys = [
+            (request.key.id, provider.name)
+            for request in requests
+            for provider in self.providers.get(request.key.type, [])
+        ]
+        self._cached.update(self.cache.get_many(keys))
+
+    def flush_cache(self) -> None:
+        """Write the answers bought since the last flush to the cache, in one batch."""
+        if self.cache is not None and self._new_answers:
+            self.cache.put_many(self._new_answers)
+        self._cached.update(self._new_answers)
+        self._new_answers = {}
+
