@@ -79,6 +79,7 @@ class ColumnDef:
     label: str = ""
     field: str | None = None
     data_type: str = "text"
+    id: str | None = None  # stable ids for seed data; generated when None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,12 @@ class Store:
     # -- tables and columns ---------------------------------------------------------------
 
     def create_table(
-        self, name: str, columns: Sequence[ColumnDef], *, description: str | None = None
+        self,
+        name: str,
+        columns: Sequence[ColumnDef],
+        *,
+        description: str | None = None,
+        table_id: str | None = None,
     ) -> TableInfo:
         keys = [column.key for column in columns]
         if len(set(keys)) != len(keys):
@@ -166,13 +172,13 @@ class Store:
         for column in columns:
             if column.field:
                 parse_field(column.field)
-        table_id = new_id("tbl")
+        table_id = table_id or new_id("tbl")
         with self.session() as session, session.begin():
             session.add(GlazeTable(id=table_id, name=name, description=description))
             session.flush()
             session.add_all(
                 GlazeColumn(
-                    id=new_id("col"),
+                    id=column.id or new_id("col"),
                     table_id=table_id,
                     key=column.key,
                     label=column.label or column.key,
@@ -225,7 +231,12 @@ class Store:
     # -- rows ---------------------------------------------------------------------------
 
     def insert_rows(
-        self, table_id: str, rows: Iterable[Mapping[str, Any]], *, batch_size: int = 5000
+        self,
+        table_id: str,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        batch_size: int = 5000,
+        ids: Iterable[str] | None = None,
     ) -> list[str]:
         """Insert rows (dicts keyed by column key) in batches; returns their ids in order."""
         self.get_table(table_id)
@@ -236,12 +247,13 @@ class Store:
                 )
             )
         position = int(start if start is not None else -1) + 1
-        ids: list[str] = []
+        given = iter(ids) if ids is not None else None
+        inserted: list[str] = []
         batch: list[dict[str, Any]] = []
         with self.engine.begin() as connection:
             for data in rows:
-                row_id = new_id("row")
-                ids.append(row_id)
+                row_id = next(given) if given is not None else new_id("row")
+                inserted.append(row_id)
                 batch.append(
                     {
                         "id": row_id,
@@ -258,7 +270,7 @@ class Store:
                     batch = []
             if batch:
                 connection.execute(insert(GlazeRow), batch)
-        return ids
+        return inserted
 
     def iter_row_pages(
         self, table_id: str, *, row_ids: Sequence[str] | None = None, page_size: int = 1000

@@ -1,0 +1,55 @@
+"""Typed run config of `enrich_table`, validated into the core's Selection and JobSettings."""
+
+from typing import Optional
+
+from dagster import Config
+from pydantic import Field
+
+from glaze_pipeline.core.engine import JobSettings
+from glaze_pipeline.core.models import CellRef, Selection
+
+
+class CellConfig(Config):
+    row_id: str
+    column_id: str
+
+
+class EnrichTableConfig(Config):
+    """Which cells of which table to fill, and how.
+
+    Give exactly one selection shape: `column_ids` (+ optional `row_ids`, the grid), `cells`,
+    or `whole_table: true` (every empty cell of every column that maps to a field).
+    """
+
+    table_id: str = Field(description="The table to enrich.")
+    column_ids: list[str] = Field(default=[], description="Grid: the columns to fill.")
+    row_ids: list[str] = Field(default=[], description="Grid: the rows (empty = all rows).")
+    cells: list[CellConfig] = Field(default=[], description="Explicit cells to fill.")
+    whole_table: bool = Field(default=False, description="Fill every empty enrichable cell.")
+    budget: Optional[float] = Field(default=None, description="Max spend; none = unlimited.")
+    chunk_size: int = Field(default=500, description="Min entities per enrich step.")
+    max_chunks: int = Field(default=16, description="Max enrich steps (fan-out width).")
+    concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
+    threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
+    page_size: int = Field(default=1000, description="Rows per read page and write batch.")
+    request_id: Optional[str] = Field(
+        default=None, description="The queued request this run serves (set by the sensor)."
+    )
+
+    def selection(self) -> Selection:
+        return Selection(
+            column_ids=self.column_ids,
+            row_ids=self.row_ids,
+            cells=[CellRef(row_id=c.row_id, column_id=c.column_id) for c in self.cells],
+            whole_table=self.whole_table,
+        )
+
+    def settings(self) -> JobSettings:
+        return JobSettings(
+            budget=self.budget,
+            chunk_size=self.chunk_size,
+            max_chunks=self.max_chunks,
+            concurrency=self.concurrency,
+            threshold=self.threshold,
+            page_size=self.page_size,
+        )

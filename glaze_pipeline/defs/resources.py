@@ -1,0 +1,52 @@
+"""One ConfigurableResource per external system. Nothing here reads the environment at import."""
+
+from typing import Optional
+
+from dagster import ConfigurableResource
+from pydantic import PrivateAttr
+
+from glaze_pipeline.core.cache import AnswerCache, MemoryCache, TieredCache
+from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.models import EntityType
+from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.settings import database_url
+from glaze_pipeline.core.store import Store
+
+
+class GlazeDatabase(ConfigurableResource):
+    """The app database: `url`, else GLAZE_DATABASE_URL at run time, else the embedded SQLite."""
+
+    url: Optional[str] = None
+
+    _store: Optional[Store] = PrivateAttr(default=None)
+
+    @property
+    def resolved_url(self) -> str:
+        return database_url(self.url)
+
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.resolved_url)
+        return self._store
+
+
+class EnrichmentProviders(ConfigurableResource):
+    """The provider waterfall and its cache tiers.
+
+    `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
+    providers); `redis_url` adds the shared Redis tier (else GLAZE_REDIS_URL, else none).
+    """
+
+    config_file: Optional[str] = None
+    redis_url: Optional[str] = None
+
+    def providers(self) -> list[Provider]:
+        return _default_providers()
+
+    def cache(self, store: Store) -> AnswerCache:
+        return TieredCache([MemoryCache(), SqlAnswerCache(store)])
+
+
+def _default_providers() -> list[Provider]:
+    return [FakeProvider(EntityType.COMPANY), FakeProvider(EntityType.PERSON)]
