@@ -6,11 +6,19 @@ from glaze_pipeline.defs.assets import GLAZE_ASSETS
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase
 
-defs = Definitions(
-    assets=GLAZE_ASSETS,
-    jobs=[enrich_table],
-    resources={
-        "glaze_db": GlazeDatabase(),
-        "providers": EnrichmentProviders(),
-    },
-)
+
+def build_definitions(
+    database_url: str | None = None, providers_file: str | None = None
+) -> Definitions:
+    """The engine's definitions; the arguments override the environment (CLI and tests)."""
+    return Definitions(
+        assets=GLAZE_ASSETS,
+        jobs=[enrich_table],
+        resources={
+            "glaze_db": GlazeDatabase(url=database_url),
+            "providers": EnrichmentProviders(config_file=providers_file),
+        },
+    )
+
+
+defs = build_definitions()

@@ -14,13 +14,17 @@ EPSILON = 1e-9
 
 
 class Budget:
-    """The money one chunk may spend. `limit=None` means unlimited."""
+    """The money one chunk may spend. `limit=None` means unlimited.
+
+    `lease(preferred, minimum)` draws more from the job's shared budget and returns what it
+    granted (0 when even `minimum` is not left).
+    """
 
     def __init__(
         self,
         limit: float | None,
         *,
-        lease: Callable[[float], float] | None = None,
+        lease: Callable[[float, float], float] | None = None,
         block: float = 0.0,
     ) -> None:
         self.limit = limit
@@ -47,8 +51,9 @@ class Budget:
             return True
         async with self._lock:
             if self._available + EPSILON < cost and self._lease is not None:
-                wanted = max(cost, self._block) - self._available
-                granted = await asyncio.to_thread(self._lease, wanted)
+                # A block at a time; when no full block is left, just what this call needs.
+                preferred = max(cost, self._block) - self._available
+                granted = await asyncio.to_thread(self._lease, preferred, cost - self._available)
                 self._available += granted
             if self._available + EPSILON < cost:
                 self.exhausted = True

@@ -63,7 +63,10 @@ class SqlAnswerCache:
                     "entity_id": entity_id,
                     "provider": provider,
                     "found": answer.found,
-                    "answer": {"values": dict(answer.values), "confidence": dict(answer.confidence)},
+                    "answer": {
+                        "values": dict(answer.values),
+                        "confidence": dict(answer.confidence),
+                    },
                     "fetched_at": answer.fetched_at,
                     "expires_at": answer.fetched_at + (self.ttl if answer.found else self.miss_ttl),
                 }

@@ -118,7 +118,9 @@ def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarg
         ids = list(dict.fromkeys(column_ids))
         unknown = [column_id for column_id in ids if column_id not in by_id]
         if unknown:
-            raise UnknownColumnError(f"unknown column ids in table {table_id}: {', '.join(unknown)}")
+            raise UnknownColumnError(
+                f"unknown column ids in table {table_id}: {', '.join(unknown)}"
+            )
         unmapped = [by_id[column_id] for column_id in ids if specs[column_id].field is None]
         if unmapped:
             names = ", ".join(f"{c.key!r} ({c.id})" for c in unmapped)
@@ -194,7 +196,9 @@ def detect_entities(store: Store, target: JobTarget, *, page_size: int = 1000) -
     ):
         index.rows_read += len(page)
         for row in page:
-            index.add(targets_for_row(row.id, row.data, target.columns_for(row), target.identifiers))
+            index.add(
+                targets_for_row(row.id, row.data, target.columns_for(row), target.identifiers)
+            )
     entities = [
         EntityRequest(key, frozenset(fields))
         for key, fields in sorted(index.fields.items(), key=lambda item: item[0].id)
@@ -409,4 +413,3 @@ def fail_job(store: Store, request_id: str, error: BaseException | str) -> None:
     store.update_request(
         request_id, status=RequestStatus.FAILED.value, error=reason[:2000], finished_at=utcnow()
     )
-

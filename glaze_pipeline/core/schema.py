@@ -88,7 +88,9 @@ class EntityCacheEntry(Base):
     entity_id: Mapped[str] = mapped_column(String(400), primary_key=True)
     provider: Mapped[str] = mapped_column(String(100), primary_key=True)
     found: Mapped[bool] = mapped_column(Boolean)
-    answer: Mapped[dict[str, Any]] = mapped_column(JSONType)  # {"values": {...}, "confidence": {...}}
+    answer: Mapped[dict[str, Any]] = mapped_column(
+        JSONType
+    )  # {"values": {...}, "confidence": {...}}
     fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 

@@ -18,23 +18,51 @@ LEADS_ENRICH_KEYS = ("title", "linkedin", "industry", "employee_count")
 # Seed 001's Leads table: 10 rows, 8 columns. The inputs are deliberately messy: duplicate
 # companies written differently, free mail, a missing website, unicode, a row with no identifier.
 LEADS_ROWS: tuple[dict[str, str], ...] = (
-    {"name": "Ada Lovelace", "email": "ada@analytical.io", "company": "Analytical Engines Ltd",
-     "website": "https://www.analytical.io/about"},
-    {"name": "Grace Hopper", "email": "grace.hopper@gmail.com", "company": "Cobol Systems Inc.",
-     "website": "cobolsystems.com"},
+    {
+        "name": "Ada Lovelace",
+        "email": "ada@analytical.io",
+        "company": "Analytical Engines Ltd",
+        "website": "https://www.analytical.io/about",
+    },
+    {
+        "name": "Grace Hopper",
+        "email": "grace.hopper@gmail.com",
+        "company": "Cobol Systems Inc.",
+        "website": "cobolsystems.com",
+    },
     {"name": "Alan Turing", "email": "alan@enigma.co.uk", "company": "Enigma", "website": ""},
-    {"name": "Linus Torvalds", "email": "linus@kernel.org", "company": "Kernel.org",
-     "website": "HTTP://Kernel.org:443/"},
+    {
+        "name": "Linus Torvalds",
+        "email": "linus@kernel.org",
+        "company": "Kernel.org",
+        "website": "HTTP://Kernel.org:443/",
+    },
     {"name": "José Ñúñez", "email": "", "company": "Société Générale S.A.", "website": ""},
-    {"name": "Margaret Hamilton", "email": "margaret@apollo.space", "company": "Apollo Guidance",
-     "website": "apollo.space"},
-    {"name": "Charles Babbage", "email": "charles@analytical.io",
-     "company": "Analytical Engines", "website": "analytical.io"},
+    {
+        "name": "Margaret Hamilton",
+        "email": "margaret@apollo.space",
+        "company": "Apollo Guidance",
+        "website": "apollo.space",
+    },
+    {
+        "name": "Charles Babbage",
+        "email": "charles@analytical.io",
+        "company": "Analytical Engines",
+        "website": "analytical.io",
+    },
     {"name": "Katherine Johnson", "email": "", "company": "", "website": ""},
-    {"name": "Tim Berners-Lee", "email": "timbl@w3.org", "company": "W3C",
-     "website": "https://w3.org"},
-    {"name": "Hedy Lamarr", "email": "hedy@frequency-hopping.com",
-     "company": "Frequency Hopping Co", "website": "www.frequency-hopping.com"},
+    {
+        "name": "Tim Berners-Lee",
+        "email": "timbl@w3.org",
+        "company": "W3C",
+        "website": "https://w3.org",
+    },
+    {
+        "name": "Hedy Lamarr",
+        "email": "hedy@frequency-hopping.com",
+        "company": "Frequency Hopping Co",
+        "website": "www.frequency-hopping.com",
+    },
 )
 
 
@@ -121,7 +149,9 @@ def column_key(header: str) -> str:
     return key or "column"
 
 
-def import_csv(store: Store, path: Path, *, name: str | None = None, chunk_rows: int = 10_000) -> TableInfo:
+def import_csv(
+    store: Store, path: Path, *, name: str | None = None, chunk_rows: int = 10_000
+) -> TableInfo:
     """Import a CSV (header row = columns) as a new table, streaming it in chunks."""
     if not path.exists():
         raise GlazeError(f"no such CSV file: {path}")
@@ -135,7 +165,10 @@ def import_csv(store: Store, path: Path, *, name: str | None = None, chunk_rows:
                 raise GlazeError(f"CSV headers collide once normalised: {keys}")
             table = store.create_table(
                 name or path.stem,
-                [ColumnDef(key, str(header)) for key, header in zip(keys, frame.columns, strict=True)],
+                [
+                    ColumnDef(key, str(header))
+                    for key, header in zip(keys, frame.columns, strict=True)
+                ],
             )
         frame.columns = keys
         store.insert_rows(table.id, frame.to_dict(orient="records"))

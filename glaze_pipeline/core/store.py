@@ -325,7 +325,10 @@ class Store:
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as connection:
-            return [RowRecord(r.id, r.data or {}, r.meta or {}, r.status) for r in connection.execute(query)]
+            return [
+                RowRecord(r.id, r.data or {}, r.meta or {}, r.status)
+                for r in connection.execute(query)
+            ]
 
     def get_row(self, row_id: str) -> GlazeRow:
         with self.session() as session:
@@ -515,4 +518,3 @@ def _make_engine(url: str) -> Engine:
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-

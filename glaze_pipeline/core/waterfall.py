@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,13 +35,14 @@ class WaterfallStats:
     """What a batch of lookups cost: calls and spend per provider, cache hits."""
 
     calls: Counter[str] = field(default_factory=Counter)
-    cost: Counter[str] = field(default_factory=Counter)
+    cost: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     errors: Counter[str] = field(default_factory=Counter)
     cache_hits: int = 0
 
     def merge(self, other: WaterfallStats) -> None:
         self.calls.update(other.calls)
-        self.cost.update(other.cost)
+        for name, cost in other.cost.items():
+            self.cost[name] += cost
         self.errors.update(other.errors)
         self.cache_hits += other.cache_hits
 
@@ -205,4 +206,3 @@ class Waterfall:
             self.cache.put_many(self._new_answers)
         self._cached.update(self._new_answers)
         self._new_answers = {}
-

@@ -1,7 +1,5 @@
 """Typed run config of `enrich_table`, validated into the core's Selection and JobSettings."""
 
-from typing import Optional
-
 from dagster import Config
 from pydantic import Field
 
@@ -26,13 +24,13 @@ class EnrichTableConfig(Config):
     row_ids: list[str] = Field(default=[], description="Grid: the rows (empty = all rows).")
     cells: list[CellConfig] = Field(default=[], description="Explicit cells to fill.")
     whole_table: bool = Field(default=False, description="Fill every empty enrichable cell.")
-    budget: Optional[float] = Field(default=None, description="Max spend; none = unlimited.")
+    budget: float | None = Field(default=None, description="Max spend; none = unlimited.")
     chunk_size: int = Field(default=500, description="Min entities per enrich step.")
     max_chunks: int = Field(default=16, description="Max enrich steps (fan-out width).")
     concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
     threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
     page_size: int = Field(default=1000, description="Rows per read page and write batch.")
-    request_id: Optional[str] = Field(
+    request_id: str | None = Field(
         default=None, description="The queued request this run serves (set by the sensor)."
     )
 

@@ -1,7 +1,5 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
-from typing import Optional
-
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
@@ -17,9 +15,9 @@ from glaze_pipeline.core.store import Store
 class GlazeDatabase(ConfigurableResource):
     """The app database: `url`, else GLAZE_DATABASE_URL at run time, else the embedded SQLite."""
 
-    url: Optional[str] = None
+    url: str | None = None
 
-    _store: Optional[Store] = PrivateAttr(default=None)
+    _store: Store | None = PrivateAttr(default=None)
 
     @property
     def resolved_url(self) -> str:
@@ -38,8 +36,8 @@ class EnrichmentProviders(ConfigurableResource):
     providers); `redis_url` adds the shared Redis tier (else GLAZE_REDIS_URL, else none).
     """
 
-    config_file: Optional[str] = None
-    redis_url: Optional[str] = None
+    config_file: str | None = None
+    redis_url: str | None = None
 
     def providers(self) -> list[Provider]:
         return _default_providers()

@@ -1,0 +1,353 @@
+"""The `glaze` command: set up the database, seed, import, enrich, show, demo.
+
+Enrichment always runs as the Dagster job `enrich_table` (in process), so a run started here
+keeps its logs and asset lineage in the Dagster instance like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from glaze_pipeline.core.settings import glaze_home
+from glaze_pipeline.core.store import GlazeError, Store
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
+
+# Wide when piped (CI logs, files): a lead table does not fit in 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 220)
+err_console = Console(stderr=True)
+
+
+def _store(ctx: click.Context) -> Store:
+    store = Store(ctx.obj.get("database_url"))
+    return store
+
+
+@click.group()
+@click.option(
+    "--database-url",
+    envvar="GLAZE_DATABASE_URL",
+    default=None,
+    help="App database (default: SQLite file .glaze/glaze.db).",
+)
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None) -> None:
+    """Glaze pipeline: entity-first enrichment of lead tables, on Dagster."""
+    ctx.ensure_object(dict)
+    ctx.obj["database_url"] = database_url
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create or migrate the app database to the latest schema."""
+    store = _store(ctx)
+    store.upgrade()
+    console.print(f"database ready: {_safe_url(store)}")
+
+
+@cli.command()
+@click.option("--rows", type=int, default=None, help="Generate a table with this many rows.")
+@click.option(
+    "--unique-companies", type=int, default=None, help="Companies in the generated table."
+)
+@click.option("--unique-people", type=int, default=None, help="People (default: one per row).")
+@click.pass_context
+def seed(
+    ctx: click.Context, rows: int | None, unique_companies: int | None, unique_people: int | None
+) -> None:
+    """Seed the Leads table of seed 001 (10 rows, 8 columns), or a generated table."""
+    from glaze_pipeline.core.seed import seed_generated, seed_leads
+
+    store = _store(ctx)
+    store.upgrade()
+    if rows is None:
+        table = seed_leads(store)
+    else:
+        with console.status(f"inserting {rows:,} rows..."):
+            table = seed_generated(
+                store,
+                rows=rows,
+                unique_companies=unique_companies or max(1, rows // 10),
+                unique_people=unique_people,
+            )
+    _print_table_ids(table.id, store)
+
+
+@cli.command("import-csv")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Table name (default: the file name).")
+@click.pass_context
+def import_csv(ctx: click.Context, path: Path, name: str | None) -> None:
+    """Import a CSV file (header row = columns) as a new table."""
+    from glaze_pipeline.core.seed import import_csv as import_file
+
+    store = _store(ctx)
+    store.upgrade()
+    with console.status(f"importing {path}..."):
+        table = import_file(store, path, name=name)
+    _print_table_ids(table.id, store)
+
+
+@cli.command()
+@click.pass_context
+def tables(ctx: click.Context) -> None:
+    """List tables."""
+    store = _store(ctx)
+    grid = Table("id", "name", "rows")
+    for table_id, name, count in store.list_tables():
+        grid.add_row(table_id, name, str(count))
+    console.print(grid)
+
+
+@cli.command()
+@click.argument("table_id")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--meta/--no-meta", default=False, help="Show each cell's status and source.")
+@click.pass_context
+def show(ctx: click.Context, table_id: str, limit: int, meta: bool) -> None:
+    """Print a table as a terminal table."""
+    console.print(render_table(_store(ctx), table_id, limit=limit, with_meta=meta))
+
+
+def render_table(store: Store, table_id: str, *, limit: int = 50, with_meta: bool = False) -> Table:
+    info = store.get_table(table_id)
+    grid = Table(title=f"{info.name} ({info.id})", show_lines=False)
+    for column in info.columns:
+        grid.add_column(column.key, overflow="fold", max_width=40)
+    grid.add_column("status")
+    grid.add_column("conf")
+    for row in store.rows_in_order(table_id, limit=limit):
+        cells = []
+        for column in info.columns:
+            value = row.data.get(column.key)
+            text = "" if value in (None, "") else str(value)
+            cell_meta = row.meta.get(column.key)
+            if with_meta and isinstance(cell_meta, dict):
+                text = f"{text} [{cell_meta.get('status')}:{cell_meta.get('source') or '-'}]"
+            cells.append(text)
+        status = row.status
+        confidence = _row_confidence(row.meta)
+        grid.add_row(*cells, status, confidence)
+    return grid
+
+
+def _row_confidence(meta: dict[str, Any]) -> str:
+    from glaze_pipeline.core.status import aggregate_row
+
+    _, confidence, _ = aggregate_row(meta)
+    return "" if confidence is None else f"{confidence:.2f}"
+
+
+@cli.command()
+@click.argument("table_id")
+@click.option("--columns", "column_keys", multiple=True, help="Column keys or ids to fill.")
+@click.option("--rows", "row_ids", multiple=True, help="Row ids (default: every row).")
+@click.option("--whole-table", is_flag=True, help="Fill every empty enrichable cell.")
+@click.option("--budget", type=float, default=None, help="Max spend for the job.")
+@click.option("--chunk-size", type=int, default=500, show_default=True)
+@click.option("--concurrency", type=int, default=50, show_default=True)
+@click.pass_context
+def enrich(
+    ctx: click.Context,
+    table_id: str,
+    column_keys: tuple[str, ...],
+    row_ids: tuple[str, ...],
+    whole_table: bool,
+    budget: float | None,
+    chunk_size: int,
+    concurrency: int,
+) -> None:
+    """Run the enrich_table job over a table (in process, logged in Dagster)."""
+    store = _store(ctx)
+    info = store.get_table(table_id)
+    column_ids = [_column_id(info, key) for key in column_keys]
+    config: dict[str, Any] = {
+        "table_id": table_id,
+        "column_ids": column_ids,
+        "row_ids": list(row_ids),
+        "whole_table": whole_table or not column_ids,
+        "budget": budget,
+        "chunk_size": chunk_size,
+        "concurrency": concurrency,
+    }
+    request = run_enrich_job(ctx.obj.get("database_url"), config)
+    console.print(render_request(request))
+
+
+def _column_id(info: Any, key_or_id: str) -> str:
+    ids = {column.id for column in info.columns}
+    if key_or_id in ids:
+        return key_or_id
+    return str(info.column_by_key(key_or_id).id)
+
+
+def dagster_instance() -> DagsterInstance:
+    """$DAGSTER_HOME's instance when set, else a persistent one under .glaze/dagster."""
+    from dagster import DagsterInstance
+
+    if os.environ.get("DAGSTER_HOME"):
+        return DagsterInstance.get()
+    home = glaze_home() / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    return DagsterInstance.from_config(str(home))
+
+
+def run_enrich_job(database_url: str | None, op_config: dict[str, Any]) -> Any:
+    """Execute enrich_table in process with this op config; returns the request record."""
+    from glaze_pipeline.definitions import build_definitions
+
+    job = build_definitions(database_url).get_job_def("enrich_table")
+    with dagster_instance() as instance:
+        result = job.execute_in_process(
+            run_config={
+                "ops": {"detect_entities": {"config": op_config}},
+                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+            },
+            instance=instance,
+            raise_on_error=False,
+        )
+        if not result.success:
+            failure = next((e for e in result.all_events if e.is_step_failure), None)
+            message = "the enrich_table run failed"
+            if failure is not None and failure.step_failure_data is not None:
+                message = (
+                    failure.step_failure_data.error.message.strip()
+                    if failure.step_failure_data.error
+                    else message
+                )
+            raise GlazeError(f"{message} (run {result.run_id})")
+        plan = result.output_for_node("detect_entities", "plan")
+    return Store(database_url).get_request(plan.request_id)
+
+
+def render_request(request: Any) -> Table:
+    grid = Table(title=f"request {request.id}", show_header=False)
+    grid.add_column("field")
+    grid.add_column("value")
+    total = request.cells_total or 0
+    answered = (request.cells_done or 0) + (request.cells_not_found or 0)
+    for name, value in (
+        ("status", request.status),
+        ("table", request.table_id),
+        ("kind", request.kind),
+        ("run", request.run_id or "-"),
+        ("progress", f"{answered}/{total} cells ({100 * answered // total if total else 100}%)"),
+        ("cells done / not found", f"{request.cells_done} / {request.cells_not_found}"),
+        ("cells failed / skipped", f"{request.cells_failed} / {request.cells_skipped}"),
+        ("rows written", str(request.rows_written)),
+        ("unique entities", str(request.entities)),
+        ("cache hits", str(request.cache_hits)),
+        ("provider calls", str(request.provider_calls or {})),
+        (
+            "cost",
+            f"{request.cost:g}"
+            + (f" of budget {request.budget:g}" if request.budget is not None else ""),
+        ),
+        ("error", request.error or "-"),
+    ):
+        grid.add_row(name, value)
+    return grid
+
+
+@cli.command()
+@click.argument("request_id", required=False)
+@click.pass_context
+def status(ctx: click.Context, request_id: str | None) -> None:
+    """Show one request (job), or the latest ones."""
+    from sqlalchemy import select
+
+    from glaze_pipeline.core.schema import EnrichmentRequest
+
+    store = _store(ctx)
+    if request_id:
+        console.print(render_request(store.get_request(request_id)))
+        return
+    grid = Table("id", "table", "kind", "status", "cells", "cost", "created")
+    with store.session() as session:
+        recent = session.scalars(
+            select(EnrichmentRequest).order_by(EnrichmentRequest.created_at.desc()).limit(20)
+        ).all()
+    for request in recent:
+        grid.add_row(
+            request.id,
+            request.table_id,
+            request.kind,
+            request.status,
+            f"{request.cells_done}/{request.cells_total}",
+            f"{request.cost:g}",
+            str(request.created_at)[:19],
+        )
+    console.print(grid)
+
+
+@cli.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Set up, seed the Leads table, enrich it, and show it before and after."""
+    from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_leads
+
+    store = _store(ctx)
+    console.print(f"[bold]1. database[/bold] {_safe_url(store)}")
+    store.upgrade()
+    table = seed_leads(store)
+    console.print("[bold]2. seeded the Leads table (seed 001): before[/bold]")
+    console.print(render_table(store, table.id))
+    console.print(
+        f"[bold]3. enriching {', '.join(LEADS_ENRICH_KEYS)} (Dagster job enrich_table)[/bold]"
+    )
+    request = run_enrich_job(
+        ctx.obj.get("database_url"),
+        {"table_id": table.id, "column_ids": [leads_column_id(k) for k in LEADS_ENRICH_KEYS]},
+    )
+    console.print(render_request(request))
+    console.print("[bold]4. after[/bold]")
+    console.print(render_table(store, table.id))
+    console.print(
+        "Katherine Johnson's row has no website, email or company: its cells end "
+        "'failed: no identifier' rather than being dropped."
+    )
+
+
+def _print_table_ids(table_id: str, store: Store) -> None:
+    info = store.get_table(table_id)
+    console.print(f"table [bold]{info.name}[/bold]: {info.id}")
+    grid = Table("column key", "column id", "field")
+    for column in info.columns:
+        spec = column.spec()
+        grid.add_row(column.key, column.id, str(spec.field) if spec.field else "-")
+    console.print(grid)
+
+
+def _safe_url(store: Store) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(store.url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except GlazeError as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
