@@ -1,6 +1,6 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from glaze_pipeline.core.cache import AnswerCache, MemoryCache, TieredCache
@@ -27,6 +27,12 @@ class GlazeDatabase(ConfigurableResource):
         if self._store is None:
             self._store = Store(self.resolved_url)
         return self._store
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # Close pooled connections when the run (or step process) ends.
+        if self._store is not None:
+            self._store.dispose()
+            self._store = None
 
 
 class EnrichmentProviders(ConfigurableResource):

@@ -1,0 +1,129 @@
+"""The Dagster layer: Definitions load, one in-process run per database, failures recorded."""
+
+from typing import Any
+
+import pytest
+from dagster import DagsterEventType, DagsterInstance, Definitions
+
+from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_generated, seed_leads
+from glaze_pipeline.core.store import Store
+from glaze_pipeline.definitions import build_definitions, defs
+from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE
+
+
+def run_job(store: Store, config: dict[str, Any], instance: DagsterInstance) -> Any:
+    job = build_definitions(store.url).get_job_def("enrich_table")
+    return job.execute_in_process(
+        run_config={"ops": {"detect_entities": {"config": config}}},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def materializations(result: Any, key: Any) -> list[Any]:
+    return [
+        event.event_specific_data.materialization
+        for event in result.all_events
+        if event.event_type is DagsterEventType.ASSET_MATERIALIZATION
+        and event.event_specific_data.materialization.asset_key == key
+    ]
+
+
+def test_definitions_load() -> None:
+    Definitions.validate_loadable(defs)
+    job = defs.get_job_def("enrich_table")
+    assert {n.name for n in job.nodes} == {
+        "detect_entities",
+        "enrich_entities",
+        "apply_results",
+        "close_job",
+    }
+    assert {spec.key for spec in defs.assets or []} >= {ENRICHED_TABLE, ENTITY_CACHE}
+
+
+def test_job_on_thousand_rows(store: Store) -> None:
+    table = seed_generated(store, rows=1000, unique_companies=100)
+    columns = [table.column_by_key(k).id for k in ("industry", "employee_count", "revenue")]
+    with DagsterInstance.ephemeral() as instance:
+        first = run_job(
+            store, {"table_id": table.id, "column_ids": columns, "chunk_size": 40}, instance
+        )
+        assert first.success
+        # 100 entities at >= 40 per chunk: 3 fat steps, not 100 or 3,000
+        chunk_steps = {
+            e.step_key
+            for e in first.all_events
+            if e.step_key and e.step_key.startswith("enrich_entities[")
+        }
+        assert len(chunk_steps) == 3
+        [mat] = materializations(first, ENRICHED_TABLE)
+        meta = {k: v.value for k, v in mat.metadata.items()}
+        assert mat.partition == table.id
+        assert meta["provider_calls"] == {"fake_company": 100}
+        assert meta["rows_written"] == 1000
+        assert meta["apply_statements"] <= 5
+        assert meta["entities"] == 100
+        assert instance.has_dynamic_partition("glaze_tables", table.id)
+
+        second = run_job(store, {"table_id": table.id, "column_ids": columns}, instance)
+        [mat2] = materializations(second, ENRICHED_TABLE)
+        assert mat2.metadata["provider_calls"].value == {}
+        assert mat2.metadata["cache_hits"].value == 100
+        assert materializations(second, ENTITY_CACHE) == []  # nothing bought
+
+    request_id = first.output_for_node("detect_entities", "plan").request_id
+    request = store.get_request(request_id)
+    assert (request.status, request.cells_done, request.run_id) == ("succeeded", 3000, first.run_id)
+
+
+def test_leads_demo_table(sqlite_store: Store) -> None:
+    seed_leads(sqlite_store)
+    config = {
+        "table_id": "tbl_leads",
+        "column_ids": [leads_column_id(k) for k in LEADS_ENRICH_KEYS],
+    }
+    with DagsterInstance.ephemeral() as instance:
+        result = run_job(sqlite_store, config, instance)
+    assert result.success
+    rows = {r.id: r for r in sqlite_store.rows_in_order("tbl_leads")}
+    assert (
+        rows["row_leads_01"].data["industry"] == rows["row_leads_07"].data["industry"]
+    )  # one company
+    assert rows["row_leads_08"].status == "failed"  # no identifier at all
+    assert all(rows[f"row_leads_{i:02d}"].status == "done" for i in (1, 2, 3, 4, 5, 6, 7, 9, 10))
+
+
+def test_bad_config_fails_the_run_with_a_clear_error(store: Store) -> None:
+    with DagsterInstance.ephemeral() as instance:
+        result = run_job(store, {"table_id": "tbl_nope", "whole_table": True}, instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "unknown table 'tbl_nope'" in str(
+        failure.step_failure_data.user_failure_data or failure.step_failure_data.error
+    )
+
+
+def test_queued_request_ends_failed_with_the_reason(store: Store) -> None:
+    table = seed_generated(store, rows=3, unique_companies=1)
+    request_id = store.create_request(table_id=table.id, selection={"column_ids": ["col_nope"]})
+    with DagsterInstance.ephemeral() as instance:
+        result = run_job(
+            store,
+            {"table_id": table.id, "column_ids": ["col_nope"], "request_id": request_id},
+            instance,
+        )
+    assert not result.success
+    request = store.get_request(request_id)
+    assert request.status == "failed"
+    assert "col_nope" in (request.error or "")
+    assert all(r.status == "idle" for r in store.rows_in_order(table.id))
+
+
+@pytest.mark.parametrize("config", [{"budget": -5}, {"concurrency": 0}])
+def test_invalid_settings_are_named(store: Store, config: dict[str, Any]) -> None:
+    table = seed_generated(store, rows=1, unique_companies=1)
+    with DagsterInstance.ephemeral() as instance:
+        result = run_job(store, {"table_id": table.id, "whole_table": True, **config}, instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert next(iter(config)) in str(failure.step_failure_data.user_failure_data.description)

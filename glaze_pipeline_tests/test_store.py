@@ -1,0 +1,111 @@
+"""The store on both SQLite (the embedded default) and Postgres."""
+
+import threading
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from glaze_pipeline.core.schema import Base
+from glaze_pipeline.core.store import (
+    ColumnDef,
+    GlazeError,
+    RowPatch,
+    Store,
+    UnknownRowError,
+    UnknownTableError,
+)
+
+
+def make_table(store: Store, rows: int = 5) -> tuple[str, list[str]]:
+    table = store.create_table(
+        "T", [ColumnDef("website"), ColumnDef("industry"), ColumnDef("notes")]
+    )
+    ids = store.insert_rows(
+        table.id, ({"website": f"c{i}.com", "notes": f"n{i}"} for i in range(rows))
+    )
+    return table.id, ids
+
+
+def test_migrations_match_the_models(store: Store) -> None:
+    with store.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent(store: Store) -> None:
+    store.upgrade()
+    store.upgrade()
+    assert store.list_tables() == []
+
+
+def test_unknown_table(store: Store) -> None:
+    with pytest.raises(UnknownTableError, match="unknown table 'tbl_nope'"):
+        store.get_table("tbl_nope")
+
+
+def test_duplicate_column_keys_rejected(store: Store) -> None:
+    with pytest.raises(GlazeError, match="duplicate column keys"):
+        store.create_table("T", [ColumnDef("a"), ColumnDef("a")])
+
+
+def test_pages_cover_every_row_once(store: Store) -> None:
+    table_id, ids = make_table(store, rows=25)
+    pages = list(store.iter_row_pages(table_id, page_size=10))
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert sorted(r.id for p in pages for r in p) == sorted(ids)
+
+
+def test_pages_of_given_ids_name_unknown_ids(store: Store) -> None:
+    table_id, ids = make_table(store)
+    assert [r.id for p in store.iter_row_pages(table_id, row_ids=ids[:2]) for r in p] != []
+    with pytest.raises(UnknownRowError, match="row_missing"):
+        list(store.iter_row_pages(table_id, row_ids=[ids[0], "row_missing"]))
+
+
+def test_patch_merges_json_and_keeps_other_keys_in_one_statement(store: Store) -> None:
+    _table_id, ids = make_table(store, rows=3)
+    store.edit_cell(ids[0], "notes", "edited by a user")
+    before = store.statements
+    written = store.apply_patches(
+        [
+            RowPatch(i, {"industry": "Tech"}, {"industry": {"status": "done"}}, "done", 0.9, None)
+            for i in ids
+        ]
+    )
+    assert written == 3
+    assert store.statements - before == 1
+    row = store.get_row(ids[0])
+    assert row.data == {"website": "c0.com", "notes": "edited by a user", "industry": "Tech"}
+    assert row.meta == {"industry": {"status": "done"}}
+    assert (row.status, row.confidence) == ("done", 0.9)
+    assert row.last_run_at is not None
+
+
+def test_user_edit_does_not_touch_status(store: Store) -> None:
+    _table_id, ids = make_table(store, rows=1)
+    store.apply_patches([RowPatch(ids[0], {}, {"x": {"status": "failed"}}, "failed", None, "boom")])
+    store.edit_cell(ids[0], "notes", "fixed by hand")
+    row = store.get_row(ids[0])
+    assert (row.status, row.error, row.data["notes"]) == ("failed", "boom", "fixed by hand")
+
+
+def test_budget_leases_never_exceed_the_budget_across_threads(store: Store) -> None:
+    request_id = store.create_request(table_id="t", selection={}, budget=40.0)
+    granted: list[float] = []
+    lock = threading.Lock()
+
+    def lease() -> None:
+        for _ in range(10):
+            amount = store.lease_budget(request_id, 3.0, 1.0)
+            with lock:
+                granted.append(amount)
+
+    threads = [threading.Thread(target=lease) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(granted) == pytest.approx(40.0)
+    store.return_budget(request_id, 5.0)
+    assert store.get_request(request_id).budget_reserved == pytest.approx(35.0)

@@ -1,0 +1,144 @@
+"""The waterfall's decisions, with in-process providers (HTTP providers have their own tests)."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from glaze_pipeline.core.budget import Budget
+from glaze_pipeline.core.cache import MemoryCache
+from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
+from glaze_pipeline.core.providers.base import (
+    EntityNotFound,
+    ProviderAnswer,
+    TransientProviderError,
+)
+from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
+from glaze_pipeline.core.waterfall import BUDGET_EXHAUSTED, Waterfall
+
+ACME = EntityKey(EntityType.COMPANY, "domain", "acme.com")
+
+
+@dataclass
+class Vendor:
+    """A scripted vendor: answers `values`, or raises `error`, and counts its calls."""
+
+    name: str
+    cost_per_call: float
+    values: dict[str, object] = field(default_factory=dict)
+    confidence: float = 0.9
+    error: Exception | None = None
+    charges_misses: bool = False
+    max_concurrency: int = 10
+    entity_type: EntityType = EntityType.COMPANY
+    calls: int = 0
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(self.values) or frozenset({"industry", "employee_count"})
+
+    async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return ProviderAnswer({k: v for k, v in self.values.items() if k in fields})
+
+
+def run(waterfall: Waterfall, *requests: EntityRequest) -> list:
+    return asyncio.run(waterfall.enrich_many(requests))
+
+
+def want(*fields: str, key: EntityKey = ACME) -> EntityRequest:
+    return EntityRequest(key, frozenset(fields))
+
+
+def test_cheapest_first_and_stop_when_good_enough() -> None:
+    cheap = Vendor("cheap", 1, {"industry": "Tech", "employee_count": 10})
+    premium = Vendor("premium", 10, {"industry": "Software", "employee_count": 12})
+    waterfall = Waterfall([premium, cheap], budget=Budget(None))
+    [outcome] = run(waterfall, want("industry", "employee_count"))
+    assert cheap.calls == 1 and premium.calls == 0
+    assert outcome.fields["industry"].value.value == "Tech"
+    assert outcome.fields["industry"].value.source == "cheap"
+    assert waterfall.stats.cost["cheap"] == 1
+
+
+def test_low_confidence_falls_through_and_keeps_the_better_value() -> None:
+    cheap = Vendor("cheap", 1, {"industry": "Tech"}, confidence=0.5)
+    premium = Vendor("premium", 10, {"industry": "Software"}, confidence=0.95)
+    [outcome] = run(Waterfall([cheap, premium], budget=Budget(None)), want("industry"))
+    assert (cheap.calls, premium.calls) == (1, 1)
+    value = outcome.fields["industry"].value
+    assert (value.value, value.source, value.confidence) == ("Software", "premium", 0.95)
+
+
+def test_not_found_failed_and_skipped_are_distinct() -> None:
+    missing = Vendor("missing", 1, error=EntityNotFound("no such company"))
+    broken = Vendor("broken", 1, error=TransientProviderError("503 after 3 tries"))
+    [not_found] = run(Waterfall([missing], budget=Budget(None)), want("industry"))
+    [failed] = run(Waterfall([broken], budget=Budget(None)), want("industry"))
+    [skipped] = run(
+        Waterfall([Vendor("paid", 5, {"industry": "x"})], budget=Budget(4)), want("industry")
+    )
+    assert not_found.fields["industry"].status is CellStatus.NOT_FOUND
+    assert failed.fields["industry"].status is CellStatus.FAILED
+    assert "broken: 503 after 3 tries" in failed.fields["industry"].error
+    assert skipped.fields["industry"].status is CellStatus.SKIPPED
+    assert skipped.fields["industry"].error == BUDGET_EXHAUSTED
+
+
+def test_misses_and_errors_are_not_charged_unless_the_vendor_charges_misses() -> None:
+    free_miss = Vendor("free_miss", 3, error=EntityNotFound("no"))
+    paid_miss = Vendor("paid_miss", 3, error=EntityNotFound("no"), charges_misses=True)
+    error = Vendor("error", 3, error=TransientProviderError("timeout"))
+    for vendor, spent in ((free_miss, 0), (paid_miss, 3), (error, 0)):
+        budget = Budget(10)
+        waterfall = Waterfall([vendor], budget=budget)
+        run(waterfall, want("industry"))
+        assert budget.spent == spent, vendor.name
+        assert budget.reserved == 0
+        assert waterfall.stats.cost.get(vendor.name, 0) == spent
+
+
+def test_budget_is_never_exceeded_under_concurrency() -> None:
+    provider = FakeProvider(EntityType.COMPANY, cost_per_call=1.0, latency_s=0.01)
+    budget = Budget(40)
+    requests = [
+        want("industry", key=EntityKey(EntityType.COMPANY, "domain", f"c{i}.com"))
+        for i in range(100)
+    ]
+    outcomes = asyncio.run(
+        Waterfall([provider], budget=budget).enrich_many(requests, concurrency=25)
+    )
+    statuses = [o.fields["industry"].status for o in outcomes]
+    assert provider.total_calls == 40
+    assert budget.spent == 40
+    assert statuses.count(CellStatus.DONE) == 40
+    assert statuses.count(CellStatus.SKIPPED) == 60
+
+
+def test_no_provider_for_a_field_fails_with_the_reason() -> None:
+    only_industry = Vendor("v", 1, {"industry": "Tech"})
+    [outcome] = run(Waterfall([only_industry], budget=Budget(None)), want("industry", "revenue"))
+    assert outcome.fields["industry"].status is CellStatus.DONE
+    assert outcome.fields["revenue"].status is CellStatus.FAILED
+    assert outcome.fields["revenue"].error == "no provider supplies company.revenue"
+
+
+def test_cache_makes_the_second_run_free() -> None:
+    cache = MemoryCache()
+    provider = FakeProvider(EntityType.COMPANY)
+    first = run(Waterfall([provider], budget=Budget(None), cache=cache), want("industry"))
+    second_waterfall = Waterfall([provider], budget=Budget(None), cache=cache)
+    second = run(second_waterfall, want("industry"))
+    assert provider.total_calls == 1
+    assert second_waterfall.stats.cache_hits == 1
+    assert first[0].fields["industry"].value.value == second[0].fields["industry"].value.value
+    assert second[0].fields["industry"].value.value == fake_value(ACME, "industry")
+
+
+def test_name_keys_lower_confidence() -> None:
+    weak = EntityKey(EntityType.COMPANY, "name", "acme", 0.7)
+    provider = FakeProvider(EntityType.COMPANY, confidence=0.9)
+    [outcome] = run(Waterfall([provider], budget=Budget(None)), want("industry", key=weak))
+    assert outcome.fields["industry"].value.confidence == pytest.approx(0.63)
