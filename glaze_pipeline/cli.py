@@ -152,12 +152,35 @@ def _row_confidence(meta: dict[str, Any]) -> str:
     return "" if confidence is None else f"{confidence:.2f}"
 
 
+def selection_options(command: Any) -> Any:
+    """The options every command that selects cells shares (grid, or the whole table)."""
+    for option in reversed(
+        [
+            click.argument("table_id"),
+            click.option("--columns", "column_keys", multiple=True, help="Column keys or ids."),
+            click.option("--rows", "row_ids", multiple=True, help="Row ids (default: all)."),
+            click.option("--budget", type=float, default=None, help="Max spend for the job."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _selection(
+    store: Store, table_id: str, column_keys: tuple[str, ...], row_ids: tuple[str, ...]
+) -> dict[str, Any]:
+    """Grid selection from keys or ids; no columns means every empty enrichable cell."""
+    info = store.get_table(table_id)
+    column_ids = [_column_id(info, key) for key in column_keys]
+    if not column_ids:
+        if row_ids:
+            raise GlazeError("--rows needs --columns")
+        return {"whole_table": True}
+    return {"column_ids": column_ids, "row_ids": list(row_ids)}
+
+
 @cli.command()
-@click.argument("table_id")
-@click.option("--columns", "column_keys", multiple=True, help="Column keys or ids to fill.")
-@click.option("--rows", "row_ids", multiple=True, help="Row ids (default: every row).")
-@click.option("--whole-table", is_flag=True, help="Fill every empty enrichable cell.")
-@click.option("--budget", type=float, default=None, help="Max spend for the job.")
+@selection_options
 @click.option("--chunk-size", type=int, default=500, show_default=True)
 @click.option("--concurrency", type=int, default=50, show_default=True)
 @click.pass_context
@@ -166,26 +189,91 @@ def enrich(
     table_id: str,
     column_keys: tuple[str, ...],
     row_ids: tuple[str, ...],
-    whole_table: bool,
     budget: float | None,
     chunk_size: int,
     concurrency: int,
 ) -> None:
-    """Run the enrich_table job over a table (in process, logged in Dagster)."""
-    store = _store(ctx)
-    info = store.get_table(table_id)
-    column_ids = [_column_id(info, key) for key in column_keys]
-    config: dict[str, Any] = {
+    """Run the enrich_table job now, in process (no --columns: the whole table's empty cells)."""
+    selection = _selection(_store(ctx), table_id, column_keys, row_ids)
+    config = {
         "table_id": table_id,
-        "column_ids": column_ids,
-        "row_ids": list(row_ids),
-        "whole_table": whole_table or not column_ids,
+        **selection,
         "budget": budget,
         "chunk_size": chunk_size,
         "concurrency": concurrency,
     }
+    console.print(render_request(run_enrich_job(ctx.obj.get("database_url"), config)))
+
+
+@cli.command()
+@selection_options
+@click.pass_context
+def estimate(
+    ctx: click.Context,
+    table_id: str,
+    column_keys: tuple[str, ...],
+    row_ids: tuple[str, ...],
+    budget: float | None,
+) -> None:
+    """What enriching these cells would buy: entities, cache hits, calls and cost per provider."""
+    selection = _selection(_store(ctx), table_id, column_keys, row_ids)
+    config = {"table_id": table_id, **selection, "budget": budget, "kind": "estimate"}
     request = run_enrich_job(ctx.obj.get("database_url"), config)
-    console.print(render_request(request))
+    grid = Table(title=f"estimate {request.id}", show_header=False)
+    for name, value in (request.estimate or {}).items():
+        grid.add_row(name, str(value))
+    console.print(grid)
+
+
+@cli.command()
+@selection_options
+@click.option(
+    "--kind",
+    type=click.Choice(["enrich", "estimate", "pre_enrich"]),
+    default="enrich",
+    show_default=True,
+)
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--idempotency-key", default=None, help="The same key twice is one request.")
+@click.pass_context
+def enqueue(
+    ctx: click.Context,
+    table_id: str,
+    column_keys: tuple[str, ...],
+    row_ids: tuple[str, ...],
+    budget: float | None,
+    kind: str,
+    priority: int,
+    idempotency_key: str | None,
+) -> None:
+    """Queue a request as the app does; the queue sensor (or `glaze launcher`) launches it."""
+    from glaze_pipeline.core import queue
+
+    store = _store(ctx)
+    selection = _selection(store, table_id, column_keys, row_ids)
+    request_id = queue.enqueue(
+        store,
+        table_id,
+        selection,
+        kind=kind,
+        budget=budget,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
+    console.print(request_id)
+
+
+@cli.command()
+@click.argument("request_id")
+@click.pass_context
+def cancel(ctx: click.Context, request_id: str) -> None:
+    """Ask for a request to be cancelled: queued ones end at once, running ones at their next step."""
+    from glaze_pipeline.core import queue
+
+    status = queue.request_cancel(_store(ctx), request_id)
+    console.print(
+        f"{request_id}: {status}" + ("" if status == "cancelled" else " (cancel requested)")
+    )
 
 
 def _column_id(info: Any, key_or_id: str) -> str:
@@ -295,6 +383,110 @@ def status(ctx: click.Context, request_id: str | None) -> None:
             str(request.created_at)[:19],
         )
     console.print(grid)
+
+
+@cli.command()
+@click.option(
+    "--graphql-url",
+    default="http://127.0.0.1:3000/graphql",
+    show_default=True,
+    help="Dagster's GraphQL endpoint (the webserver started by `dagster dev`).",
+)
+@click.option("--poll", type=float, default=0.5, show_default=True, help="Catch-up interval (s).")
+@click.pass_context
+def launcher(ctx: click.Context, graphql_url: str, poll: float) -> None:
+    """Launch queued requests as they land (LISTEN/NOTIFY on Postgres), ahead of the sensor."""
+    import logging
+    import signal
+    import threading
+
+    from glaze_pipeline.launcher import run_launcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    store = _store(ctx)
+    console.print(f"launching queued requests from {_safe_url(store)} via {graphql_url}")
+    run_launcher(store, graphql_url, stop, poll)
+
+
+@cli.command("mock-providers")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--config", "config_file", default=None, help="Mock config (YAML or JSON).")
+def mock_providers(host: str, port: int, config_file: str | None) -> None:
+    """Serve the mock provider APIs (real HTTP on loopback) for development and benchmarks."""
+    from glaze_pipeline.mock_server import load_mock_config, serve
+
+    console.print(f"mock providers on http://{host}:{port} (stats: /_stats, reset: POST /_reset)")
+    serve(host, port, load_mock_config(config_file))
+
+
+@cli.command()
+@click.option(
+    "--config", "config_file", default=None, help="Providers YAML (else GLAZE_PROVIDERS_FILE)."
+)
+def providers(config_file: str | None) -> None:
+    """List the providers of the waterfall: entity, fields, cost per call, health."""
+    from glaze_pipeline.core.providers.registry import describe_providers, load_providers
+
+    grid = Table(
+        "provider",
+        "entity",
+        "kind",
+        "cost/call",
+        "charges misses",
+        "confidence",
+        "health",
+        "fields",
+    )
+    for described in describe_providers(load_providers(config_file)):
+        row = described.as_dict()
+        grid.add_row(
+            row["name"],
+            row["entity_type"],
+            row["kind"],
+            f"{row['cost_per_call']:g}",
+            "yes" if row["charges_misses"] else "no",
+            f"{row['confidence']:g}",
+            str(row["health"]),
+            ", ".join(row["fields"]),
+        )
+    console.print(grid)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print figures (not tests)."""
+
+
+@bench.command("launch")
+@click.option("--requests", type=int, default=10, show_default=True)
+@click.option(
+    "--postgres-url",
+    default="postgresql://postgres@127.0.0.1:5432/test",
+    show_default=True,
+    help="Server for a throwaway benchmark database.",
+)
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=Path("bench_results/launch.json")
+)
+def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
+    """Enqueue -> STARTED -> first write -> finished, via the sensor and via the launcher."""
+    import json
+
+    from glaze_pipeline.bench.launch import run
+
+    results = run(postgres_url, requests)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    grid = Table("path", "stage", "min s", "median s", "max s")
+    for path, result in results["paths"].items():
+        for stage, figures in result["summary"].items():
+            grid.add_row(path, stage, *(f"{figures[k]:.2f}" for k in ("min", "median", "max")))
+    console.print(grid)
+    console.print(f"written to {output}")
 
 
 @cli.command()

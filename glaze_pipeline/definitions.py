@@ -5,6 +5,7 @@ from dagster import Definitions
 from glaze_pipeline.defs.assets import GLAZE_ASSETS
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase
+from glaze_pipeline.defs.sensors import GLAZE_SENSORS, pre_enrich_schedule
 
 
 def build_definitions(
@@ -14,6 +15,8 @@ def build_definitions(
     return Definitions(
         assets=GLAZE_ASSETS,
         jobs=[enrich_table],
+        sensors=GLAZE_SENSORS,
+        schedules=[pre_enrich_schedule],
         resources={
             "glaze_db": GlazeDatabase(url=database_url),
             "providers": EnrichmentProviders(config_file=providers_file),

@@ -29,7 +29,10 @@ def make_table(store: Store, rows: int = 5) -> tuple[str, list[str]]:
 
 def test_migrations_match_the_models(store: Store) -> None:
     with store.engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        context = MigrationContext.configure(
+            connection, opts={"version_table": "glaze_alembic_version"}
+        )
+        diff = compare_metadata(context, Base.metadata)
     assert diff == []
 
 

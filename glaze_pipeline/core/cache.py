@@ -1,13 +1,24 @@
-"""Provider answers cached by (entity, provider), so a re-run buys nothing twice."""
+"""Provider answers cached by (entity, provider), so a re-run buys nothing twice.
+
+Three tiers, fastest first: this process's memory (bounded LRU), Redis shared by every
+process (optional), and the `entity_cache` table (durable). `TieredCache` reads through them
+and back-fills the faster ones; `glaze_pipeline.core.answers` builds the stack the engine uses.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 CacheKey = tuple[str, str]  # (entity id, provider name)
+
+DEFAULT_MEMORY_ENTRIES = 20_000
+DEFAULT_MEMORY_MAX_AGE = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +40,51 @@ class AnswerCache(Protocol):
 
 
 class MemoryCache:
-    """The in-process tier (also the whole cache of a store-less unit test)."""
+    """The in-process tier: an LRU bounded in entries and in age.
 
-    def __init__(self) -> None:
-        self._answers: dict[CacheKey, CachedAnswer] = {}
+    Bounded so that a 100k-entity job (or a long-lived process running many jobs) holds at most
+    `max_entries` answers; aged so that it never serves an answer much longer than the shared
+    tiers, which expire and invalidate on their own, would. Thread-safe: chunks of one process
+    may run in threads and share it.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MEMORY_ENTRIES,
+        *,
+        max_age: timedelta | None = DEFAULT_MEMORY_MAX_AGE,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._max_age_s = max_age.total_seconds() if max_age is not None else None
+        self._answers: OrderedDict[CacheKey, tuple[float, CachedAnswer]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
-        return {key: self._answers[key] for key in keys if key in self._answers}
+        found: dict[CacheKey, CachedAnswer] = {}
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                entry = self._answers.get(key)
+                if entry is None:
+                    continue
+                stored_at, answer = entry
+                if self._max_age_s is not None and now - stored_at > self._max_age_s:
+                    del self._answers[key]
+                    continue
+                self._answers.move_to_end(key)
+                found[key] = answer
+        return found
 
     def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
-        self._answers.update(answers)
+        now = time.monotonic()
+        with self._lock:
+            for key, answer in answers.items():
+                self._answers[key] = (now, answer)
+                self._answers.move_to_end(key)
+            while len(self._answers) > self.max_entries:
+                self._answers.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._answers)

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,10 @@ from glaze_pipeline.core.detection import (
     IdentifierColumns,
     targets_for_row,
 )
+from glaze_pipeline.core.estimate import DryRunProvider, ReadOnlyCache, estimate_report
 from glaze_pipeline.core.models import (
     CellStatus,
+    EntityOutcome,
     EntityRequest,
     FieldOutcome,
     RequestKind,
@@ -34,8 +36,11 @@ from glaze_pipeline.core.models import (
     Selection,
 )
 from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.http import provider_session
+from glaze_pipeline.core.singleflight import Flight
 from glaze_pipeline.core.status import aggregate_row
 from glaze_pipeline.core.store import (
+    GlazeError,
     InvalidSelectionError,
     RowPatch,
     RowRecord,
@@ -46,6 +51,12 @@ from glaze_pipeline.core.store import (
 from glaze_pipeline.core.waterfall import DEFAULT_THRESHOLD, Waterfall, WaterfallStats
 
 ROW_CHANGED = "row changed during the run"
+HEARTBEAT_SECONDS = 10.0
+
+
+class JobCancelled(GlazeError):
+    """The request's cancel flag was seen; the job stops between writes."""
+
 
 Outcomes = dict[str, dict[str, FieldOutcome]]  # entity id -> field -> outcome
 
@@ -241,18 +252,48 @@ def enrich_chunk(
     settings: JobSettings,
     *,
     cache: AnswerCache | None,
+    flight: Flight | None = None,
+    dry_run: bool = False,
 ) -> ChunkResult:
-    """Run the waterfall over one chunk, drawing on the job's budget in blocks."""
+    """Run the waterfall over one chunk, drawing on the job's budget in blocks.
+
+    While it runs, it stamps the request every HEARTBEAT_SECONDS (so a dead worker is noticed)
+    and stops with JobCancelled when the request's cancel flag is set. `dry_run` estimates:
+    stand-in providers, a read-only cache, nothing bought.
+    """
     started = time.perf_counter()
+    if dry_run:
+        providers = [DryRunProvider(p) for p in providers]
+        cache, flight = ReadOnlyCache(cache), None
     block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0.0)
     budget = Budget(
         settings.budget,
         lease=lambda preferred, minimum: store.lease_budget(request_id, preferred, minimum),
         block=block,
     )
-    waterfall = Waterfall(providers, budget=budget, cache=cache, threshold=settings.threshold)
+    waterfall = Waterfall(
+        providers, budget=budget, cache=cache, threshold=settings.threshold, flight=flight
+    )
+
+    async def run() -> list[EntityOutcome]:
+        async with provider_session(providers):  # HTTP clients live and close in this loop
+            return await heartbeat_while(
+                waterfall.enrich_many(chunk, concurrency=settings.concurrency)
+            )
+
+    async def heartbeat_while(enriching: Awaitable[list[EntityOutcome]]) -> list[EntityOutcome]:
+        work = asyncio.ensure_future(enriching)
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=HEARTBEAT_SECONDS)
+            if done:
+                return work.result()
+            if await asyncio.to_thread(store.heartbeat, request_id):
+                waterfall.stop()
+                await work  # lookups in flight finish and are flushed to the cache
+                raise JobCancelled(f"request {request_id} was cancelled")
+
     try:
-        outcomes = asyncio.run(waterfall.enrich_many(chunk, concurrency=settings.concurrency))
+        outcomes = asyncio.run(run())
     finally:
         if not budget.unlimited:
             store.return_budget(request_id, budget.unused)
@@ -305,6 +346,7 @@ def apply_results(
     started = time.perf_counter()
     before = store.statements
     summary = ApplySummary()
+    last_beat = time.monotonic()
     for page in store.iter_row_pages(
         target.table_id, row_ids=target.page_row_ids(), page_size=page_size
     ):
@@ -317,9 +359,27 @@ def apply_results(
         summary.rows_written += store.apply_patches(patches)
         if progress is not None:
             progress(summary)
+        if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+            # Progress for the app, liveness for the reconciler; a cancel stops between pages,
+            # so every row is either fully written by this job or untouched.
+            last_beat = time.monotonic()
+            if store.heartbeat(request_id, **_progress_counters(summary)):
+                raise JobCancelled(
+                    f"request {request_id} was cancelled after {summary.rows_written} rows"
+                )
     summary.statements = store.statements - before
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _progress_counters(summary: ApplySummary) -> dict[str, int]:
+    return {
+        "rows_written": summary.rows_written,
+        "cells_done": summary.cells[CellStatus.DONE],
+        "cells_failed": summary.cells[CellStatus.FAILED],
+        "cells_not_found": summary.cells[CellStatus.NOT_FOUND],
+        "cells_skipped": summary.cells[CellStatus.SKIPPED],
+    }
 
 
 def _row_patch(
@@ -377,9 +437,30 @@ def finish_job(
     entities: int,
     stats: WaterfallStats,
     summary: ApplySummary,
+    kind: RequestKind = RequestKind.ENRICH,
+    detection_cells: int = 0,
+    cells_without_identifier: int = 0,
 ) -> RequestStatus:
-    """Close the request: terminal status with a reason, counters, calls and cost."""
-    status = final_status(summary.cells)
+    """Close the request: terminal status with a reason, counters, calls and cost.
+
+    An `estimate` stores what the job would buy; a `pre_enrich` only warmed the cache.
+    """
+    if kind is RequestKind.ESTIMATE:
+        store.update_request(
+            request_id,
+            status=RequestStatus.SUCCEEDED.value,
+            finished_at=utcnow(),
+            entities=entities,
+            cells_total=detection_cells,
+            estimate=estimate_report(
+                stats,
+                entities=entities,
+                cells=detection_cells,
+                cells_without_identifier=cells_without_identifier,
+            ),
+        )
+        return RequestStatus.SUCCEEDED
+    status = final_status(summary.cells) if kind is RequestKind.ENRICH else RequestStatus.SUCCEEDED
     error = None
     if status is not RequestStatus.SUCCEEDED:
         error = (
@@ -393,16 +474,12 @@ def finish_job(
         finished_at=utcnow(),
         entities=entities,
         rows_total=summary.rows_read,
-        rows_written=summary.rows_written,
-        cells_total=summary.cells_total,
-        cells_done=summary.cells[CellStatus.DONE],
-        cells_failed=summary.cells[CellStatus.FAILED],
-        cells_not_found=summary.cells[CellStatus.NOT_FOUND],
-        cells_skipped=summary.cells[CellStatus.SKIPPED],
+        cells_total=summary.cells_total if kind is RequestKind.ENRICH else detection_cells,
         cache_hits=stats.cache_hits,
         provider_calls=dict(stats.calls),
         cost_by_provider={name: round(cost, 6) for name, cost in stats.cost.items()},
         cost=round(sum(stats.cost.values()), 6),
+        **_progress_counters(summary),
     )
     return status
 

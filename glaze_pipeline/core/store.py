@@ -405,6 +405,24 @@ class Store:
         if result.rowcount == 0:
             raise UnknownRequestError(f"unknown request {request_id!r}")
 
+    def heartbeat(self, request_id: str, **progress: Any) -> bool:
+        """Stamp a running request (with optional progress counters); True if a cancel is asked."""
+        with self.engine.begin() as connection:
+            flag = connection.execute(
+                update(EnrichmentRequest)
+                .where(EnrichmentRequest.id == request_id)
+                .values(updated_at=utcnow(), **progress)
+                .returning(EnrichmentRequest.cancel_requested)
+            ).scalar()
+        return bool(flag)
+
+    def request_for_run(self, run_id: str) -> str | None:
+        with self.engine.connect() as connection:
+            found = connection.scalar(
+                select(EnrichmentRequest.id).where(EnrichmentRequest.run_id == run_id).limit(1)
+            )
+        return str(found) if found is not None else None
+
     def lease_budget(self, request_id: str, preferred: float, minimum: float) -> float:
         """Take up to `preferred` (at least `minimum`) of a request's budget; 0.0 if not left.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,19 +26,28 @@ from glaze_pipeline.core.providers.base import (
     ProviderAnswer,
     ProviderError,
 )
+from glaze_pipeline.core.singleflight import Flight, NoFlight
+
+log = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "budget exhausted"
+CANCELLED = "cancelled"
 DEFAULT_THRESHOLD = 0.8
 
 
 @dataclass
 class WaterfallStats:
-    """What a batch of lookups cost: calls and spend per provider, cache hits."""
+    """What a batch of lookups cost: calls and spend per provider, cache hits.
+
+    `shared_hits` counts the cache hits that another run bought while this one was between its
+    prefetch and its single-flight claim (they are counted in `cache_hits` too).
+    """
 
     calls: Counter[str] = field(default_factory=Counter)
     cost: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     errors: Counter[str] = field(default_factory=Counter)
     cache_hits: int = 0
+    shared_hits: int = 0
 
     def merge(self, other: WaterfallStats) -> None:
         self.calls.update(other.calls)
@@ -45,6 +55,7 @@ class WaterfallStats:
             self.cost[name] += cost
         self.errors.update(other.errors)
         self.cache_hits += other.cache_hits
+        self.shared_hits += other.shared_hits
 
 
 @dataclass
@@ -75,6 +86,10 @@ class _Progress:
             if current is None or confidence > current.confidence:
                 self.best[name] = FieldValue(value, confidence, provider.name, answer.fetched_at)
 
+    def stopped(self, key: EntityKey) -> EntityOutcome:
+        outcome = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED)
+        return EntityOutcome(key, dict.fromkeys(self.wanted, outcome))
+
     def outcome(self, key: EntityKey) -> EntityOutcome:
         fields: dict[str, FieldOutcome] = {}
         for name in self.wanted:
@@ -96,6 +111,12 @@ class Waterfall:
     Per entity, providers are asked in cost order for the fields still open (no value, or one
     under `threshold`); the walk stops as soon as none is open. A provider error is recorded and
     the next provider is tried; only charged calls count against the budget.
+
+    Cache reads are batched per chunk (`enrich_many` prefetches every key at once). On a miss,
+    `flight` makes concurrent runs buy each (entity, provider) answer once: the first claimant
+    calls the provider and writes the answer through to `flight.shared` at once; the others
+    wait, then read it there as a cache hit, with no charge and no budget reservation. The
+    default `NoFlight` keeps everything batched, for single-process runs.
     """
 
     def __init__(
@@ -105,6 +126,7 @@ class Waterfall:
         budget: Budget,
         cache: AnswerCache | None = None,
         threshold: float = DEFAULT_THRESHOLD,
+        flight: Flight | None = None,
     ) -> None:
         self.providers: dict[EntityType, list[Provider]] = {}
         for provider in sorted(providers, key=lambda p: (p.cost_per_call, -p.confidence)):
@@ -112,6 +134,8 @@ class Waterfall:
         self.budget = budget
         self.cache = cache
         self.threshold = threshold
+        self.flight: Flight = flight if flight is not None else NoFlight()
+        self.stopped = False
         self.stats = WaterfallStats()
         self._limits = {p.name: asyncio.Semaphore(max(1, p.max_concurrency)) for p in providers}
         self._cached: dict[CacheKey, CachedAnswer] = {}
@@ -127,12 +151,18 @@ class Waterfall:
 
         async def one(request: EntityRequest) -> EntityOutcome:
             async with gate:
+                if self.stopped:  # drain: calls in flight finish, nothing new starts
+                    return _Progress(request.fields).stopped(request.key)
                 return await self.enrich(request)
 
         try:
             return await asyncio.gather(*(one(r) for r in requests))
         finally:
             self.flush_cache()
+
+    def stop(self) -> None:
+        """Start no new entity (a cancelled job); lookups in flight complete and are cached."""
+        self.stopped = True
 
     async def enrich(self, request: EntityRequest) -> EntityOutcome:
         key = request.key
@@ -156,6 +186,25 @@ class Waterfall:
         if cached is not None:
             self.stats.cache_hits += 1
             return cached
+        shared = self.flight.shared
+        async with self.flight.claim(cache_key):
+            if shared is not None:
+                # Another run may have bought it since the prefetch (or while we waited).
+                found = (await asyncio.to_thread(shared.get_many, [cache_key])).get(cache_key)
+                if found is not None:
+                    self.stats.cache_hits += 1
+                    self.stats.shared_hits += 1
+                    self._cached[cache_key] = found
+                    return found
+            answer = await self._buy(provider, key, asked, progress)
+            if answer is not None and shared is not None:
+                await self._publish(shared, cache_key, answer)
+            return answer
+
+    async def _buy(
+        self, provider: Provider, key: EntityKey, asked: frozenset[str], progress: _Progress
+    ) -> CachedAnswer | None:
+        """Call the provider under the budget; None when skipped or failed (noted in progress)."""
         cost = provider.cost_per_call
         if not await self.budget.reserve(cost):
             progress.skipped.update(asked)
@@ -187,8 +236,20 @@ class Waterfall:
             confidence=dict(found.confidence) if found is not None else {},
             fetched_at=datetime.now(UTC),
         )
-        self._new_answers[cache_key] = answer
+        self._new_answers[(key.id, provider.name)] = answer
         return answer
+
+    @staticmethod
+    async def _publish(shared: AnswerCache, cache_key: CacheKey, answer: CachedAnswer) -> None:
+        """Write one bought answer through to the shared tier, before the claim is released.
+
+        Best effort: the answer is paid for and stays queued for the chunk's batched flush, so
+        a failing shared tier costs the waiters a duplicate call, never this run its answer.
+        """
+        try:
+            await asyncio.to_thread(shared.put_many, {cache_key: answer})
+        except Exception:
+            log.warning("could not share the answer for %s", cache_key, exc_info=True)
 
     def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
         if self.cache is None:

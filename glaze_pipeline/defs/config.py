@@ -4,7 +4,7 @@ from dagster import Config
 from pydantic import Field
 
 from glaze_pipeline.core.engine import JobSettings
-from glaze_pipeline.core.models import CellRef, Selection
+from glaze_pipeline.core.models import CellRef, RequestKind, Selection
 
 
 class CellConfig(Config):
@@ -30,6 +30,11 @@ class EnrichTableConfig(Config):
     concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
     threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
     page_size: int = Field(default=1000, description="Rows per read page and write batch.")
+    kind: str = Field(
+        default="enrich",
+        description="enrich (fill cells), estimate (count what it would buy), pre_enrich "
+        "(warm the cache, write no cell).",
+    )
     request_id: str | None = Field(
         default=None, description="The queued request this run serves (set by the sensor)."
     )
@@ -41,6 +46,14 @@ class EnrichTableConfig(Config):
             cells=[CellRef(row_id=c.row_id, column_id=c.column_id) for c in self.cells],
             whole_table=self.whole_table,
         )
+
+    def request_kind(self) -> RequestKind:
+        try:
+            return RequestKind(self.kind)
+        except ValueError:
+            raise ValueError(
+                f"kind must be enrich, estimate or pre_enrich, not {self.kind!r}"
+            ) from None
 
     def settings(self) -> JobSettings:
         return JobSettings(

@@ -26,9 +26,15 @@ from dagster import (
     op,
 )
 
-from glaze_pipeline.core import engine
-from glaze_pipeline.core.engine import ApplySummary, ChunkResult, JobSettings, JobTarget
-from glaze_pipeline.core.models import EntityRequest
+from glaze_pipeline.core import engine, queue
+from glaze_pipeline.core.engine import (
+    ApplySummary,
+    ChunkResult,
+    JobCancelled,
+    JobSettings,
+    JobTarget,
+)
+from glaze_pipeline.core.models import EntityRequest, RequestKind
 from glaze_pipeline.core.store import GlazeError, Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS
@@ -41,6 +47,7 @@ class JobPlan:
     """What detection decided, handed to every later step (small: no cells, no entities)."""
 
     request_id: str
+    kind: RequestKind
     target: JobTarget
     settings: JobSettings
     rows_read: int
@@ -63,6 +70,10 @@ def failure_recorded(store: Store, request_id: str | None) -> Iterator[None]:
     """Any error inside ends the request `failed` with the reason, then fails the step."""
     try:
         yield
+    except JobCancelled as cancelled:
+        if request_id is not None:
+            queue.mark_cancelled(store, request_id, "cancelled by the user")
+        raise Failure(description=str(cancelled), allow_retries=False) from cancelled
     except Exception as error:
         if request_id is not None:
             engine.fail_job(store, request_id, error)
@@ -84,6 +95,7 @@ def detect_entities(
         try:
             selection = config.selection()
             settings = config.settings()
+            kind = config.request_kind()
         except ValueError as error:
             raise GlazeError(f"invalid enrich_table config: {error}") from error
         target = engine.resolve_target(store, config.table_id, selection)
@@ -92,6 +104,7 @@ def detect_entities(
             target,
             selection,
             settings,
+            kind=kind,
             request_id=config.request_id,
             run_id=context.run_id,
         )
@@ -116,6 +129,7 @@ def detect_entities(
         yield Output(
             JobPlan(
                 request_id=request_id,
+                kind=kind,
                 target=target,
                 settings=settings,
                 rows_read=detection.rows_read,
@@ -144,19 +158,22 @@ def enrich_entities(
     providers: EnrichmentProviders,
 ) -> ChunkResult:
     store = glaze_db.store()
-    with failure_recorded(store, plan.request_id):
+    with failure_recorded(store, plan.request_id), providers.sharing(store) as sharing:
         result = engine.enrich_chunk(
             store,
             plan.request_id,
             chunk,
             providers.providers(),
             plan.settings,
-            cache=providers.cache(store),
+            cache=sharing.cache,
+            flight=sharing.flight,
+            dry_run=plan.kind is RequestKind.ESTIMATE,
         )
     stats = result.stats
     context.log.info(
         f"{len(chunk)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
-        f"cache hits {stats.cache_hits}, errors {dict(stats.errors)}"
+        f"cache hits {stats.cache_hits} ({stats.shared_hits} from concurrent runs, via "
+        f"{sharing.backend}), errors {dict(stats.errors)}"
     )
     return result
 
@@ -179,6 +196,9 @@ def apply_results(
             last_log[0] = time.monotonic()
             context.log.info(f"applied {summary.rows_read}/{plan.rows_read} rows")
 
+    if plan.kind is not RequestKind.ENRICH:
+        # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
+        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results))
     with failure_recorded(store, plan.request_id):
         summary = engine.apply_results(
             store,
@@ -203,10 +223,18 @@ def close_job(
     summary, stats = applied.summary, applied.stats
     with failure_recorded(store, plan.request_id):
         status = engine.finish_job(
-            store, plan.request_id, entities=plan.entities, stats=stats, summary=summary
+            store,
+            plan.request_id,
+            entities=plan.entities,
+            stats=stats,
+            summary=summary,
+            kind=plan.kind,
+            detection_cells=plan.cells_total,
+            cells_without_identifier=plan.cells_without_identifier,
         )
     metadata = {
         "request_id": plan.request_id,
+        "kind": plan.kind.value,
         "status": status.value,
         "rows_read": plan.rows_read,
         "rows_written": summary.rows_written,
@@ -220,13 +248,18 @@ def close_job(
         "apply_statements": summary.statements,
         "duration_s": round(time.time() - plan.started, 3),
     }
-    yield AssetMaterialization(
-        asset_key=ENRICHED_TABLE, partition=plan.target.table_id, metadata=metadata
-    )
-    if sum(stats.calls.values()):
+    if plan.kind is RequestKind.ENRICH:
+        yield AssetMaterialization(
+            asset_key=ENRICHED_TABLE, partition=plan.target.table_id, metadata=metadata
+        )
+    if plan.kind is not RequestKind.ESTIMATE and sum(stats.calls.values()):
         yield AssetMaterialization(
             asset_key=ENTITY_CACHE,
-            metadata={"answers_bought": sum(stats.calls.values()), "request_id": plan.request_id},
+            metadata={
+                "answers_bought": sum(stats.calls.values()),
+                "request_id": plan.request_id,
+                "kind": plan.kind.value,
+            },
         )
     context.log.info(f"request {plan.request_id} ended {status.value}")
     yield Output(status.value)

@@ -1,14 +1,15 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
-from glaze_pipeline.core.cache import AnswerCache, MemoryCache, TieredCache
-from glaze_pipeline.core.cache_sql import SqlAnswerCache
-from glaze_pipeline.core.models import EntityType
+from glaze_pipeline.core.answers import AnswerSharing, open_answer_sharing
 from glaze_pipeline.core.providers.base import Provider
-from glaze_pipeline.core.providers.fake import FakeProvider
-from glaze_pipeline.core.settings import database_url
+from glaze_pipeline.core.providers.registry import load_providers
+from glaze_pipeline.core.settings import database_url, redis_url
 from glaze_pipeline.core.store import Store
 
 
@@ -28,6 +29,15 @@ class GlazeDatabase(ConfigurableResource):
             self._store = Store(self.resolved_url)
         return self._store
 
+    @contextmanager
+    def open_store(self) -> Iterator[Store]:
+        """A store for one sensor tick or command, closed afterwards."""
+        store = Store(self.resolved_url)
+        try:
+            yield store
+        finally:
+            store.dispose()
+
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         # Close pooled connections when the run (or step process) ends.
         if self._store is not None:
@@ -36,21 +46,24 @@ class GlazeDatabase(ConfigurableResource):
 
 
 class EnrichmentProviders(ConfigurableResource):
-    """The provider waterfall and its cache tiers.
+    """The provider waterfall and where runs share answers.
 
     `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
-    providers); `redis_url` adds the shared Redis tier (else GLAZE_REDIS_URL, else none).
+    providers); `redis_url` adds the shared Redis tier and Redis single-flight (else
+    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or nothing on SQLite).
     """
 
     config_file: str | None = None
     redis_url: str | None = None
 
+    _providers: list[Provider] | None = PrivateAttr(default=None)
+
     def providers(self) -> list[Provider]:
-        return _default_providers()
+        # Loaded once per run: circuit breakers and rate limits live as long as the run.
+        if self._providers is None:
+            self._providers = load_providers(self.config_file)
+        return self._providers
 
-    def cache(self, store: Store) -> AnswerCache:
-        return TieredCache([MemoryCache(), SqlAnswerCache(store)])
-
-
-def _default_providers() -> list[Provider]:
-    return [FakeProvider(EntityType.COMPANY), FakeProvider(EntityType.PERSON)]
+    def sharing(self, store: Store) -> AnswerSharing:
+        """The tiered cache and single-flight for one step; close it (a context manager)."""
+        return open_answer_sharing(store, redis_url(self.redis_url))

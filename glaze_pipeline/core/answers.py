@@ -1,0 +1,140 @@
+"""How provider answers are shared between runs: the tiered cache and the single-flight.
+
+`open_answer_sharing(store, redis_url)` builds the pair a job uses, consistently:
+
+- with Redis: memory -> Redis -> SQL, and Redis locks; a bought answer is written through to
+  Redis at once, where concurrent runs wait for it;
+- without Redis, on Postgres: memory -> SQL, and advisory locks; the answer is written through
+  to the `entity_cache` table;
+- without Redis, on SQLite (the embedded default, one process): memory -> SQL, no locking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from glaze_pipeline.core.cache import AnswerCache, MemoryCache, TieredCache
+from glaze_pipeline.core.cache_redis import (
+    DEFAULT_MISS_TTL,
+    DEFAULT_TTL,
+    RedisAnswerCache,
+    RedisBreaker,
+)
+from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.singleflight import (
+    DEFAULT_LOCK_TTL,
+    DEFAULT_MAX_WAIT,
+    Flight,
+    NoFlight,
+    PostgresFlight,
+    RedisFlight,
+)
+from glaze_pipeline.core.store import Store
+
+REDIS_TIMEOUT_S = 2.0
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A Redis client with explicit timeouts and one quick retry: a stalled Redis must not
+    stall a job (redis-py's default is 10 retries, seconds per failing call), and every Redis
+    use here fails open."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
+    )
+
+
+@dataclass(frozen=True)
+class SharingSettings:
+    """TTLs and waits of the shared tiers; the defaults suit provider calls of a few seconds."""
+
+    redis_ttl: timedelta = DEFAULT_TTL
+    redis_ttl_by_provider: Mapping[str, timedelta] = field(default_factory=dict)
+    redis_miss_ttl: timedelta = DEFAULT_MISS_TTL
+    lock_ttl: timedelta = DEFAULT_LOCK_TTL
+    max_wait: timedelta = DEFAULT_MAX_WAIT
+
+
+@dataclass
+class AnswerSharing:
+    """The cache and the single-flight of one process (or one chunk); `close()` when done."""
+
+    cache: AnswerCache
+    flight: Flight
+    redis: redis.Redis | None = None
+
+    @property
+    def backend(self) -> str:
+        """Where runs meet: "redis", "postgres" or "none" (for run metadata and logs)."""
+        if isinstance(self.flight, RedisFlight):
+            return "redis"
+        if isinstance(self.flight, PostgresFlight):
+            return "postgres"
+        return "none"
+
+    def close(self) -> None:
+        self.flight.close()
+        if self.redis is not None:
+            self.redis.close()
+
+    def __enter__(self) -> AnswerSharing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_answer_sharing(
+    store: Store,
+    redis_url: str | None = None,
+    *,
+    memory: MemoryCache | None = None,
+    settings: SharingSettings | None = None,
+) -> AnswerSharing:
+    """Build the tiered cache and the matching single-flight for `store` (+ optional Redis).
+
+    Pass a long-lived `memory` tier to share it between the chunks a process runs; by default
+    each AnswerSharing has its own. Nothing here reads the environment: the caller passes
+    `settings.redis_url()`.
+    """
+    settings = settings or SharingSettings()
+    memory = memory if memory is not None else MemoryCache()
+    sql = SqlAnswerCache(store)
+    if redis_url:
+        client = redis_client(redis_url)
+        breaker = RedisBreaker()  # one server: when the cache finds it down, so does the flight
+        shared = RedisAnswerCache(
+            client,
+            ttl=settings.redis_ttl,
+            ttl_by_provider=settings.redis_ttl_by_provider,
+            miss_ttl=settings.redis_miss_ttl,
+            breaker=breaker,
+        )
+        flight: Flight = RedisFlight(
+            client,
+            shared=shared,
+            lock_ttl=settings.lock_ttl,
+            max_wait=settings.max_wait,
+            breaker=breaker,
+        )
+        return AnswerSharing(TieredCache([memory, shared, sql]), flight, client)
+    if store.dialect == "postgresql":
+        flight = PostgresFlight(store.url, shared=sql, max_wait=settings.max_wait)
+    else:
+        flight = NoFlight()
+    return AnswerSharing(TieredCache([memory, sql]), flight)

@@ -1,0 +1,436 @@
+"""A JSON API vendor described by configuration: adding a vendor is a YAML entry, not code.
+
+The entry says how to ask (a request template per kind of entity key, e.g.
+`GET /v1/companies?domain={value}`), how to authenticate (a header and the NAME of the
+environment variable that holds the key, read at call time), and where each catalogue field
+sits in the answer (dotted paths). Every answer is validated into a typed record at the edge:
+a payload that does not fit is a `BadResponse`, never a crash and never half-trusted data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.models import EntityKey, EntityType
+from glaze_pipeline.core.providers.base import (
+    BadResponse,
+    EntityNotFound,
+    ProviderAnswer,
+    ProviderError,
+)
+from glaze_pipeline.core.providers.http import (
+    HttpSettings,
+    ProviderClient,
+    ProviderHealth,
+    UnsupportedLookup,
+    read_secret,
+)
+
+# Which identifiers each entity type is keyed by (see detection.identify_row), and the
+# placeholders a request template may use for each.
+KEY_KINDS: dict[EntityType, frozenset[str]] = {
+    EntityType.COMPANY: frozenset({"domain", "name"}),
+    EntityType.PERSON: frozenset({"linkedin", "email", "name_company"}),
+}
+_COMMON_PLACEHOLDERS = frozenset({"value", "kind", "type"})
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]+)\}")
+_ACCEPT_JSON = {"Accept": "application/json"}
+
+
+def placeholders(key: EntityKey) -> dict[str, str]:
+    """The values a request template can use for `key`."""
+    values = {"value": key.value, "kind": key.kind, "type": key.type.value}
+    if key.kind == "name_company":
+        name, _, company = key.value.partition("|")
+        values.update(name=name, company=company)
+    return values
+
+
+def _allowed_placeholders(kind: str) -> frozenset[str]:
+    extra = {"name", "company"} if kind == "name_company" else set()
+    return _COMMON_PLACEHOLDERS | extra
+
+
+def fill(template: str, values: Mapping[str, str], *, quote_values: bool = False) -> str:
+    """Substitute `{name}` placeholders (no format-string attribute access, no surprises)."""
+
+    def one(match: re.Match[str]) -> str:
+        value = values[match.group(1)]
+        return quote(value, safe="") if quote_values else value
+
+    return _PLACEHOLDER_RE.sub(one, template)
+
+
+# --- typed records: what a vendor's values must look like -----------------------------------
+
+Text = Annotated[str, Field(max_length=20_000)]
+Year = Annotated[int, Field(ge=1000, le=2100)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", coerce_numbers_to_str=True, str_strip_whitespace=True, frozen=True
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_missing(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class CompanyRecord(_Record):
+    name: Text | None = None
+    domain: Text | None = None
+    description: Text | None = None
+    industry: Text | None = None
+    employee_count: NonNegativeInt | None = None
+    revenue: Text | None = None
+    location: Text | None = None
+    founded_year: Year | None = None
+    linkedin_url: Text | None = None
+    phone: Text | None = None
+
+
+class PersonRecord(_Record):
+    full_name: Text | None = None
+    title: Text | None = None
+    email: Text | None = None
+    phone: Text | None = None
+    linkedin_url: Text | None = None
+    location: Text | None = None
+    bio: Text | None = None
+    company: Text | None = None
+
+
+RECORDS: dict[EntityType, type[_Record]] = {
+    EntityType.COMPANY: CompanyRecord,
+    EntityType.PERSON: PersonRecord,
+}
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class RequestTemplate(BaseModel):
+    """How to ask about one entity: `{value}` etc. in the path, params and JSON body strings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["GET", "POST"] = "GET"
+    path: str
+    params: dict[str, str] = Field(default_factory=dict)
+    json_body: dict[str, Any] | None = None
+
+    def used_placeholders(self) -> set[str]:
+        texts = [self.path, *self.params.values()]
+        texts += [v for v in _strings(self.json_body)] if self.json_body else []
+        return {name for text in texts for name in _PLACEHOLDER_RE.findall(text)}
+
+
+class BatchTemplate(BaseModel):
+    """A batch endpoint: POST `{ids_field: [values...]}`, answers listed under `results_path`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    key_kind: str
+    ids_field: str = "ids"
+    results_path: str = "results"
+    id_path: str = "id"  # inside one result: the identifier it answers for
+    max_size: PositiveInt = 100
+
+
+class AuthConfig(BaseModel):
+    """An API key sent in a header; `env` NAMES the variable holding it (never the key)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header: str = "Authorization"
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    scheme: str = ""  # e.g. "Bearer": the header value is "<scheme> <key>"
+
+
+class JsonApiConfig(BaseModel):
+    """One JSON API vendor, as written in the providers YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["json_api"] = "json_api"
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    entity_type: EntityType
+    base_url: str = Field(pattern=r"^https?://")
+    lookups: dict[str, RequestTemplate]
+    record_path: str = ""  # where the record sits in a single answer (dotted), "" = the root
+    fields: dict[str, str]  # catalogue field -> dotted path inside the record
+    field_confidence: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    batch: BatchTemplate | None = None
+    auth: AuthConfig | None = None
+    cost_per_call: float = Field(default=0.0, ge=0)
+    charges_misses: bool = False
+    confidence: float = Field(default=0.8, ge=0, le=1)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JsonApiConfig:
+        catalogue = CATALOGUE[self.entity_type]
+        kinds = KEY_KINDS[self.entity_type]
+        unknown = sorted(set(self.fields) - catalogue)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown {self.entity_type.value} fields {unknown}; "
+                f"known: {sorted(catalogue)}"
+            )
+        if not self.fields:
+            raise ValueError(f"{self.name}: map at least one field")
+        unknown_conf = sorted(set(self.field_confidence) - set(self.fields))
+        if unknown_conf:
+            raise ValueError(f"{self.name}: field_confidence names unmapped fields {unknown_conf}")
+        if not self.lookups:
+            raise ValueError(f"{self.name}: give at least one lookup (by key kind)")
+        for kind, template in self.lookups.items():
+            if kind not in kinds:
+                raise ValueError(
+                    f"{self.name}: cannot look up a {self.entity_type.value} by {kind!r}; "
+                    f"key kinds are {sorted(kinds)}"
+                )
+            extra = template.used_placeholders() - _allowed_placeholders(kind)
+            if extra:
+                raise ValueError(
+                    f"{self.name}: lookup {kind!r} uses unknown placeholders {sorted(extra)}"
+                )
+        if self.batch is not None and self.batch.key_kind not in kinds:
+            raise ValueError(f"{self.name}: batch key_kind {self.batch.key_kind!r} is unknown")
+        return self
+
+
+# --- the provider --------------------------------------------------------------------------
+
+
+class JsonApiProvider:
+    """A Provider backed by a JSON API described by a `JsonApiConfig`."""
+
+    def __init__(self, config: JsonApiConfig, *, http: ProviderClient | None = None) -> None:
+        self.config = config
+        self.http = http or ProviderClient(config.name, config.http, base_url=config.base_url)
+        self._record = RECORDS[config.entity_type]
+
+    def __repr__(self) -> str:
+        return (
+            f"JsonApiProvider(name={self.name!r}, entity_type={self.entity_type.value!r}, "
+            f"base_url={self.config.base_url!r})"
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def entity_type(self) -> EntityType:
+        return self.config.entity_type
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(self.config.fields)
+
+    @property
+    def cost_per_call(self) -> float:
+        return self.config.cost_per_call
+
+    @property
+    def confidence(self) -> float:
+        return self.config.confidence
+
+    @property
+    def charges_misses(self) -> bool:
+        return self.config.charges_misses
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.config.http.max_concurrency
+
+    def health(self) -> ProviderHealth:
+        return self.http.health()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def supports(self, key: EntityKey) -> bool:
+        """Whether this vendor can be asked about `key` at all."""
+        return key.type is self.entity_type and key.kind in self.config.lookups
+
+    async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
+        if not self.supports(key):
+            raise UnsupportedLookup(
+                f"{self.name}: cannot look up a {key.type.value} by {key.kind}", provider=self.name
+            )
+        template = self.config.lookups[key.kind]
+        values = placeholders(key)
+        with self.http.guard():
+            response = await self.http.fetch(
+                template.method,
+                fill(template.path, values, quote_values=True),
+                params={k: fill(v, values) for k, v in template.params.items()},
+                json_body=_fill_json(template.json_body, values) if template.json_body else None,
+                headers=self._headers(),
+            )
+            payload = response.json()
+            if not isinstance(payload, dict):
+                raise BadResponse(
+                    f"{self.name}: expected a JSON object, got {type(payload).__name__}",
+                    provider=self.name,
+                )
+            record = _dig(payload, self.config.record_path, missing=_MISSING)
+            if record is None:  # an explicit null: the vendor's way of saying "no such entity"
+                raise EntityNotFound(f"{self.name}: null answer", provider=self.name)
+            return self._answer(record)
+
+    async def lookup_many(
+        self, keys: Sequence[EntityKey], fields: frozenset[str]
+    ) -> dict[str, ProviderAnswer | ProviderError]:
+        """Many entities in as few calls as the batch endpoint allows, by entity id.
+
+        Without a batch endpoint (or for other key kinds) each key is looked up alone. An
+        entity the batch answer leaves out is `EntityNotFound`; a failed call fails its batch.
+        """
+        results: dict[str, ProviderAnswer | ProviderError] = {}
+        batch = self.config.batch
+        batched = [k for k in keys if batch is not None and k.kind == batch.key_kind]
+        for key in keys:
+            if batch is None or key.kind != batch.key_kind:
+                try:
+                    results[key.id] = await self.lookup(key, fields)
+                except ProviderError as error:
+                    results[key.id] = error
+        if batch is not None:
+            for start in range(0, len(batched), batch.max_size):
+                group = batched[start : start + batch.max_size]
+                try:
+                    results.update(await self._lookup_batch(batch, group))
+                except ProviderError as error:
+                    results.update((key.id, error) for key in group)
+        return results
+
+    async def _lookup_batch(
+        self, batch: BatchTemplate, keys: Sequence[EntityKey]
+    ) -> dict[str, ProviderAnswer | ProviderError]:
+        with self.http.guard():
+            response = await self.http.fetch(
+                "POST",
+                batch.path,
+                json_body={batch.ids_field: [key.value for key in keys]},
+                headers=self._headers(),
+            )
+            items = _dig(response.json(), batch.results_path)
+            if not isinstance(items, list):
+                raise BadResponse(
+                    f"{self.name}: batch answer has no list at {batch.results_path!r}",
+                    provider=self.name,
+                )
+            by_id: dict[str, Any] = {}
+            for item in items:
+                ident = _dig(item, batch.id_path)
+                if isinstance(ident, str | int):
+                    by_id[str(ident).lower()] = item
+            results: dict[str, ProviderAnswer | ProviderError] = {}
+            for key in keys:
+                item = by_id.get(key.value.lower())
+                if item is None:
+                    results[key.id] = EntityNotFound(
+                        f"{self.name}: not in batch answer", provider=self.name
+                    )
+                    continue
+                try:
+                    results[key.id] = self._answer(
+                        _dig(item, self.config.record_path, missing=_MISSING)
+                    )
+                except BadResponse as error:  # one bad record spoils only its own entity
+                    results[key.id] = error
+            return results
+
+    def _headers(self) -> dict[str, str]:
+        auth = self.config.auth
+        if auth is None:
+            return dict(_ACCEPT_JSON)
+        secret = read_secret(auth.env, provider=self.name)
+        return {**_ACCEPT_JSON, auth.header: f"{auth.scheme} {secret}" if auth.scheme else secret}
+
+    def _answer(self, record: Any) -> ProviderAnswer:
+        if record is _MISSING:
+            raise BadResponse(
+                f"{self.name}: the answer has nothing at {self.config.record_path!r}",
+                provider=self.name,
+            )
+        if not isinstance(record, Mapping):
+            raise BadResponse(
+                f"{self.name}: expected a JSON object at {self.config.record_path or 'the root'}, "
+                f"got {type(record).__name__}",
+                provider=self.name,
+            )
+        raw = {name: _dig(record, path) for name, path in self.config.fields.items()}
+        try:
+            parsed = self._record.model_validate({k: v for k, v in raw.items() if v is not None})
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+            )
+            raise BadResponse(
+                f"{self.name}: answer does not fit {self._record.__name__} ({problems})",
+                provider=self.name,
+            ) from None
+        values = {k: v for k, v in parsed.model_dump().items() if v is not None}
+        confidence = {k: c for k, c in self.config.field_confidence.items() if k in values}
+        return ProviderAnswer(values, confidence)
+
+
+_MISSING: Any = object()
+
+
+def _dig(data: Any, path: str, *, missing: Any = None) -> Any:
+    """Follow a dotted path (`company.metrics.employees`, `emails.0`); `missing` where it ends."""
+    if not path:
+        return data
+    for part in path.split("."):
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return missing
+    return data
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _fill_json(value: Any, values: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return fill(value, values)
+    if isinstance(value, Mapping):
+        return {k: _fill_json(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_json(v, values) for v in value]
+    return value

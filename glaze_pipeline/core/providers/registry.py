@@ -1,0 +1,229 @@
+"""Providers from one YAML file: the bundled fakes by default, real vendors by configuration.
+
+The file is, in order: the path given, else `GLAZE_PROVIDERS_FILE` (read at call time), else
+the bundled `glaze_pipeline/providers.yaml`. Each entry has a `kind`: `fake` (the in-process
+seed-001 provider), `json_api` (any JSON vendor, see `json_api.JsonApiConfig`) or `website`
+(company homepages). `${VAR}` / `${VAR:-default}` in URLs are filled from the environment when
+the file is loaded, so one file serves a laptop, CI and the benchmark. API keys never go in the
+file: an entry names the environment variable that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.models import EntityType
+from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.providers.http import ProviderHealth, expand_env
+from glaze_pipeline.core.providers.json_api import JsonApiConfig, JsonApiProvider
+from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
+
+PROVIDERS_FILE_ENV = "GLAZE_PROVIDERS_FILE"
+_URL_KEYS = ("base_url", "url_template")
+
+
+class ProviderConfigError(ValueError):
+    """The providers file is missing, unreadable or invalid; the message says where and why."""
+
+
+class FakeConfig(BaseModel):
+    """The in-process fake provider (seed 001's values), for demos and tests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["fake"] = "fake"
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    entity_type: EntityType
+    cost_per_call: float = Field(default=1.0, ge=0)
+    confidence: float = Field(default=0.9, ge=0, le=1)
+    charges_misses: bool = False
+    max_concurrency: int = Field(default=50, ge=1)
+    latency_s: float = Field(default=0.0, ge=0)
+    miss_rate: float = Field(default=0.0, ge=0, le=1)
+    fields: list[str] | None = None
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> FakeConfig:
+        unknown = sorted(set(self.fields or ()) - CATALOGUE[self.entity_type])
+        if unknown:
+            raise ValueError(f"{self.name}: unknown {self.entity_type.value} fields {unknown}")
+        return self
+
+
+ProviderEntry = Annotated[FakeConfig | JsonApiConfig | WebsiteConfig, Field(discriminator="kind")]
+
+
+class ProvidersFile(BaseModel):
+    """The whole file: a list of provider entries with unique names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    providers: list[ProviderEntry]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ProvidersFile:
+        names = [entry.name for entry in self.providers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"provider names must be unique; repeated: {duplicates}")
+        return self
+
+
+def providers_file(path: str | Path | None = None) -> Path:
+    """Which file configures the providers: `path`, else GLAZE_PROVIDERS_FILE, else bundled."""
+    chosen = path or os.environ.get(PROVIDERS_FILE_ENV)
+    if chosen:
+        return Path(chosen)
+    return Path(str(resources.files("glaze_pipeline").joinpath("providers.yaml")))
+
+
+def parse_providers(data: Mapping[str, Any], *, source: str = "<config>") -> ProvidersFile:
+    """Validate a loaded providers document (URLs expanded from the environment)."""
+    try:
+        expanded = _expand_urls(data)
+        return ProvidersFile.model_validate(expanded)
+    except ValidationError as error:
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise ProviderConfigError(f"invalid providers file {source}:\n{problems}") from None
+    except ValueError as error:
+        raise ProviderConfigError(f"invalid providers file {source}: {error}") from None
+
+
+def build_provider(entry: FakeConfig | JsonApiConfig | WebsiteConfig) -> Provider:
+    """One provider object from one validated entry."""
+    if isinstance(entry, FakeConfig):
+        return FakeProvider(
+            entry.entity_type,
+            name=entry.name,
+            cost_per_call=entry.cost_per_call,
+            confidence=entry.confidence,
+            charges_misses=entry.charges_misses,
+            max_concurrency=entry.max_concurrency,
+            latency_s=entry.latency_s,
+            miss_rate=entry.miss_rate,
+            supplied_fields=frozenset(entry.fields) if entry.fields else None,
+        )
+    if isinstance(entry, JsonApiConfig):
+        return JsonApiProvider(entry)
+    return WebsiteProvider(entry)
+
+
+def load_providers(path: str | Path | None = None) -> list[Provider]:
+    """The enabled providers of the providers file (see `providers_file`)."""
+    source = providers_file(path)
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ProviderConfigError(f"cannot read providers file {source}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ProviderConfigError(f"providers file {source} is not valid YAML: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ProviderConfigError(f"providers file {source} must be a mapping with `providers:`")
+    config = parse_providers(data, source=str(source))
+    return [build_provider(entry) for entry in config.providers if entry.enabled]
+
+
+@dataclass(frozen=True)
+class ProviderDescription:
+    """One provider as `glaze providers` shows it."""
+
+    name: str
+    entity_type: str
+    kind: str
+    fields: tuple[str, ...]
+    cost_per_call: float
+    charges_misses: bool
+    confidence: float
+    max_concurrency: int
+    health: str
+    circuit: str | None = None
+    last_error: str | None = None
+    attempts: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entity_type": self.entity_type,
+            "kind": self.kind,
+            "fields": list(self.fields),
+            "cost_per_call": self.cost_per_call,
+            "charges_misses": self.charges_misses,
+            "confidence": self.confidence,
+            "max_concurrency": self.max_concurrency,
+            "health": self.health,
+            "circuit": self.circuit,
+            "last_error": self.last_error,
+            "attempts": self.attempts,
+        }
+
+
+def describe_providers(providers: Iterable[Provider]) -> list[ProviderDescription]:
+    """Name, entity type, fields, price and health of each provider, cheapest first."""
+    described = []
+    for provider in providers:
+        health: ProviderHealth | None = None
+        probe = getattr(provider, "health", None)
+        if callable(probe):
+            result = probe()
+            health = result if isinstance(result, ProviderHealth) else None
+        described.append(
+            ProviderDescription(
+                name=provider.name,
+                entity_type=provider.entity_type.value,
+                kind=_kind(provider),
+                fields=tuple(sorted(provider.fields)),
+                cost_per_call=provider.cost_per_call,
+                charges_misses=provider.charges_misses,
+                confidence=provider.confidence,
+                max_concurrency=provider.max_concurrency,
+                health=str(health) if health is not None else "ok (in process)",
+                circuit=health.circuit if health is not None else None,
+                last_error=health.last_error if health is not None else None,
+                attempts=health.attempts if health is not None else None,
+            )
+        )
+    return sorted(described, key=lambda d: (d.entity_type, d.cost_per_call, d.name))
+
+
+def _kind(provider: Provider) -> str:
+    if isinstance(provider, FakeProvider):
+        return "fake"
+    if isinstance(provider, JsonApiProvider):
+        return "json_api"
+    if isinstance(provider, WebsiteProvider):
+        return "website"
+    return type(provider).__name__
+
+
+def _expand_urls(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`${VAR:-default}` in URL settings only: secrets never flow through the config."""
+    entries = data.get("providers")
+    if not isinstance(entries, list):
+        return dict(data)
+    expanded = []
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            entry = dict(entry)
+            for key in _URL_KEYS:
+                if isinstance(entry.get(key), str):
+                    entry[key] = expand_env(entry[key])
+            if isinstance(entry.get("site_urls"), Mapping):
+                entry["site_urls"] = {
+                    k: expand_env(v) if isinstance(v, str) else v
+                    for k, v in entry["site_urls"].items()
+                }
+        expanded.append(entry)
+    return {**data, "providers": expanded}

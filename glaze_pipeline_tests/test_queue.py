@@ -1,0 +1,220 @@
+"""The request queue: enqueue, claim races, the sensor, reconciling, cancellation, kinds."""
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    RunRequest,
+    SkipReason,
+    build_schedule_context,
+    build_sensor_context,
+)
+
+from glaze_pipeline.core import engine, queue
+from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.engine import JobCancelled, JobSettings
+from glaze_pipeline.core.models import EntityType, Selection
+from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.seed import seed_generated
+from glaze_pipeline.core.store import Store, utcnow
+from glaze_pipeline.definitions import build_definitions
+from glaze_pipeline.defs.resources import GlazeDatabase
+from glaze_pipeline.defs.sensors import enrichment_queue_sensor, pre_enrich_schedule
+
+
+def columns(table: Any, *keys: str) -> dict[str, Any]:
+    return {"column_ids": [table.column_by_key(k).id for k in keys]}
+
+
+def test_idempotency_key_yields_one_request(store: Store) -> None:
+    first = queue.enqueue(store, "tbl_x", {"whole_table": True}, idempotency_key="upload-1")
+    second = queue.enqueue(store, "tbl_x", {"whole_table": True}, idempotency_key="upload-1")
+    other_table = queue.enqueue(store, "tbl_y", {"whole_table": True}, idempotency_key="upload-1")
+    assert first == second != other_table
+
+
+def test_claim_in_priority_order_and_never_a_cancelled_one(store: Store) -> None:
+    low = queue.enqueue(store, "t", {"whole_table": True}, priority=-10)
+    high = queue.enqueue(store, "t", {"whole_table": True}, priority=5)
+    cancelled = queue.enqueue(store, "t", {"whole_table": True}, priority=9)
+    assert queue.request_cancel(store, cancelled) == "cancelled"
+    claimed = queue.claim(store, limit=1)
+    assert [c.id for c in claimed] == [high]
+    assert [c.id for c in queue.claim(store, limit=10)] == [low]
+    assert queue.claim(store) == []
+    assert store.get_request(cancelled).status == "cancelled"
+    assert store.get_request(high).status == "launched"
+
+
+def test_two_concurrent_claimers_launch_each_request_once(store: Store) -> None:
+    ids = {queue.enqueue(store, "t", {"whole_table": True}) for _ in range(1000)}
+    claimed: list[list[str]] = [[], []]
+    start = threading.Barrier(2)
+
+    def claimer(slot: int) -> None:
+        own = Store(store.url)  # its own connections, like a second daemon
+        start.wait()
+        while batch := queue.claim(own, limit=5):
+            claimed[slot].extend(r.id for r in batch)
+        own.dispose()
+
+    threads = [threading.Thread(target=claimer, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = claimed[0] + claimed[1]
+    assert len(everything) == 1000  # nobody claimed a request twice...
+    assert set(everything) == ids  # ...and every request was claimed
+    if store.dialect == "postgresql":  # SQLite serialises writers: one may drain it all
+        assert claimed[0] and claimed[1]  # both claimers really competed
+
+
+def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None:
+    table = seed_generated(store, rows=5, unique_companies=2)
+    good = queue.enqueue(store, table.id, columns(table, "industry"), budget=10)
+    unknown_table = queue.enqueue(store, "tbl_nope", {"whole_table": True})
+    negative = queue.enqueue(store, table.id, columns(table, "industry"), budget=-1)
+    bad_shape = queue.enqueue(store, table.id, {"column_ids": [], "cells": []})
+    unknown_column = queue.enqueue(store, table.id, {"column_ids": ["col_nope"]})
+    resources = {"glaze_db": GlazeDatabase(url=store.url)}
+    with DagsterInstance.ephemeral() as instance:
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            result = enrichment_queue_sensor(context)
+        [run] = result.run_requests
+        assert isinstance(run, RunRequest) and run.run_key == good
+        assert run.tags["glaze/request"] == good and run.tags["glaze/table"] == table.id
+        assert run.tags["glaze/kind"] == "enrich"
+        config = run.run_config["ops"]["detect_entities"]["config"]
+        assert config["request_id"] == good and config["budget"] == 10
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            again = enrichment_queue_sensor(context)
+        assert isinstance(again, SkipReason) and "no queued requests" in str(again.skip_message)
+    reasons = {
+        r: store.get_request(r) for r in (unknown_table, negative, bad_shape, unknown_column)
+    }
+    assert all(r.status == "failed" for r in reasons.values())
+    assert "unknown table 'tbl_nope'" in reasons[unknown_table].error
+    assert "budget must be >= 0" in reasons[negative].error
+    assert "invalid selection" in reasons[bad_shape].error
+    assert "col_nope" in reasons[unknown_column].error
+    assert store.get_request(good).status == "launched"
+
+
+def test_reconcile_cancels_requeues_and_fails_dead_runs(store: Store) -> None:
+    cancel_me = queue.enqueue(store, "t", {"whole_table": True})
+    store.update_request(cancel_me, cancel_requested=True)  # the app's plain SQL update
+    lost = queue.enqueue(store, "t", {"whole_table": True})
+    dead = queue.enqueue(store, "t", {"whole_table": True})
+    ended = queue.enqueue(store, "t", {"whole_table": True})
+    queue.claim(store, limit=10)
+    store.update_request(dead, status="running", run_id="run-dead")
+    store.update_request(ended, status="running", run_id="run-ended")
+    runs = {
+        dead: queue.RunView("run-dead", "STARTED"),
+        ended: queue.RunView("run-ended", "FAILURE"),
+    }
+    reported: list[str] = []
+    later = utcnow() + timedelta(minutes=10)
+    actions = queue.reconcile(
+        store,
+        find_run=lambda r: runs.get(r.id),
+        cancel_run=lambda run_id: None,
+        report_dead_run=lambda run_id, reason: reported.append(run_id),
+        now=later,
+        stale_after=timedelta(minutes=5),
+    )
+    assert store.get_request(cancel_me).status == "cancelled"
+    assert store.get_request(lost).status == "queued"  # claimed, never launched: back in line
+    assert store.get_request(dead).status == "failed"
+    assert "no heartbeat" in store.get_request(dead).error
+    assert reported == ["run-dead"]
+    assert store.get_request(ended).status == "failed"
+    assert "ended FAILURE" in store.get_request(ended).error
+    assert len(actions) == 4
+
+
+def test_cancel_stops_a_running_chunk(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "HEARTBEAT_SECONDS", 0.05)
+    table = seed_generated(store, rows=40, unique_companies=40)
+    selection = Selection(**columns(table, "industry"))
+    target = engine.resolve_target(store, table.id, selection)
+    request_id = engine.start_job(store, target, selection, JobSettings())
+    detection = engine.detect_entities(store, target)
+    provider = FakeProvider(EntityType.COMPANY, latency_s=0.05, max_concurrency=2)
+    store.update_request(request_id, cancel_requested=True)
+    with pytest.raises(JobCancelled):
+        engine.enrich_chunk(
+            store,
+            request_id,
+            detection.entities,
+            [provider],
+            JobSettings(concurrency=2),
+            cache=SqlAnswerCache(store),
+        )
+    assert provider.total_calls < 40  # stopped early
+    bought = SqlAnswerCache(store).get_many((e.key.id, provider.name) for e in detection.entities)
+    assert len(bought) == provider.total_calls  # what was paid for is kept for the re-run
+
+
+def run_kind(store: Store, table: Any, kind: str, instance: DagsterInstance, **config: Any) -> Any:
+    job = build_definitions(store.url).get_job_def("enrich_table")
+    result = job.execute_in_process(
+        run_config={
+            "ops": {"detect_entities": {"config": {"table_id": table.id, "kind": kind, **config}}}
+        },
+        instance=instance,
+    )
+    return store.get_request(result.output_for_node("detect_entities", "plan").request_id)
+
+
+def test_estimate_then_pre_enrich_then_enrich_buys_once(store: Store) -> None:
+    table = seed_generated(store, rows=30, unique_companies=10)
+    selection = columns(table, "industry", "employee_count", "title")
+    with DagsterInstance.ephemeral() as instance:
+        estimate = run_kind(store, table, "estimate", instance, **selection)
+        assert estimate.status == "succeeded"
+        assert estimate.estimate["expected_provider_calls"] == {
+            "fake_company": 10,
+            "fake_person": 30,
+        }
+        assert estimate.estimate["expected_cost"] == 40
+        assert estimate.estimate["cache_hits"] == 0
+        assert all(r.meta == {} for r in store.rows_in_order(table.id))  # wrote nothing
+
+        warm = run_kind(store, table, "pre_enrich", instance, whole_table=True)
+        assert warm.status == "succeeded"
+        assert warm.provider_calls == {"fake_company": 10, "fake_person": 30}
+        assert all(r.meta == {} and r.status == "idle" for r in store.rows_in_order(table.id))
+
+        again = run_kind(store, table, "estimate", instance, **selection)
+        assert again.estimate["expected_provider_calls"] == {}
+        assert again.estimate["cache_hits"] == 40
+
+        enriched = run_kind(store, table, "enrich", instance, **selection)
+        assert enriched.provider_calls == {}  # the click after pre-enrichment buys nothing
+        assert enriched.cells_done == 90
+
+
+def test_pre_enrich_schedule_queues_new_tables_once(store: Store, tmp_path: Path) -> None:
+    table = seed_generated(store, rows=3, unique_companies=1)
+    # a schedule context needs a persistent instance
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:
+        for _ in range(2):
+            with build_schedule_context(
+                instance=instance,
+                resources={"glaze_db": GlazeDatabase(url=store.url)},
+                scheduled_execution_time=utcnow(),
+            ) as context:
+                result = pre_enrich_schedule(context)
+            assert isinstance(result, SkipReason) and "queued pre_enrich for 1 tables" in str(
+                result.skip_message
+            )
+        assert instance.has_dynamic_partition("glaze_tables", table.id)
+    [claimed] = queue.claim(store)
+    assert (claimed.kind, claimed.table_id, claimed.priority) == ("pre_enrich", table.id, -10)
+    assert claimed.budget == 100

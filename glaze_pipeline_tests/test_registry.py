@@ -1,0 +1,212 @@
+"""Providers from YAML: the bundled default, the mock vendors' file, and bad files."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from glaze_pipeline.core.budget import Budget
+from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
+from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.providers.json_api import (
+    RECORDS,
+    JsonApiConfig,
+    JsonApiProvider,
+)
+from glaze_pipeline.core.providers.registry import (
+    PROVIDERS_FILE_ENV,
+    ProviderConfigError,
+    describe_providers,
+    load_providers,
+    providers_file,
+)
+from glaze_pipeline.core.providers.website import WebsiteProvider
+from glaze_pipeline.mock_server import MockConfig, MockProviderServer
+from glaze_pipeline_tests.provider_helpers import run_waterfall
+
+REPO = Path(__file__).resolve().parent.parent
+MOCK_FILE = REPO / "seed" / "providers.mock.yaml"
+
+
+@pytest.fixture
+def mock_server() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:  # the default vendors, as `glaze` runs them
+        yield server
+
+
+def by_name(providers: list[Provider]) -> dict[str, Provider]:
+    return {provider.name: provider for provider in providers}
+
+
+def test_bundled_default_is_the_two_fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PROVIDERS_FILE_ENV, raising=False)
+
+    providers = by_name(load_providers())
+
+    assert set(providers) == {"fake_company", "fake_person"}
+    assert all(isinstance(p, FakeProvider) for p in providers.values())
+    assert providers["fake_company"].entity_type is EntityType.COMPANY
+    assert providers["fake_person"].fields == CATALOGUE[EntityType.PERSON]
+    assert providers_file().name == "providers.yaml" and providers_file().is_file()
+
+
+def test_environment_variable_is_read_at_call_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text(
+        "providers:\n"
+        "  - {kind: fake, name: only_people, entity_type: person, cost_per_call: 2.5,"
+        " fields: [title]}\n"
+    )
+    monkeypatch.setenv(PROVIDERS_FILE_ENV, str(path))
+
+    (provider,) = load_providers()
+
+    assert provider.name == "only_people" and provider.cost_per_call == 2.5
+    assert provider.fields == frozenset({"title"})
+    assert "cheap_company" in {p.name for p in load_providers(MOCK_FILE)}  # a path wins
+
+
+def test_mock_vendor_file_loads_three_vendors_with_website_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GLAZE_MOCK_PROVIDERS_URL", "http://127.0.0.1:9999")
+
+    providers = by_name(load_providers(MOCK_FILE))
+
+    assert set(providers) == {"cheap_company", "premium_company", "people_vendor"}
+    premium = providers["premium_company"]
+    assert isinstance(premium, JsonApiProvider)
+    assert premium.config.base_url == "http://127.0.0.1:9999/premium"
+    assert premium.config.auth is not None and premium.config.auth.env == "GLAZE_PREMIUM_API_KEY"
+    assert (premium.cost_per_call, premium.charges_misses) == (10.0, True)
+    assert providers["people_vendor"].entity_type is EntityType.PERSON
+
+    monkeypatch.delenv("GLAZE_MOCK_PROVIDERS_URL")
+    cheap = by_name(load_providers(MOCK_FILE))["cheap_company"]
+    assert isinstance(cheap, JsonApiProvider)
+    assert cheap.config.base_url == "http://127.0.0.1:8765/cheap"  # the default
+
+
+def test_mock_vendor_file_enriches_through_the_mock_server_and_costs_agree(
+    mock_server: MockProviderServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GLAZE_MOCK_PROVIDERS_URL", mock_server.url)
+    monkeypatch.setenv("GLAZE_PREMIUM_API_KEY", "dev-key")
+    # The same file with the website provider switched on.
+    text = MOCK_FILE.read_text().replace("enabled: false", "enabled: true", 1)
+    (tmp_path / "providers.yaml").write_text(text)
+    providers = load_providers(tmp_path / "providers.yaml")
+    assert any(isinstance(p, WebsiteProvider) for p in providers)
+
+    requests = [
+        EntityRequest(
+            EntityKey(EntityType.COMPANY, "domain", f"co{i}.com"),
+            frozenset({"name", "industry", "revenue"}),
+        )
+        for i in range(12)
+    ] + [
+        EntityRequest(EntityKey(EntityType.PERSON, "email", f"p{i}@co.com"), frozenset({"title"}))
+        for i in range(6)
+    ]
+    budget = Budget(None)
+
+    outcomes, waterfall = asyncio.run(run_waterfall(providers, requests, budget))
+
+    statuses = {f.status for o in outcomes for f in o.fields.values()}
+    assert statuses <= {CellStatus.DONE, CellStatus.NOT_FOUND}
+    assert CellStatus.DONE in statuses
+    # What we think we spent is what the vendors billed us.
+    billed = mock_server.stats()["vendors"]
+    vendor_of = {"cheap_company": "cheap", "premium_company": "premium", "people_vendor": "people"}
+    for name, vendor in vendor_of.items():
+        assert waterfall.stats.cost.get(name, 0.0) == pytest.approx(billed[vendor]["cost"])
+    assert budget.spent == pytest.approx(mock_server.stats()["cost"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("providers: [{kind: carrier_pigeon, name: x}]", "kind"),
+        (
+            "providers: [{kind: fake, name: a, entity_type: company},"
+            " {kind: fake, name: a, entity_type: person}]",
+            "repeated: ['a']",
+        ),
+        ("providers: [{kind: fake, name: a, entity_type: company, fields: [title]}]", "title"),
+        (
+            "providers: [{kind: json_api, name: v, entity_type: company, base_url: 'http://x',"
+            " lookups: {domain: {path: '/c/{nope}'}}, fields: {name: name}}]",
+            "unknown placeholders ['nope']",
+        ),
+        (
+            "providers: [{kind: json_api, name: v, entity_type: person, base_url: 'http://x',"
+            " lookups: {domain: {path: '/p'}}, fields: {full_name: n}}]",
+            "cannot look up a person by 'domain'",
+        ),
+        (
+            "providers: [{kind: json_api, name: v, entity_type: company, base_url: '${NO_SUCH_VAR}',"
+            " lookups: {domain: {path: '/c'}}, fields: {name: name}}]",
+            "NO_SUCH_VAR is not set",
+        ),
+        ("providers: {not: a list}", "providers"),
+        ("- just a list", "must be a mapping"),
+        ("providers: [unclosed", "not valid YAML"),
+    ],
+)
+def test_bad_files_fail_with_a_message_that_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    monkeypatch.delenv("NO_SUCH_VAR", raising=False)
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ProviderConfigError) as caught:
+        load_providers(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ProviderConfigError, match="cannot read providers file"):
+        load_providers(tmp_path / "nope.yaml")
+
+
+def test_describe_providers_lists_price_fields_and_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLAZE_MOCK_PROVIDERS_URL", "http://127.0.0.1:9999")
+    providers = load_providers(MOCK_FILE) + load_providers(None)
+
+    described = {d.name: d for d in describe_providers(providers)}
+
+    premium = described["premium_company"]
+    assert premium.entity_type == "company" and premium.kind == "json_api"
+    assert premium.cost_per_call == 10.0 and premium.charges_misses is True
+    assert "founded_year" in premium.fields
+    assert premium.health == "ok" and premium.circuit == "closed" and premium.attempts == 0
+    assert described["fake_company"].health == "ok (in process)"
+    order = [d.name for d in describe_providers(providers)]
+    assert order.index("cheap_company") < order.index("premium_company")  # cheapest first
+
+
+def test_record_models_cover_the_whole_catalogue() -> None:
+    # A field added to the catalogue must be added to the vendor record models too.
+    for entity_type, record in RECORDS.items():
+        assert set(record.model_fields) == CATALOGUE[entity_type]
+
+
+def test_json_api_config_rejects_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="unknown company fields"):
+        JsonApiConfig.model_validate(
+            {
+                "name": "v",
+                "entity_type": "company",
+                "base_url": "http://127.0.0.1:1",
+                "lookups": {"domain": {"path": "/c"}},
+                "fields": {"shoe_size": "x"},
+            }
+        )

@@ -1,0 +1,408 @@
+"""Single-flight across runs: real Redis locks, real Postgres advisory locks, real threads.
+
+Each run has its own flight, memory tier and provider instance, as separate processes would;
+they meet only in Redis and Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from glaze_pipeline.core import engine
+from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
+from glaze_pipeline.core.budget import Budget
+from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache
+from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.engine import JobSettings
+from glaze_pipeline.core.models import (
+    CellStatus,
+    EntityKey,
+    EntityOutcome,
+    EntityRequest,
+    EntityType,
+    Selection,
+)
+from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
+from glaze_pipeline.core.seed import seed_generated
+from glaze_pipeline.core.singleflight import (
+    DEFAULT_LOCK_TTL,
+    DEFAULT_MAX_WAIT,
+    Flight,
+    PostgresFlight,
+    RedisFlight,
+    _attempt,
+    advisory_lock_id,
+)
+from glaze_pipeline.core.store import Store
+from glaze_pipeline.core.waterfall import Waterfall, WaterfallStats
+
+COMPANIES = [
+    EntityRequest(
+        EntityKey(EntityType.COMPANY, "domain", f"co{i:03d}.example"), frozenset({"industry"})
+    )
+    for i in range(100)
+]
+PROVIDER = "fake_company"
+KEY: CacheKey = ("company:domain:co000.example", PROVIDER)
+
+SharingFactory = Callable[..., AnswerSharing]
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def open_sharing(request: pytest.FixtureRequest, pg_store: Store) -> Iterator[SharingFactory]:
+    """Opens one run's cache + flight on the given backend (Redis, else Postgres advisory locks)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    opened: list[AnswerSharing] = []
+
+    def factory(max_wait: timedelta = DEFAULT_MAX_WAIT) -> AnswerSharing:
+        sharing = open_answer_sharing(pg_store, url, settings=SharingSettings(max_wait=max_wait))
+        assert sharing.backend == request.param
+        opened.append(sharing)
+        return sharing
+
+    yield factory
+    for sharing in opened:
+        sharing.close()
+
+
+def provider() -> FakeProvider:
+    return FakeProvider(EntityType.COMPANY, name=PROVIDER, latency_s=0.05)
+
+
+def run_concurrently(
+    runs: list[tuple[Waterfall, FakeProvider]],
+) -> list[tuple[list[EntityOutcome], WaterfallStats]]:
+    """Start every run's chunk at the same moment, each in its own thread and event loop."""
+    barrier = threading.Barrier(len(runs))
+
+    def run(waterfall: Waterfall) -> tuple[list[EntityOutcome], WaterfallStats]:
+        barrier.wait()
+        return asyncio.run(waterfall.enrich_many(COMPANIES)), waterfall.stats
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run, waterfall) for waterfall, _ in runs]
+        return [future.result(timeout=60) for future in futures]
+
+
+def assert_complete(outcomes: list[EntityOutcome]) -> None:
+    assert len(outcomes) == 100
+    for outcome in outcomes:
+        industry = outcome.fields["industry"]
+        assert industry.status is CellStatus.DONE
+        assert industry.value is not None
+        assert industry.value.value == fake_value(outcome.key, "industry")
+
+
+def test_two_runs_over_the_same_companies_buy_each_answer_once(
+    open_sharing: SharingFactory,
+) -> None:
+    runs = []
+    for _ in range(2):
+        sharing, fake = open_sharing(), provider()
+        runs.append(
+            (
+                Waterfall([fake], budget=Budget(None), cache=sharing.cache, flight=sharing.flight),
+                fake,
+            )
+        )
+
+    results = run_concurrently(runs)
+
+    calls = Counter[str]()
+    for _, fake in runs:
+        calls.update(fake.calls)
+    assert sum(calls.values()) == 100
+    assert set(calls.values()) == {1}  # every company asked exactly once, by one run or the other
+    for outcomes, _ in results:
+        assert_complete(outcomes)
+    stats = [run_stats for _, run_stats in results]
+    assert sum(s.calls[PROVIDER] for s in stats) == 100
+    assert sum(s.cost[PROVIDER] for s in stats) == 100.0
+    for s in stats:  # each run got all 100 answers: bought, or read from the other run
+        assert s.calls[PROVIDER] + s.cache_hits == 100
+    assert sum(s.shared_hits for s in stats) > 0  # the runs really did overlap
+
+
+def test_without_single_flight_both_runs_pay(pg_store: Store) -> None:
+    """The control for the test above: the same race with no flight buys answers twice."""
+    runs = []
+    for _ in range(2):
+        fake = provider()
+        cache = TieredCache([MemoryCache(), SqlAnswerCache(pg_store)])
+        runs.append((Waterfall([fake], budget=Budget(None), cache=cache), fake))
+
+    run_concurrently(runs)
+
+    assert sum(fake.total_calls for _, fake in runs) > 100
+
+
+def test_waiter_reads_the_holders_answer_without_charge_or_budget(
+    open_sharing: SharingFactory,
+) -> None:
+    holder, waiter = open_sharing(), open_sharing()
+    assert holder.flight.shared is not None
+    shared = holder.flight.shared
+    answer = CachedAnswer(True, {"industry": "Bought once"}, {}, datetime.now(UTC))
+    fake = provider()
+    # A budget of nothing: the waiter would skip the field if it tried to reserve a call.
+    waterfall = Waterfall([fake], budget=Budget(0.0), cache=waiter.cache, flight=waiter.flight)
+
+    async def scenario() -> list[EntityOutcome]:
+        claim = holder.flight.claim(KEY)
+        assert await claim.__aenter__() is True
+        waiting = asyncio.create_task(waterfall.enrich_many(COMPANIES[:1]))
+        await asyncio.sleep(0.15)
+        assert not waiting.done()  # it missed the cache and is waiting on the holder
+        await asyncio.to_thread(shared.put_many, {KEY: answer})
+        await claim.__aexit__(None, None, None)
+        return await asyncio.wait_for(waiting, 5)
+
+    [outcome] = asyncio.run(scenario())
+
+    industry = outcome.fields["industry"]
+    assert industry.status is CellStatus.DONE
+    assert industry.value is not None and industry.value.value == "Bought once"
+    assert fake.total_calls == 0
+    assert waterfall.stats.calls[PROVIDER] == 0
+    assert (waterfall.stats.cache_hits, waterfall.stats.shared_hits) == (1, 1)
+    assert waterfall.budget.spent == 0 and not waterfall.budget.exhausted
+
+
+def test_leader_writes_its_answer_through_before_releasing(open_sharing: SharingFactory) -> None:
+    sharing = open_sharing()
+    assert sharing.flight.shared is not None
+    shared = sharing.flight.shared
+    fake = provider()
+    waterfall = Waterfall([fake], budget=Budget(None), cache=sharing.cache, flight=sharing.flight)
+    request = COMPANIES[0]
+
+    async def scenario() -> bool:
+        # Enrich one entity but stop before the chunk-end flush: only write-through can share it.
+        await waterfall.enrich(request)
+        return KEY in await asyncio.to_thread(shared.get_many, [KEY])
+
+    assert asyncio.run(scenario()) is True
+    assert fake.total_calls == 1
+
+
+def test_waiter_goes_ahead_after_max_wait(open_sharing: SharingFactory) -> None:
+    holder = open_sharing()
+    waiter = open_sharing(max_wait=timedelta(milliseconds=200))
+
+    async def scenario() -> tuple[bool, float]:
+        async with holder.flight.claim(KEY) as held:
+            assert held
+            started = time.perf_counter()
+            async with waiter.flight.claim(KEY) as waiter_held:
+                return waiter_held, time.perf_counter() - started
+
+    waiter_held, waited = asyncio.run(scenario())
+    assert waiter_held is False  # it proceeds, unlocked
+    assert 0.2 <= waited < 1.0
+
+
+def test_released_lock_is_taken_at_once(open_sharing: SharingFactory) -> None:
+    first, second = open_sharing(), open_sharing(max_wait=timedelta(seconds=5))
+
+    async def scenario() -> tuple[bool, float]:
+        async with first.flight.claim(KEY):
+            pass
+        started = time.perf_counter()
+        async with second.flight.claim(KEY) as held:
+            return held, time.perf_counter() - started
+
+    held, waited = asyncio.run(scenario())
+    assert held is True
+    assert waited < 0.5  # no waiting on a free key (bound loose for a loaded machine)
+
+
+# -- Redis specifics -----------------------------------------------------------------------
+
+
+def redis_flight(
+    redis_url: str,
+    *,
+    lock_ttl: timedelta = DEFAULT_LOCK_TTL,
+    max_wait: timedelta = DEFAULT_MAX_WAIT,
+) -> tuple[RedisFlight, redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    return RedisFlight(client, shared=None, lock_ttl=lock_ttl, max_wait=max_wait), client
+
+
+def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: str) -> None:
+    holder, holder_client = redis_flight(redis_url, lock_ttl=timedelta(milliseconds=300))
+    waiter, waiter_client = redis_flight(redis_url, max_wait=timedelta(seconds=5))
+    lock = holder.lock_name(KEY)
+
+    async def scenario() -> tuple[bool, float, bytes | str | None]:
+        dead = holder.claim(KEY)
+        assert await dead.__aenter__() is True  # ...and the holder never releases
+        assert 0 < int(holder_client.pttl(lock)) <= 300
+        started = time.perf_counter()
+        async with waiter.claim(KEY) as held:
+            waited = time.perf_counter() - started
+            # The dead holder's late release must not free the lock the waiter now holds.
+            await dead.__aexit__(None, None, None)
+            still_locked = waiter_client.get(lock)
+        return held, waited, still_locked
+
+    held, waited, still_locked = asyncio.run(scenario())
+    assert held is True
+    assert 0.15 <= waited < 2.0  # it waited for the expiry, not for max_wait
+    assert still_locked is not None
+    assert waiter_client.exists(lock) == 0  # the waiter's own release did free it
+    holder_client.close()
+    waiter_client.close()
+
+
+def test_redis_flight_fails_open_when_redis_is_down() -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    down = redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+    flight = RedisFlight(down, shared=None, max_wait=timedelta(seconds=5))
+
+    async def scenario() -> tuple[bool, float]:
+        started = time.perf_counter()
+        async with flight.claim(KEY) as held:
+            return held, time.perf_counter() - started
+
+    held, waited = asyncio.run(scenario())
+    assert held is False
+    assert waited < 1.0  # it did not wait out max_wait on a dead server
+    assert flight.breaker.open
+    down.close()
+
+
+# -- Postgres specifics --------------------------------------------------------------------
+
+
+def test_advisory_lock_ids_are_stable_signed_64_bit() -> None:
+    ids = {advisory_lock_id((f"company:domain:c{i}.com", "p")) for i in range(1000)}
+    assert len(ids) == 1000
+    assert all(-(2**63) <= lock_id < 2**63 for lock_id in ids)
+    assert advisory_lock_id(KEY) == advisory_lock_id(KEY)
+    assert advisory_lock_id(KEY) != advisory_lock_id(KEY, namespace="other:")
+
+
+def test_postgres_lock_is_freed_when_the_holder_dies(pg_store: Store) -> None:
+    holder = PostgresFlight(pg_store.url, shared=None)
+    waiter = PostgresFlight(pg_store.url, shared=None, max_wait=timedelta(seconds=5))
+
+    def kill_holder() -> None:
+        # A crash, not a clean exit: the server ends the holder's session under it.
+        with pg_store.engine.begin() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+                )
+            ).all()
+        assert killed == [(True,)]
+
+    async def scenario() -> tuple[bool, float]:
+        dead = holder.claim(KEY)
+        assert await dead.__aenter__() is True
+        started = time.perf_counter()
+        waiting = asyncio.create_task(waiter.claim(KEY).__aenter__())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await asyncio.to_thread(kill_holder)
+        held = await asyncio.wait_for(waiting, 5)
+        waited = time.perf_counter() - started
+        await dead.__aexit__(None, None, None)  # its session is gone: nothing to release
+        return held, waited
+
+    held, waited = asyncio.run(scenario())
+    assert held is True
+    assert 0.3 <= waited < 2.0  # freed by the crash, long before max_wait
+
+    async def holder_recovers() -> bool:
+        async with holder.claim(("company:domain:other.example", PROVIDER)) as again:
+            return again
+
+    assert asyncio.run(holder_recovers()) is True  # a fresh session, not a failed-open claim
+    holder.close()
+    waiter.close()
+
+
+def test_postgres_flight_refuses_a_key_it_already_holds(pg_store: Store) -> None:
+    # A session re-enters its own advisory locks; the flight must not let two local claims in.
+    flight: Flight = PostgresFlight(pg_store.url, shared=None, max_wait=timedelta(milliseconds=150))
+
+    async def scenario() -> tuple[bool, bool]:
+        async with flight.claim(KEY) as first, flight.claim(KEY) as second:
+            return first, second
+
+    assert asyncio.run(scenario()) == (True, False)
+    flight.close()
+
+
+def test_a_lock_taken_after_its_claimant_was_cancelled_is_given_back() -> None:
+    # The lock service answers slowly; the claimant is cancelled while the attempt is running.
+    released = threading.Event()
+
+    def slow_try_lock() -> bool:
+        time.sleep(0.2)
+        return True
+
+    async def scenario() -> None:
+        attempt = asyncio.create_task(_attempt(slow_try_lock, released.set))
+        await asyncio.sleep(0.05)
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+
+    asyncio.run(scenario())  # waits for the attempt's thread on the way out
+    assert released.wait(2)
+
+
+# -- through the engine ----------------------------------------------------------------------
+
+
+def test_two_jobs_enrich_chunk_buys_each_answer_once(
+    open_sharing: SharingFactory, pg_store: Store
+) -> None:
+    """Two jobs over the same 100 companies, each through engine.enrich_chunk in its thread."""
+    table = seed_generated(pg_store, rows=100, unique_companies=100)
+    selection = Selection(column_ids=[table.column_by_key("industry").id])
+    settings = JobSettings()
+    target = engine.resolve_target(pg_store, table.id, selection)
+    entities = engine.detect_entities(pg_store, target).entities
+    assert len(entities) == 100
+    jobs = [
+        (engine.start_job(pg_store, target, selection, settings), open_sharing(), provider())
+        for _ in range(2)
+    ]
+    barrier = threading.Barrier(len(jobs))
+
+    def run(request_id: str, sharing: AnswerSharing, fake: FakeProvider) -> engine.ChunkResult:
+        barrier.wait()
+        return engine.enrich_chunk(
+            pg_store,
+            request_id,
+            entities,
+            [fake],
+            settings,
+            cache=sharing.cache,
+            flight=sharing.flight,
+        )
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = [f.result(timeout=60) for f in [pool.submit(run, *job) for job in jobs]]
+
+    assert sum(fake.total_calls for _, _, fake in jobs) == 100
+    for result in results:
+        assert len(result.outcomes) == 100
+        assert all(f["industry"].status is CellStatus.DONE for f in result.outcomes.values())
+        assert result.stats.calls[PROVIDER] + result.stats.cache_hits == 100
