@@ -388,27 +388,40 @@ def status(ctx: click.Context, request_id: str | None) -> None:
 @cli.command()
 @click.option(
     "--graphql-url",
-    default="http://127.0.0.1:3000/graphql",
-    show_default=True,
-    help="Dagster's GraphQL endpoint (the webserver started by `dagster dev`).",
+    default=None,
+    help="Submit runs through Dagster's GraphQL API (e.g. http://127.0.0.1:3000/graphql).",
 )
+@click.option("--max-runs", type=int, default=4, show_default=True, help="Forked runs at once.")
 @click.option("--poll", type=float, default=0.5, show_default=True, help="Catch-up interval (s).")
 @click.pass_context
-def launcher(ctx: click.Context, graphql_url: str, poll: float) -> None:
-    """Launch queued requests as they land (LISTEN/NOTIFY on Postgres), ahead of the sensor."""
+def launcher(ctx: click.Context, graphql_url: str | None, max_runs: int, poll: float) -> None:
+    """Launch queued requests as they land (LISTEN/NOTIFY on Postgres), ahead of the sensor.
+
+    By default each run executes in a child forked from this already-warm process (a real
+    Dagster run in $DAGSTER_HOME's instance); with --graphql-url it is submitted to Dagster.
+    """
     import logging
     import signal
     import threading
 
-    from glaze_pipeline.launcher import run_launcher
+    from glaze_pipeline.launcher import fork_launch, graphql_launch, run_launcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     store = _store(ctx)
-    console.print(f"launching queued requests from {_safe_url(store)} via {graphql_url}")
-    run_launcher(store, graphql_url, stop, poll)
+    if graphql_url:
+        launch, close = graphql_launch(graphql_url)
+        how = f"via {graphql_url}"
+    else:
+        launch, close = fork_launch(ctx.obj.get("database_url"), max_runs=max_runs)
+        how = f"in forked workers (at most {max_runs} at once)"
+    console.print(f"launching queued requests from {_safe_url(store)} {how}")
+    try:
+        run_launcher(store, launch, stop, poll)
+    finally:
+        close()
 
 
 @cli.command("mock-providers")

@@ -45,7 +45,9 @@ def _seconds(later: datetime | float | None, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
 
 
-def measure_one(store: Store, instance: DagsterInstance, path: str, timeout_s: float = 120) -> LaunchTiming:
+def measure_one(
+    store: Store, instance: DagsterInstance, path: str, timeout_s: float = 120
+) -> LaunchTiming:
     selection = {"column_ids": [leads_column_id(k) for k in LEADS_ENRICH_KEYS]}
     request_id = queue.enqueue(store, "tbl_leads", selection)
     created = store.get_request(request_id).created_at
@@ -90,7 +92,12 @@ def summarize(timings: list[LaunchTiming]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(base_postgres_url: str, requests: int = 10, *, paths: tuple[str, ...] = ("sensor", "launcher")) -> dict[str, Any]:
+PATHS = ("sensor", "launcher-graphql", "launcher-fork")
+
+
+def run(
+    base_postgres_url: str, requests: int = 10, *, paths: tuple[str, ...] = PATHS
+) -> dict[str, Any]:
     results: dict[str, Any] = {"requests": requests, "paths": {}}
     with fresh_postgres(base_postgres_url) as url, dagster_stack(url) as stack:
         store = Store(url)
@@ -98,7 +105,7 @@ def run(base_postgres_url: str, requests: int = 10, *, paths: tuple[str, ...] = 
         instance = DagsterInstance.from_config(str(stack.home))
         time.sleep(3)  # let the daemon's first sensor ticks settle
         for path in paths:
-            launcher = _start_launcher(stack) if path == "launcher" else None
+            launcher = _start_launcher(stack, path) if path.startswith("launcher") else None
             timings = [measure_one(store, instance, path) for _ in range(requests)]
             if launcher is not None:
                 stack.stop(launcher)
@@ -111,9 +118,8 @@ def run(base_postgres_url: str, requests: int = 10, *, paths: tuple[str, ...] = 
     return results
 
 
-def _start_launcher(stack: Stack) -> subprocess.Popen[bytes]:
-    process = stack.start(
-        str(BIN / "glaze"), "launcher", "--graphql-url", stack.graphql_url, name="launcher"
-    )
-    time.sleep(2)  # import + LISTEN
+def _start_launcher(stack: Stack, path: str) -> subprocess.Popen[bytes]:
+    how = ["--graphql-url", stack.graphql_url] if path == "launcher-graphql" else []
+    process = stack.start(str(BIN / "glaze"), "launcher", *how, name=path)
+    time.sleep(3)  # imports + LISTEN
     return process

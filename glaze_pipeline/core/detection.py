@@ -15,8 +15,6 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import tldextract
-
 from glaze_pipeline.core.fields import FieldRef
 from glaze_pipeline.core.models import EntityKey, EntityType
 
@@ -106,8 +104,11 @@ _BARE_SLUG_RE = re.compile(r"^[\w-]{2,100}$", re.UNICODE)
 
 
 @lru_cache(maxsize=1)
-def _extractor() -> tldextract.TLDExtract:
+def _extractor() -> Any:
     # The bundled Public Suffix List snapshot only: no fetch, no cache directory, at run time.
+    # Imported here: tldextract pulls in `requests` (~0.15 s), which launching a run need not pay.
+    import tldextract
+
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
 
