@@ -218,3 +218,20 @@ def test_pre_enrich_schedule_queues_new_tables_once(store: Store, tmp_path: Path
     [claimed] = queue.claim(store)
     assert (claimed.kind, claimed.table_id, claimed.priority) == ("pre_enrich", table.id, -10)
     assert claimed.budget == 100
+
+
+def test_the_app_inserts_a_request_with_plain_sql(store: Store) -> None:
+    """The app is not Python: a two-column INSERT is a complete, claimable request."""
+    from sqlalchemy import text
+
+    table = seed_generated(store, rows=2, unique_companies=1)
+    with store.engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO enrichment_requests (table_id, selection) VALUES (:t, :s)"),
+            {"t": table.id, "s": '{"whole_table": true}'},
+        )
+    [claimed] = queue.claim(store)
+    assert claimed.id.startswith("req_") and claimed.kind == "enrich"
+    assert queue.launch_config(store, claimed)["whole_table"] is True
+    request = store.get_request(claimed.id)
+    assert (request.status, request.cells_done, request.cancel_requested) == ("launched", 0, False)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 from sqlalchemy import create_engine, text
@@ -60,13 +61,15 @@ class Stack:
     env: dict[str, str]
     graphql_url: str = ""
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[int, BinaryIO] = field(default_factory=dict)
 
     def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - owned by the process
+        log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(
             list(args), cwd=self.home, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         self.processes.append(process)
+        self.logs[process.pid] = log
         return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
@@ -77,21 +80,34 @@ class Stack:
             process.kill()
             process.wait()
         self.processes.remove(process)
+        self.logs.pop(process.pid).close()
 
 
 @contextlib.contextmanager
-def dagster_stack(database_url: str, *, webserver: bool = True, daemon: bool = True) -> Iterator[Stack]:
+def dagster_stack(
+    database_url: str, *, webserver: bool = True, daemon: bool = True
+) -> Iterator[Stack]:
     """DAGSTER_HOME in a temp dir with the repo's local dagster.yaml, plus webserver and daemon."""
     home = Path(tempfile.mkdtemp(prefix="glaze-bench-"))
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(home), GLAZE_DATABASE_URL=database_url, GLAZE_HOME=str(home / ".glaze"))
+    env.update(
+        DAGSTER_HOME=str(home), GLAZE_DATABASE_URL=database_url, GLAZE_HOME=str(home / ".glaze")
+    )
     stack = Stack(database_url, home, env)
     module = ["-m", "glaze_pipeline.definitions"]
     try:
         if webserver:
             port = free_port()
-            stack.start(str(BIN / "dagster-webserver"), *module, "-h", "127.0.0.1", "-p", str(port), name="webserver")
+            stack.start(
+                str(BIN / "dagster-webserver"),
+                *module,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                name="webserver",
+            )
             stack.graphql_url = f"http://127.0.0.1:{port}/graphql"
             wait_http(f"http://127.0.0.1:{port}/server_info", timeout_s=90)
         if daemon:

@@ -1,0 +1,227 @@
+"""End to end with real processes: the daemon's sensor, the push launcher, a SIGKILLed run.
+
+Each test runs against a fresh Postgres database, Redis, a throwaway DAGSTER_HOME with the
+repo's dagster.yaml, and the mock provider server on loopback.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from dagster import DagsterInstance, build_sensor_context
+from sqlalchemy import text
+
+from glaze_pipeline.bench.stack import BIN, Stack, dagster_stack
+from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
+from glaze_pipeline.core.seed import seed_generated
+from glaze_pipeline.core.store import Store
+from glaze_pipeline.defs.resources import GlazeDatabase
+from glaze_pipeline.defs.sensors import STALE_AFTER_ENV, request_reconciler
+from glaze_pipeline.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline_tests.conftest import APP_TABLES
+
+FIELDS = ["name", "domain", "industry", "employee_count", "location"]
+
+
+@pytest.fixture
+def mock() -> Iterator[MockProviderServer]:
+    config = MockConfig(
+        vendors={
+            "cheap": VendorConfig(
+                entity_type="company", fields=FIELDS, latency=Latency(mean_ms=100)
+            )
+        }
+    )
+    with MockProviderServer(config) as server:
+        yield server
+
+
+def providers_file(tmp_path: Path, mock: MockProviderServer) -> Path:
+    path = tmp_path / "providers.yaml"
+    entry = {
+        "kind": "json_api",
+        "name": "cheap_company",
+        "entity_type": "company",
+        "base_url": mock.vendor_url("cheap"),
+        "lookups": {"domain": {"path": "/v1/companies", "params": {"domain": "{value}"}}},
+        "record_path": "company",
+        "fields": {"industry": "industry", "employee_count": "metrics.employees"},
+        "cost_per_call": 1.0,
+        "confidence": 0.85,
+        "http": {"max_concurrency": 50, "rate_limit_per_s": 1000, "rate_limit_burst": 100},
+    }
+    path.write_text(yaml.safe_dump({"providers": [entry]}))
+    return path
+
+
+@pytest.fixture
+def stack(
+    postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
+) -> Iterator[Stack]:
+    """Webserver + daemon over the session's Postgres database, with the mock providers."""
+    empty_app_tables(postgres_url)
+    with dagster_stack(postgres_url, webserver=False) as stack:
+        stack.env["GLAZE_PROVIDERS_FILE"] = str(providers_file(tmp_path, mock))
+        stack.env["GLAZE_REDIS_URL"] = redis_url
+        # the daemon was started before these were set: restart it with them
+        for process in list(stack.processes):
+            stack.stop(process)
+        stack.start(
+            str(BIN / "dagster-daemon"), "run", "-m", "glaze_pipeline.definitions", name="daemon"
+        )
+        yield stack
+
+
+def empty_app_tables(url: str) -> None:
+    store = Store(url)
+    with store.engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {', '.join(APP_TABLES)} CASCADE"))
+    store.dispose()
+
+
+def cheap_calls(mock: MockProviderServer) -> int:
+    return int(mock.stats()["vendors"].get("cheap", {}).get("requests", 0))
+
+
+def wait_terminal(store: Store, request_id: str, timeout_s: float = 90) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        request = store.get_request(request_id)
+        if RequestStatus(request.status) in TERMINAL_REQUEST_STATUSES:
+            return request
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} still {store.get_request(request_id).status}")
+
+
+def insert_request(store: Store, table: Any, *keys: str) -> str:
+    """What the app does: one INSERT, nothing else."""
+    selection = json.dumps({"column_ids": [table.column_by_key(k).id for k in keys]})
+    with store.engine.begin() as connection:
+        return str(
+            connection.execute(
+                text(
+                    "INSERT INTO enrichment_requests (table_id, selection) "
+                    "VALUES (:t, :s) RETURNING id"
+                ),
+                {"t": table.id, "s": selection},
+            ).scalar()
+        )
+
+
+def test_sql_insert_is_launched_by_the_daemon_and_filled(
+    stack: Stack, postgres_url: str, mock: MockProviderServer
+) -> None:
+    store = Store(postgres_url)
+    table = seed_generated(store, rows=20, unique_companies=5)
+    request_id = insert_request(store, table, "industry", "employee_count")
+    request = wait_terminal(store, request_id)
+    assert request.status == "succeeded", request.error
+    assert (request.cells_done, request.rows_written, request.entities) == (40, 20, 5)
+    assert request.provider_calls == {"cheap_company": 5}
+    assert cheap_calls(mock) == 5
+    assert all(r.data["industry"] for r in store.rows_in_order(table.id))
+    with DagsterInstance.from_config(str(stack.home)) as instance:
+        run = instance.get_run_by_id(request.run_id)
+        assert run is not None and run.tags["glaze/request"] == request_id
+    store.dispose()
+
+
+def test_the_fork_launcher_starts_runs_within_a_second(stack: Stack, postgres_url: str) -> None:
+    store = Store(postgres_url)
+    table = seed_generated(store, rows=10, unique_companies=10)
+    launcher = stack.start(str(BIN / "glaze"), "launcher", name="launcher")
+    time.sleep(3)  # imports and LISTEN
+    try:
+        request_id = insert_request(store, table, "industry")
+        request = wait_terminal(store, request_id, timeout_s=30)
+        assert request.status == "succeeded", request.error
+        with DagsterInstance.from_config(str(stack.home)) as instance:
+            record = instance.get_run_record_by_id(request.run_id)
+            assert record is not None and record.start_time is not None
+            created = request.created_at.timestamp()
+            # The daemon's sensor ticks every ~5 s; only the launcher can start it this soon.
+            assert record.start_time - created < 3.0
+    finally:
+        stack.stop(launcher)
+    store.dispose()
+
+
+def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
+    postgres_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    mock: MockProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    empty_app_tables(postgres_url)
+    store = Store(postgres_url)
+    table = seed_generated(store, rows=200, unique_companies=100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
+    env.update(
+        GLAZE_DATABASE_URL=postgres_url,
+        GLAZE_REDIS_URL=redis_url,
+        GLAZE_PROVIDERS_FILE=str(providers_file(tmp_path, mock)),
+        GLAZE_HOME=str(tmp_path / ".glaze"),
+        DAGSTER_HOME=str(tmp_path),
+    )
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    enrich = [str(BIN / "glaze"), "enrich", table.id, "--columns", "industry", "--concurrency", "4"]
+
+    victim = subprocess.Popen(
+        enrich, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while cheap_calls(mock) < 20:  # mid-way: ~20 of 100 companies bought
+            assert time.monotonic() < deadline and victim.poll() is None
+            time.sleep(0.05)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    time.sleep(0.3)  # lookups sent just before the kill reach the mock's counter
+    asked_before_kill = cheap_calls(mock)
+    assert 20 <= asked_before_kill < 100
+    # Answers received before the kill were written through to Redis at once; only the
+    # lookups in flight at the kill (at most the concurrency, 4) were lost with the process.
+    client = redis.Redis.from_url(redis_url)
+    kept = len(client.keys("glaze:answer:*"))
+    client.close()
+    assert asked_before_kill - 4 <= kept <= asked_before_kill
+
+    with store.engine.connect() as connection:
+        [request_id] = connection.execute(text("SELECT id FROM enrichment_requests")).scalars()
+    assert store.get_request(request_id).status == "running"  # nobody told anyone: it died
+
+    monkeypatch.setenv(STALE_AFTER_ENV, "1")
+    time.sleep(1.5)
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        with build_sensor_context(
+            instance=instance, resources={"glaze_db": GlazeDatabase(url=postgres_url)}
+        ) as context:
+            request_reconciler(context)
+        request = store.get_request(request_id)
+        assert request.status == "failed"
+        assert "no heartbeat" in request.error and "worker died" in request.error
+        run = instance.get_run_by_id(request.run_id)
+        assert run is not None and run.status.value == "FAILURE"  # Dagster is told too
+
+    rerun = subprocess.run(
+        enrich, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "succeeded" in rerun.stdout
+    # The re-run buys exactly what the killed run had not received: nothing twice.
+    [rerun_id] = [r for r in rerun.stdout.split() if r.startswith("req_") and r != request_id]
+    assert store.get_request(rerun_id).provider_calls == {"cheap_company": 100 - kept}
+    assert store.get_request(rerun_id).cache_hits == kept
+    assert cheap_calls(mock) == asked_before_kill + 100 - kept
+    assert all(r.data["industry"] for r in store.rows_in_order(table.id))
+    store.dispose()
