@@ -502,6 +502,76 @@ def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
     console.print(f"written to {output}")
 
 
+@bench.command("run")
+@click.option(
+    "--scenarios",
+    default="S1,S2,S3,S4,S5,S6",
+    show_default=True,
+    help="Comma-separated: S1..S6 (see bench_results/results.md).",
+)
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Shrink S3-S5.")
+@click.option("--latency-ms", type=float, default=100.0, show_default=True)
+@click.option("--concurrency", type=int, default=200, show_default=True)
+@click.option("--page-size", type=int, default=1000, show_default=True)
+@click.option(
+    "--baseline-sample",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="S3: share of rows the cell-level baseline really runs (then extrapolated).",
+)
+@click.option(
+    "--postgres-url",
+    default="postgresql://postgres@127.0.0.1:5432/test",
+    show_default=True,
+    help="Server for throwaway benchmark databases (the named database is not touched).",
+)
+@click.option("--redis-url", default="redis://127.0.0.1:6379/13", show_default=True)
+@click.option("--launch-requests", type=int, default=10, show_default=True, help="S6.")
+@click.option("--profile/--no-profile", default=False, help="py-spy flame graphs.")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench_results"))
+def bench_run(
+    scenarios: str,
+    scale: float,
+    latency_ms: float,
+    concurrency: int,
+    page_size: int,
+    baseline_sample: float,
+    postgres_url: str,
+    redis_url: str,
+    launch_requests: int,
+    profile: bool,
+    output_dir: Path,
+) -> None:
+    """Entity-first pipeline vs the cell-level baseline: calls, statements, time, memory."""
+    from glaze_pipeline.bench.report import FIGURE_COLUMNS, figure_rows, target_rows
+    from glaze_pipeline.bench.run import BenchSettings, run_benchmark
+
+    settings = BenchSettings(
+        postgres_url=postgres_url,
+        redis_url=redis_url,
+        latency_ms=latency_ms,
+        concurrency=concurrency,
+        scale=scale,
+        baseline_sample=baseline_sample,
+        page_size=page_size,
+        launch_requests=launch_requests,
+        profile=profile,
+        output_dir=str(output_dir),
+    )
+    selected = [name.strip().upper() for name in scenarios.split(",") if name.strip()]
+    results = run_benchmark(settings, selected, echo=console.print)
+    figures = Table(*FIGURE_COLUMNS, title="figures")
+    for row in figure_rows(results):
+        figures.add_row(*row)
+    console.print(figures)
+    goals = Table("scenario", "target", "want", "got", "", title="targets")
+    for row in target_rows(results):
+        goals.add_row(*row)
+    console.print(goals)
+    console.print(f"written to {output_dir}/results.json, results.md and chart.png")
+
+
 @cli.command()
 @click.pass_context
 def demo(ctx: click.Context) -> None:

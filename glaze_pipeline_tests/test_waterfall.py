@@ -142,3 +142,18 @@ def test_name_keys_lower_confidence() -> None:
     provider = FakeProvider(EntityType.COMPANY, confidence=0.9)
     [outcome] = run(Waterfall([provider], budget=Budget(None)), want("industry", key=weak))
     assert outcome.fields["industry"].value.confidence == pytest.approx(0.63)
+
+
+def test_a_provider_that_cannot_look_up_the_key_kind_is_passed_over() -> None:
+    class DomainOnly(Vendor):
+        def supports(self, key: EntityKey) -> bool:
+            return key.kind == "domain"
+
+    domain_only = DomainOnly("domain_only", 1, {"industry": "Tech"})
+    by_name = EntityKey(EntityType.COMPANY, "name", "acme", 0.7)
+    waterfall = Waterfall([domain_only], budget=Budget(10))
+    [outcome] = run(waterfall, want("industry", key=by_name))
+    assert domain_only.calls == 0
+    assert waterfall.stats.calls == {} and waterfall.stats.errors == {}
+    assert outcome.fields["industry"].status is CellStatus.FAILED
+    assert outcome.fields["industry"].error == "no provider can look up a company by name"

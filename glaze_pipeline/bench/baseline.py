@@ -70,31 +70,31 @@ CREATE INDEX IF NOT EXISTS ix_cell_tasks_row_id ON cell_tasks (row_id);
 CREATE INDEX IF NOT EXISTS ix_cell_tasks_job_id ON cell_tasks (job_id);
 """
 
-_RUNNING = text(
+_RUNNING = (
     "UPDATE cell_tasks AS t SET status = 'running', started_at = now(), "
-    "attempts = t.attempts + 1 FROM rows AS r WHERE t.id = :task AND r.id = t.row_id "
+    "attempts = t.attempts + 1 FROM rows AS r WHERE t.id = %(task)s AND r.id = t.row_id "
     "RETURNING r.data"
 )
-_WRITE_CELL = text(
-    "UPDATE rows SET data = jsonb_set(data, ARRAY[CAST(:key AS text)], CAST(:value AS jsonb)), "
-    "last_run_at = now() WHERE id = :row"
+_WRITE_CELL = (
+    "UPDATE rows SET data = jsonb_set(data, ARRAY[CAST(%(key)s AS text)], CAST(%(value)s AS jsonb)), "
+    "last_run_at = now() WHERE id = %(row)s"
 )
-_TASK_DONE = text(
-    "UPDATE cell_tasks SET status = :status, result = CAST(:result AS jsonb), "
-    "confidence = :confidence, error = :error, completed_at = now() WHERE id = :task"
+_TASK_DONE = (
+    "UPDATE cell_tasks SET status = %(status)s, result = CAST(%(result)s AS jsonb), "
+    "confidence = %(confidence)s, error = %(error)s, completed_at = now() WHERE id = %(task)s"
 )
 # seed 001's aggregation table: running > queued > all done > all failed > a mix.
-_ROW_STATUS = text(
+_ROW_STATUS = (
     "UPDATE rows SET status = s.status FROM (SELECT CASE "
     "WHEN bool_or(status = 'running') THEN 'running' "
     "WHEN bool_or(status = 'queued') THEN 'queued' "
     "WHEN bool_and(status = 'done') THEN 'done' "
     "WHEN bool_and(status = 'failed') THEN 'failed' "
-    "ELSE 'ambiguous' END AS status FROM cell_tasks WHERE row_id = :row AND job_id = :job) AS s "
-    "WHERE rows.id = :row"
+    "ELSE 'ambiguous' END AS status FROM cell_tasks WHERE row_id = %(row)s AND job_id = %(job)s) AS s "
+    "WHERE rows.id = %(row)s"
 )
-_JOB_DONE = text("UPDATE cell_jobs SET done_tasks = done_tasks + 1 WHERE id = :job")
-_JOB_FAILED = text("UPDATE cell_jobs SET failed_tasks = failed_tasks + 1 WHERE id = :job")
+_JOB_DONE = ("UPDATE cell_jobs SET done_tasks = done_tasks + 1 WHERE id = %(job)s")
+_JOB_FAILED = ("UPDATE cell_jobs SET failed_tasks = failed_tasks + 1 WHERE id = %(job)s")
 
 
 @dataclass
@@ -248,9 +248,7 @@ async def _create_job(
         row_ids = list(
             (
                 await connection.execute(
-                    text(
-                        f"SELECT id FROM rows WHERE table_id = :table ORDER BY position {limit}"
-                    ),
+                    text(f"SELECT id FROM rows WHERE table_id = :table ORDER BY position {limit}"),
                     {"table": table_id, "limit": sample_rows},
                 )
             ).scalars()
@@ -269,7 +267,13 @@ async def _create_job(
                     "INSERT INTO cell_tasks (id, table_id, row_id, column_id, job_id, status) "
                     "VALUES (:task, :table, :row, :column, :job, 'queued')"
                 ),
-                {"task": task_id, "table": table_id, "row": row_id, "column": column_id, "job": job_id},
+                {
+                    "task": task_id,
+                    "table": table_id,
+                    "row": row_id,
+                    "column": column_id,
+                    "job": job_id,
+                },
             )
         await connection.execute(
             text("UPDATE rows SET status = 'queued' WHERE id = ANY(:ids)"), {"ids": row_ids}

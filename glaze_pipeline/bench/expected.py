@@ -131,7 +131,5 @@ def cheapest_supplier(
     providers: Iterable[JsonApiConfig], entity_type: EntityType, field_name: str
 ) -> JsonApiConfig | None:
     """The provider a cell-level worker would call for one field: the cheapest that has it."""
-    candidates = [
-        p for p in providers if p.entity_type is entity_type and field_name in p.fields
-    ]
+    candidates = [p for p in providers if p.entity_type is entity_type and field_name in p.fields]
     return min(candidates, key=lambda p: (p.cost_per_call, -p.confidence), default=None)

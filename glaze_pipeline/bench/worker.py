@@ -17,10 +17,10 @@ import os
 import resource
 import sys
 import time
-
-import yaml
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 STARTED = time.perf_counter()
 

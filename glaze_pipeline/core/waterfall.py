@@ -66,6 +66,7 @@ class _Progress:
     best: dict[str, FieldValue] = field(default_factory=dict)
     not_found: set[str] = field(default_factory=set)
     skipped: set[str] = field(default_factory=set)
+    unsupported: set[str] = field(default_factory=set)
     errors: dict[str, list[str]] = field(default_factory=dict)
 
     def open_fields(self, threshold: float) -> frozenset[str]:
@@ -100,9 +101,19 @@ class _Progress:
             elif name in self.not_found:
                 fields[name] = FieldOutcome(CellStatus.NOT_FOUND)
             else:
-                errors = self.errors.get(name) or [f"no provider supplies {key.type.value}.{name}"]
+                errors = self.errors.get(name) or [
+                    f"no provider can look up a {key.type.value} by {key.kind}"
+                    if name in self.unsupported
+                    else f"no provider supplies {key.type.value}.{name}"
+                ]
                 fields[name] = FieldOutcome(CellStatus.FAILED, error="; ".join(errors))
         return EntityOutcome(key, fields)
+
+
+def _supports(provider: Provider, key: EntityKey) -> bool:
+    """Providers may declare which key kinds they can look up (`supports(key)`); default: all."""
+    supports = getattr(provider, "supports", None)
+    return True if supports is None else bool(supports(key))
 
 
 class Waterfall:
@@ -170,6 +181,11 @@ class Waterfall:
         for provider in self.providers.get(key.type, []):
             asked = progress.open_fields(self.threshold) & provider.fields
             if not asked:
+                continue
+            if not _supports(provider, key):
+                # A vendor that cannot be asked about this kind of key (a domain-only API and a
+                # company known by name) is passed over: no call, no charge, no error.
+                progress.unsupported.update(asked)
                 continue
             answer = await self._answer(provider, key, asked, progress)
             if answer is not None:
