@@ -4,7 +4,7 @@ from dagster import Definitions
 
 from glaze_pipeline.defs.assets import GLAZE_ASSETS
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase
+from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
 from glaze_pipeline.defs.sensors import GLAZE_SENSORS, pre_enrich_schedule
 
 
@@ -20,6 +20,7 @@ def build_definitions(
         resources={
             "glaze_db": GlazeDatabase(url=database_url),
             "providers": EnrichmentProviders(config_file=providers_file),
+            "progress": ProgressChannel(),
         },
     )
 

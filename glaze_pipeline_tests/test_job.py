@@ -127,3 +127,55 @@ def test_invalid_settings_are_named(store: Store, config: dict[str, Any]) -> Non
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert next(iter(config)) in str(failure.step_failure_data.user_failure_data.description)
+
+
+def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redis_url: str) -> None:
+    import json
+    import threading
+
+    import redis
+
+    from glaze_pipeline.defs.jobs import enrich_table
+    from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+
+    table = seed_generated(pg_store, rows=30, unique_companies=3)
+    client = redis.Redis.from_url(redis_url)
+    subscriber = client.pubsub()
+    subscriber.subscribe(f"glaze:table:{table.id}")
+    subscriber.get_message(timeout=1)  # the subscribe confirmation
+    messages: list[dict[str, Any]] = []
+
+    def listen() -> None:
+        while not messages or messages[-1]["event"] != "finished":
+            message = subscriber.get_message(timeout=10)
+            if message is None:
+                return
+            messages.append(json.loads(message["data"]))
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    job = Definitions(
+        jobs=[enrich_table],
+        resources={
+            "glaze_db": GlazeDatabase(url=postgres_url),
+            "providers": EnrichmentProviders(),
+            "progress": ProgressChannel(redis_url=redis_url),
+        },
+    ).get_job_def("enrich_table")
+    config = {
+        "table_id": table.id,
+        "column_ids": [table.column_by_key("industry").id],
+        "page_size": 10,
+    }
+    with DagsterInstance.ephemeral() as instance:
+        assert job.execute_in_process(
+            run_config={"ops": {"detect_entities": {"config": config}}}, instance=instance
+        ).success
+    listener.join(timeout=20)
+    subscriber.close()
+    client.close()
+    events = [m["event"] for m in messages]
+    assert events == ["started", "progress", "progress", "progress", "finished"]
+    assert [m["progress"] for m in messages] == [0, 33, 66, 100, 100]
+    assert messages[-1]["status"] == "succeeded"
+    assert messages[2]["rows_written"] == 20 and messages[0]["cells_total"] == 30

@@ -34,12 +34,13 @@ from glaze_pipeline.core.engine import (
     JobSettings,
     JobTarget,
 )
-from glaze_pipeline.core.models import EntityRequest, RequestKind
+from glaze_pipeline.core.models import CellStatus, EntityRequest, RequestKind
+from glaze_pipeline.core.progress import percent
 from glaze_pipeline.core.store import GlazeError, Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS
 from glaze_pipeline.defs.config import EnrichTableConfig
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase
+from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ def failure_recorded(store: Store, request_id: str | None) -> Iterator[None]:
     description="Read the selected rows in pages, find the unique entities, split into chunks.",
 )
 def detect_entities(
-    context: OpExecutionContext, config: EnrichTableConfig, glaze_db: GlazeDatabase
+    context: OpExecutionContext,
+    config: EnrichTableConfig,
+    glaze_db: GlazeDatabase,
+    progress: ProgressChannel,
 ) -> Iterator[Output | DynamicOutput]:
     started = time.time()
     store = glaze_db.store()
@@ -119,6 +123,17 @@ def detect_entities(
             cells_total=detection.cells_total,
             rows_total=detection.rows_read,
         )
+        with progress.publisher() as publisher:
+            publisher.publish(
+                "started",
+                request_id,
+                target.table_id,
+                kind=kind.value,
+                rows=detection.rows_read,
+                cells_total=detection.cells_total,
+                entities=len(detection.entities),
+                progress=0,
+            )
         if not context.instance.has_dynamic_partition(TABLE_PARTITIONS.name, target.table_id):
             context.instance.add_dynamic_partitions(TABLE_PARTITIONS.name, [target.table_id])
         context.log.info(
@@ -186,28 +201,43 @@ def apply_results(
     plan: JobPlan,
     results: list[ChunkResult],
     glaze_db: GlazeDatabase,
+    progress: ProgressChannel,
 ) -> AppliedJob:
     store = glaze_db.store()
     outcomes, stats = engine.merge_chunks(results)
     last_log = [time.monotonic()]
+    table_id = plan.target.table_id
 
-    def progress(summary: ApplySummary) -> None:
-        if time.monotonic() - last_log[0] >= 5:
-            last_log[0] = time.monotonic()
-            context.log.info(f"applied {summary.rows_read}/{plan.rows_read} rows")
+    with progress.publisher() as publisher:
 
-    if plan.kind is not RequestKind.ENRICH:
-        # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
-        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results))
-    with failure_recorded(store, plan.request_id):
-        summary = engine.apply_results(
-            store,
-            plan.request_id,
-            plan.target,
-            outcomes,
-            page_size=plan.settings.page_size,
-            progress=progress,
-        )
+        def page_written(summary: ApplySummary) -> None:
+            answered = summary.cells[CellStatus.DONE] + summary.cells[CellStatus.NOT_FOUND]
+            publisher.publish(
+                "progress",
+                plan.request_id,
+                table_id,
+                rows_written=summary.rows_written,
+                rows_total=plan.rows_read,
+                cells_total=plan.cells_total,
+                cells_done=summary.cells[CellStatus.DONE],
+                cells_not_found=summary.cells[CellStatus.NOT_FOUND],
+                cells_failed=summary.cells[CellStatus.FAILED],
+                cells_skipped=summary.cells[CellStatus.SKIPPED],
+                progress=percent(answered, plan.cells_total),
+            )
+            if time.monotonic() - last_log[0] >= 5:
+                last_log[0] = time.monotonic()
+                context.log.info(f"applied {summary.rows_read}/{plan.rows_read} rows")
+
+        with failure_recorded(store, plan.request_id):
+            summary = engine.apply_results(
+                store,
+                plan.request_id,
+                plan.target,
+                outcomes,
+                page_size=plan.settings.page_size,
+                progress=page_written,
+            )
     context.log.info(
         f"wrote {summary.rows_written} rows ({dict(summary.cells)}) "
         f"with {summary.statements} statements in {summary.seconds:.2f}s"
@@ -217,7 +247,11 @@ def apply_results(
 
 @op(description="Close the request with its terminal status and report the job's figures.")
 def close_job(
-    context: OpExecutionContext, plan: JobPlan, applied: AppliedJob, glaze_db: GlazeDatabase
+    context: OpExecutionContext,
+    plan: JobPlan,
+    applied: AppliedJob,
+    glaze_db: GlazeDatabase,
+    progress: ProgressChannel,
 ) -> Iterator[AssetMaterialization | Output]:
     store = glaze_db.store()
     summary, stats = applied.summary, applied.stats
@@ -260,6 +294,17 @@ def close_job(
                 "request_id": plan.request_id,
                 "kind": plan.kind.value,
             },
+        )
+    with progress.publisher() as publisher:
+        publisher.publish(
+            "finished",
+            plan.request_id,
+            plan.target.table_id,
+            status=status.value,
+            rows_written=summary.rows_written,
+            cells=dict(summary.cells),
+            cost=metadata["cost"],
+            progress=100,
         )
     context.log.info(f"request {plan.request_id} ended {status.value}")
     yield Output(status.value)

@@ -7,6 +7,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from glaze_pipeline.core.answers import AnswerSharing, open_answer_sharing
+from glaze_pipeline.core.progress import ProgressPublisher, open_progress
 from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.registry import load_providers
 from glaze_pipeline.core.settings import database_url, redis_url
@@ -67,3 +68,17 @@ class EnrichmentProviders(ConfigurableResource):
     def sharing(self, store: Store) -> AnswerSharing:
         """The tiered cache and single-flight for one step; close it (a context manager)."""
         return open_answer_sharing(store, redis_url(self.redis_url))
+
+
+class ProgressChannel(ConfigurableResource):
+    """Live progress on Redis pub/sub (`redis_url`, else GLAZE_REDIS_URL; none: silent)."""
+
+    redis_url: str | None = None
+
+    @contextmanager
+    def publisher(self) -> Iterator[ProgressPublisher]:
+        publisher = open_progress(redis_url(self.redis_url))
+        try:
+            yield publisher
+        finally:
+            publisher.close()
