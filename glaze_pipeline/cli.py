@@ -297,8 +297,13 @@ def dagster_instance() -> DagsterInstance:
     return DagsterInstance.from_config(str(home))
 
 
-def run_enrich_job(database_url: str | None, op_config: dict[str, Any]) -> Any:
-    """Execute enrich_table in process with this op config; returns the request record."""
+def run_enrich_job(
+    database_url: str | None, op_config: dict[str, Any], *, log_level: str = "INFO"
+) -> Any:
+    """Execute enrich_table in process with this op config; returns the request record.
+
+    At INFO the job's own progress lines show (entities found, each chunk, rows applied).
+    """
     from glaze_pipeline.definitions import build_definitions
 
     job = build_definitions(database_url).get_job_def("enrich_table")
@@ -306,7 +311,7 @@ def run_enrich_job(database_url: str | None, op_config: dict[str, Any]) -> Any:
         result = job.execute_in_process(
             run_config={
                 "ops": {"detect_entities": {"config": op_config}},
-                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                "loggers": {"console": {"config": {"log_level": log_level}}},
             },
             instance=instance,
             raise_on_error=False,
@@ -590,6 +595,7 @@ def demo(ctx: click.Context) -> None:
     request = run_enrich_job(
         ctx.obj.get("database_url"),
         {"table_id": table.id, "column_ids": [leads_column_id(k) for k in LEADS_ENRICH_KEYS]},
+        log_level="WARNING",
     )
     console.print(render_request(request))
     console.print("[bold]4. after[/bold]")

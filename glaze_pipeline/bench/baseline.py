@@ -15,20 +15,23 @@ table) in the baseline's own database. As seed 001 describes it:
 4. the workflow marks the job completed.
 
 The same providers file (same HTTP client, timeouts and limits) and the same mock serve both
-paths. Statements are counted like the Store counts its own: one per cursor execution.
+paths. Statements are counted like the Store counts its own: one per statement executed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from glaze_pipeline.bench.expected import cheapest_supplier
 from glaze_pipeline.bench.services import provider_configs
@@ -93,8 +96,8 @@ _ROW_STATUS = (
     "ELSE 'ambiguous' END AS status FROM cell_tasks WHERE row_id = %(row)s AND job_id = %(job)s) AS s "
     "WHERE rows.id = %(row)s"
 )
-_JOB_DONE = ("UPDATE cell_jobs SET done_tasks = done_tasks + 1 WHERE id = %(job)s")
-_JOB_FAILED = ("UPDATE cell_jobs SET failed_tasks = failed_tasks + 1 WHERE id = %(job)s")
+_JOB_DONE = "UPDATE cell_jobs SET done_tasks = done_tasks + 1 WHERE id = %(job)s"
+_JOB_FAILED = "UPDATE cell_jobs SET failed_tasks = failed_tasks + 1 WHERE id = %(job)s"
 
 
 @dataclass
@@ -135,6 +138,57 @@ def create_cell_tables(database_url: str) -> None:
         store.dispose()
 
 
+class CountingPool:
+    """A fixed pool of autocommit psycopg connections that counts the statements it runs.
+
+    Each `execute` takes a connection, runs ONE statement (its own transaction, as an ORM
+    call in a worker would) and gives the connection back: a cell task never holds one
+    across its provider call.
+    """
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        self.conninfo = conninfo
+        self.size = size
+        self.statements = 0
+        self._idle: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+        self._all: list[psycopg.AsyncConnection[Any]] = []
+
+    async def open(self) -> None:
+        for _ in range(self.size):
+            connection = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            self._all.append(connection)
+            self._idle.put_nowait(connection)
+
+    async def close(self) -> None:
+        for connection in self._all:
+            await connection.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        connection = await self._idle.get()
+        try:
+            yield connection
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def execute(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        async with self.connection() as connection:
+            return await self.run(connection, sql, params)
+
+    async def run(
+        self, connection: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        self.statements += 1
+        cursor = await connection.execute(sql, params)  # type: ignore[arg-type]
+        return await cursor.fetchall() if cursor.description else []
+
+
+def conninfo(database_url: str) -> str:
+    """A libpq URL for psycopg from a SQLAlchemy one (`postgresql+psycopg://...`)."""
+    url = make_url(normalize_url(database_url)).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
 def run_baseline(
     database_url: str,
     table_id: str,
@@ -169,20 +223,13 @@ async def _run(
     sample_rows: int | None,
     pool_size: int,
 ) -> BaselineResult:
-    engine = create_async_engine(
-        normalize_url(database_url), pool_size=min(pool_size, concurrency), max_overflow=0
-    )
-    counter = Counter[str]()
-
-    def count(*_args: Any) -> None:
-        counter["statements"] += 1
-
-    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    pool = CountingPool(conninfo(database_url), min(pool_size, concurrency))
+    await pool.open()
     configs = provider_configs(providers_document)
     providers = {config.name: build_provider(config) for config in configs}
     try:
         started = time.perf_counter()
-        job_id, tasks, specs = await _create_job(engine, table_id, column_keys, sample_rows)
+        job_id, tasks, specs = await _create_job(pool, table_id, column_keys, sample_rows)
         setup = time.perf_counter() - started
         identifiers = IdentifierColumns.from_columns(specs.values())
         result = BaselineResult(
@@ -203,7 +250,7 @@ async def _run(
             async with gate:
                 supplier = suppliers[column_id]
                 await _cell_task(
-                    engine,
+                    pool,
                     job_id,
                     task_id,
                     row_id,
@@ -215,58 +262,50 @@ async def _run(
 
         async with provider_session(providers.values()):
             await asyncio.gather(*(one(*task) for task in tasks))
-        async with engine.begin() as connection:
-            await connection.execute(
-                text(
-                    "UPDATE cell_jobs SET status = CASE WHEN failed_tasks = total_tasks "
-                    "THEN 'failed' ELSE 'completed' END, completed_at = now() WHERE id = :job"
-                ),
-                {"job": job_id},
-            )
+        await pool.execute(
+            "UPDATE cell_jobs SET status = CASE WHEN failed_tasks = total_tasks "
+            "THEN 'failed' ELSE 'completed' END, completed_at = now() WHERE id = %(job)s",
+            {"job": job_id},
+        )
         result.seconds = time.perf_counter() - started
-        result.statements = counter["statements"]
+        result.statements = pool.statements
         return result
     finally:
-        await engine.dispose()
+        await pool.close()
 
 
 async def _create_job(
-    engine: AsyncEngine, table_id: str, column_keys: list[str], sample_rows: int | None
+    pool: CountingPool, table_id: str, column_keys: list[str], sample_rows: int | None
 ) -> tuple[str, list[tuple[str, str, str]], dict[str, ColumnSpec]]:
     """The API step: job, one task per cell (one INSERT each), rows queued; then running."""
     job_id = new_id("job")
-    async with engine.begin() as connection:
-        columns = (
-            await connection.execute(
-                text("SELECT id, key, field FROM columns WHERE table_id = :table"),
-                {"table": table_id},
-            )
-        ).all()
-        specs = {c.id: ColumnSpec(c.id, c.key, column_field(c.key, c.field)) for c in columns}
-        wanted = [c.id for c in columns if c.key in column_keys]
-        limit = "LIMIT :limit" if sample_rows is not None else ""
-        row_ids = list(
-            (
-                await connection.execute(
-                    text(f"SELECT id FROM rows WHERE table_id = :table ORDER BY position {limit}"),
-                    {"table": table_id, "limit": sample_rows},
-                )
-            ).scalars()
+    async with pool.connection() as connection, connection.transaction():
+        columns = await pool.run(
+            connection,
+            "SELECT id, key, field FROM columns WHERE table_id = %(table)s",
+            {"table": table_id},
         )
+        specs = {c[0]: ColumnSpec(c[0], c[1], column_field(c[1], c[2])) for c in columns}
+        wanted = [c[0] for c in columns if c[1] in column_keys]
+        limit = "LIMIT %(limit)s" if sample_rows is not None else ""
+        found = await pool.run(
+            connection,
+            f"SELECT id FROM rows WHERE table_id = %(table)s ORDER BY position {limit}",
+            {"table": table_id, "limit": sample_rows},
+        )
+        row_ids = [r[0] for r in found]
         tasks = [(new_id("task"), row_id, column_id) for row_id in row_ids for column_id in wanted]
-        await connection.execute(
-            text(
-                "INSERT INTO cell_jobs (id, table_id, status, total_tasks) "
-                "VALUES (:job, :table, 'pending', :total)"
-            ),
+        await pool.run(
+            connection,
+            "INSERT INTO cell_jobs (id, table_id, status, total_tasks) "
+            "VALUES (%(job)s, %(table)s, 'pending', %(total)s)",
             {"job": job_id, "table": table_id, "total": len(tasks)},
         )
         for task_id, row_id, column_id in tasks:
-            await connection.execute(
-                text(
-                    "INSERT INTO cell_tasks (id, table_id, row_id, column_id, job_id, status) "
-                    "VALUES (:task, :table, :row, :column, :job, 'queued')"
-                ),
+            await pool.run(
+                connection,
+                "INSERT INTO cell_tasks (id, table_id, row_id, column_id, job_id, status) "
+                "VALUES (%(task)s, %(table)s, %(row)s, %(column)s, %(job)s, 'queued')",
                 {
                     "task": task_id,
                     "table": table_id,
@@ -275,19 +314,20 @@ async def _create_job(
                     "job": job_id,
                 },
             )
-        await connection.execute(
-            text("UPDATE rows SET status = 'queued' WHERE id = ANY(:ids)"), {"ids": row_ids}
+        await pool.run(
+            connection,
+            "UPDATE rows SET status = 'queued' WHERE id = ANY(%(ids)s)",
+            {"ids": row_ids},
         )
-    async with engine.begin() as connection:
-        await connection.execute(
-            text("UPDATE cell_jobs SET status = 'running', started_at = now() WHERE id = :job"),
-            {"job": job_id},
-        )
+    await pool.execute(
+        "UPDATE cell_jobs SET status = 'running', started_at = now() WHERE id = %(job)s",
+        {"job": job_id},
+    )
     return job_id, tasks, specs
 
 
 async def _cell_task(
-    engine: AsyncEngine,
+    pool: CountingPool,
     job_id: str,
     task_id: str,
     row_id: str,
@@ -297,8 +337,7 @@ async def _cell_task(
     result: BaselineResult,
 ) -> None:
     """One cell, as seed 001's worker runs it: statement, call, statements."""
-    async with engine.begin() as connection:
-        data = (await connection.execute(_RUNNING, {"task": task_id})).scalar_one()
+    [(data,)] = await pool.execute(_RUNNING, {"task": task_id})
     assert spec.field is not None
     [target] = targets_for_row(row_id, data or {}, [spec], identifiers)
     value: Any = None
@@ -321,24 +360,18 @@ async def _cell_task(
     outcome = status if status == "failed" else ("done" if value is not None else "not_found")
     result.outcomes[outcome] += 1
     payload = {"value": value, "confidence": confidence, "source": provider and provider.name}
-    async with engine.begin() as connection:
-        await connection.execute(
-            _WRITE_CELL, {"key": spec.key, "value": json.dumps(value), "row": row_id}
-        )
+    await pool.execute(_WRITE_CELL, {"key": spec.key, "value": json.dumps(value), "row": row_id})
     if value is not None:
         result.values_written += 1
-    async with engine.begin() as connection:
-        await connection.execute(
-            _TASK_DONE,
-            {
-                "status": status,
-                "result": json.dumps(payload),
-                "confidence": confidence,
-                "error": error,
-                "task": task_id,
-            },
-        )
-    async with engine.begin() as connection:
-        await connection.execute(_ROW_STATUS, {"row": row_id, "job": job_id})
-    async with engine.begin() as connection:
-        await connection.execute(_JOB_FAILED if status == "failed" else _JOB_DONE, {"job": job_id})
+    await pool.execute(
+        _TASK_DONE,
+        {
+            "status": status,
+            "result": json.dumps(payload),
+            "confidence": confidence,
+            "error": error,
+            "task": task_id,
+        },
+    )
+    await pool.execute(_ROW_STATUS, {"row": row_id, "job": job_id})
+    await pool.execute(_JOB_FAILED if status == "failed" else _JOB_DONE, {"job": job_id})
