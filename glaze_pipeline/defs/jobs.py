@@ -205,6 +205,9 @@ def apply_results(
 ) -> AppliedJob:
     store = glaze_db.store()
     outcomes, stats = engine.merge_chunks(results)
+    if plan.kind is not RequestKind.ENRICH:
+        # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
+        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results))
     last_log = [time.monotonic()]
     table_id = plan.target.table_id
 
