@@ -134,21 +134,25 @@ def test_sql_insert_is_launched_by_the_daemon_and_filled(
     store.dispose()
 
 
-def test_the_fork_launcher_starts_runs_within_a_second(stack: Stack, postgres_url: str) -> None:
+def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(
+    stack: Stack, postgres_url: str
+) -> None:
+    """Timing is the benchmark's job (`glaze bench launch`); this checks who launched what."""
+    for process in list(stack.processes):  # no daemon: only the launcher can launch
+        stack.stop(process)
     store = Store(postgres_url)
     table = seed_generated(store, rows=10, unique_companies=10)
     launcher = stack.start(str(BIN / "glaze"), "launcher", name="launcher")
     time.sleep(3)  # imports and LISTEN
     try:
-        request_id = insert_request(store, table, "industry")
-        request = wait_terminal(store, request_id, timeout_s=30)
-        assert request.status == "succeeded", request.error
+        request_ids = [insert_request(store, table, "industry") for _ in range(3)]
+        requests = [wait_terminal(store, r, timeout_s=60) for r in request_ids]
+        assert [r.status for r in requests] == ["succeeded"] * 3
         with DagsterInstance.from_config(str(stack.home)) as instance:
-            record = instance.get_run_record_by_id(request.run_id)
-            assert record is not None and record.start_time is not None
-            created = request.created_at.timestamp()
-            # The daemon's sensor ticks every ~5 s; only the launcher can start it this soon.
-            assert record.start_time - created < 3.0
+            for request in requests:
+                run = instance.get_run_by_id(request.run_id)
+                assert run is not None and run.tags["glaze/request"] == request.id
+                assert run.status.value == "SUCCESS"
     finally:
         stack.stop(launcher)
     store.dispose()
