@@ -143,6 +143,7 @@ def fork_launch(
     connections. At most `max_runs` children run at once; beyond that the request waits in
     the queue (AtCapacity), where this launcher or the sensor picks it up later.
     """
+    from dagster import DagsterInstance
     from dagster._core.utils import make_new_run_id
 
     from glaze_pipeline.core.detection import normalize_domain
@@ -150,6 +151,10 @@ def fork_launch(
 
     job = build_definitions(database_url, providers_file).get_job_def("enrich_table")
     normalize_domain("warm.example.com")  # load the suffix list now, not in every child
+    with DagsterInstance.get():
+        # Create (or migrate) the instance's storage once here: children forked at the same
+        # moment would otherwise race to initialise a fresh SQLite storage.
+        pass
     children: set[int] = set()
 
     def reap() -> None:
@@ -167,8 +172,6 @@ def fork_launch(
         if pid == 0:  # the child: execute, then leave without running the parent's cleanup
             code = 1
             try:
-                from dagster import DagsterInstance
-
                 with DagsterInstance.get() as instance:
                     result = job.execute_in_process(
                         run_config={"ops": {"detect_entities": {"config": config}}},
@@ -178,6 +181,8 @@ def fork_launch(
                         raise_on_error=False,
                     )
                 code = 0 if result.success else 1
+            except BaseException:
+                log.exception("run %s for %s could not execute", run_id, request.id)
             finally:
                 os._exit(code)
         children.add(pid)

@@ -147,7 +147,7 @@ def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(
     try:
         request_ids = [insert_request(store, table, "industry") for _ in range(3)]
         requests = [wait_terminal(store, r, timeout_s=60) for r in request_ids]
-        assert [r.status for r in requests] == ["succeeded"] * 3
+        assert [r.status for r in requests] == ["succeeded"] * 3, [r.error for r in requests]
         with DagsterInstance.from_config(str(stack.home)) as instance:
             for request in requests:
                 run = instance.get_run_by_id(request.run_id)

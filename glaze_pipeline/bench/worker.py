@@ -40,9 +40,17 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     home = Path(spec["dagster_home"])
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    job = build_definitions(spec["database_url"], spec["providers_file"]).get_job_def(
-        "enrich_table"
-    )
+    definitions = build_definitions(spec["database_url"], spec["providers_file"])
+    if spec.get("http") == "sharded":  # the proposed ProviderClient change, prototyped
+        from dagster import Definitions
+
+        from glaze_pipeline.bench.transport import ShardedPoolProviders
+        from glaze_pipeline.defs.jobs import enrich_table
+
+        resources = dict(definitions.resources or {})
+        resources["providers"] = ShardedPoolProviders(config_file=spec["providers_file"])
+        definitions = Definitions(jobs=[enrich_table], resources=resources)
+    job = definitions.get_job_def("enrich_table")
     run_config = {
         "ops": {"detect_entities": {"config": spec["job_config"]}},
         "loggers": {"console": {"config": {"log_level": "WARNING"}}},
@@ -144,6 +152,7 @@ def run_baseline_job(spec: dict[str, Any]) -> dict[str, Any]:
         concurrency=spec["concurrency"],
         sample_rows=spec.get("sample_rows"),
         pool_size=spec.get("pool_size", 40),
+        http=spec.get("http", "stock"),
     )
     return {
         "success": True,
