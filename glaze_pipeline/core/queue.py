@@ -21,7 +21,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from glaze_pipeline.core.engine import JobSettings, resolve_target
 from glaze_pipeline.core.models import RequestKind, RequestStatus, Selection
 from glaze_pipeline.core.schema import EnrichmentRequest
-from glaze_pipeline.core.store import InvalidSelectionError, Store, new_id, utcnow
+from glaze_pipeline.core.store import (
+    REQUEST_DEFAULTS,
+    InvalidSelectionError,
+    Store,
+    new_id,
+    utcnow,
+)
 
 # Priority: higher first. Pre-enrichment runs below anything a user asked for.
 PRIORITY_DEFAULT = 0
@@ -63,8 +69,8 @@ def enqueue(
         "status": RequestStatus.QUEUED.value,
         "created_at": utcnow(),
         "updated_at": utcnow(),
-        **_COUNTERS,
     }
+    values = {**REQUEST_DEFAULTS, **values}
     insert = pg_insert if store.dialect == "postgresql" else sqlite_insert
     statement = insert(EnrichmentRequest).values(values)
     if idempotency_key is not None:
@@ -82,23 +88,6 @@ def enqueue(
             )
         )
 
-
-_COUNTERS: dict[str, Any] = {
-    "cancel_requested": False,
-    "cells_total": 0,
-    "cells_done": 0,
-    "cells_failed": 0,
-    "cells_not_found": 0,
-    "cells_skipped": 0,
-    "rows_total": 0,
-    "rows_written": 0,
-    "entities": 0,
-    "cache_hits": 0,
-    "provider_calls": {},
-    "cost_by_provider": {},
-    "cost": 0.0,
-    "budget_reserved": 0.0,
-}
 
 _CLAIM_SQL = """
     UPDATE enrichment_requests SET status = 'launched', launched_at = :now, updated_at = :now

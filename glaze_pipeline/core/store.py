@@ -388,7 +388,7 @@ class Store:
                     id=request_id,
                     created_at=now,
                     updated_at=now,
-                    **{**_REQUEST_DEFAULTS, **values},
+                    **{**REQUEST_DEFAULTS, **values},
                 )
             )
         return request_id
@@ -462,7 +462,8 @@ class Store:
             )
 
 
-_REQUEST_DEFAULTS: dict[str, Any] = {
+# A new request's counters and flags (the database has the same server defaults, 0003).
+REQUEST_DEFAULTS: dict[str, Any] = {
     "kind": "enrich",
     "priority": 0,
     "status": "queued",
