@@ -179,3 +179,16 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     assert [m["progress"] for m in messages] == [0, 33, 66, 100, 100]
     assert messages[-1]["status"] == "succeeded"
     assert messages[2]["rows_written"] == 20 and messages[0]["cells_total"] == 30
+
+
+def test_an_unknown_request_id_is_named(store: Store) -> None:
+    table = seed_generated(store, rows=1, unique_companies=1)
+    with DagsterInstance.ephemeral() as instance:
+        result = run_job(
+            store, {"table_id": table.id, "whole_table": True, "request_id": "req_nope"}, instance
+        )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "unknown request 'req_nope'" in str(
+        failure.step_failure_data.user_failure_data.description
+    )

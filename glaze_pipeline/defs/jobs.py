@@ -7,7 +7,7 @@ would buy overhead, not speed.
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from dagster import (
@@ -77,7 +77,8 @@ def failure_recorded(store: Store, request_id: str | None) -> Iterator[None]:
         raise Failure(description=str(cancelled), allow_retries=False) from cancelled
     except Exception as error:
         if request_id is not None:
-            engine.fail_job(store, request_id, error)
+            with suppress(GlazeError):  # e.g. the request id itself is unknown
+                engine.fail_job(store, request_id, error)
         if isinstance(error, GlazeError):
             raise Failure(description=str(error), allow_retries=False) from error
         raise
