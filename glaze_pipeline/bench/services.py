@@ -9,6 +9,7 @@ benchmark come from there, never from the pipeline's own counters.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -89,6 +90,15 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU a live process has used (/proc/<pid>/stat), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class MockProcess:
     """`glaze mock-providers` running as its own process on a free port."""
@@ -111,6 +121,9 @@ class MockProcess:
 
     def peak_rss_mib(self) -> float | None:
         return peak_rss_mib(self.process.pid)
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.process.pid)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU this process has used so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     from dagster import DagsterEventType, DagsterInstance
 
@@ -58,11 +64,13 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     ready_s = time.perf_counter() - STARTED
     with DagsterInstance.from_config(str(home)) as instance:
         before = Store.process_statements
+        cpu_before = cpu_seconds()
         started_at = time.time()
         result = job.execute_in_process(
             run_config=run_config, instance=instance, raise_on_error=False
         )
         wall = time.time() - started_at
+        cpu = cpu_seconds() - cpu_before
         statements = Store.process_statements - before
         rss = peak_rss_mib()
         kinds = {
@@ -97,6 +105,7 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         "first_step_s": min((s.get("start", wall) for s in steps.values()), default=None),
         "phases": _phases(steps),
         "statements": statements,
+        "cpu_s": round(cpu, 2),
         "peak_rss_mib": round(rss, 1),
     }
     if result.success:
@@ -144,6 +153,7 @@ def run_baseline_job(spec: dict[str, Any]) -> dict[str, Any]:
     from glaze_pipeline.bench.baseline import run_baseline
 
     ready_s = time.perf_counter() - STARTED
+    cpu_before = cpu_seconds()
     result = run_baseline(
         spec["database_url"],
         spec["table_id"],
@@ -158,6 +168,7 @@ def run_baseline_job(spec: dict[str, Any]) -> dict[str, Any]:
         "success": True,
         "process_ready_s": round(ready_s, 3),
         **result.as_dict(),
+        "cpu_s": round(cpu_seconds() - cpu_before, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
