@@ -63,6 +63,14 @@ def providers_file(tmp_path: Path, mock: MockProviderServer) -> Path:
 
 
 @pytest.fixture
+def app_store(postgres_url: str) -> Iterator[Store]:
+    empty_app_tables(postgres_url)
+    store = Store(postgres_url)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
 def stack(
     postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
 ) -> Iterator[Stack]:
@@ -117,9 +125,9 @@ def insert_request(store: Store, table: Any, *keys: str) -> str:
 
 
 def test_sql_insert_is_launched_by_the_daemon_and_filled(
-    stack: Stack, postgres_url: str, mock: MockProviderServer
+    stack: Stack, app_store: Store, mock: MockProviderServer
 ) -> None:
-    store = Store(postgres_url)
+    store = app_store
     table = seed_generated(store, rows=20, unique_companies=5)
     request_id = insert_request(store, table, "industry", "employee_count")
     request = wait_terminal(store, request_id)
@@ -131,16 +139,15 @@ def test_sql_insert_is_launched_by_the_daemon_and_filled(
     with DagsterInstance.from_config(str(stack.home)) as instance:
         run = instance.get_run_by_id(request.run_id)
         assert run is not None and run.tags["glaze/request"] == request_id
-    store.dispose()
 
 
 def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(
-    stack: Stack, postgres_url: str
+    stack: Stack, app_store: Store
 ) -> None:
     """Timing is the benchmark's job (`glaze bench launch`); this checks who launched what."""
     for process in list(stack.processes):  # no daemon: only the launcher can launch
         stack.stop(process)
-    store = Store(postgres_url)
+    store = app_store
     table = seed_generated(store, rows=10, unique_companies=10)
     launcher = stack.start(str(BIN / "glaze"), "launcher", name="launcher")
     time.sleep(3)  # imports and LISTEN
@@ -152,21 +159,25 @@ def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(
             for request in requests:
                 run = instance.get_run_by_id(request.run_id)
                 assert run is not None and run.tags["glaze/request"] == request.id
+                deadline = time.monotonic() + 30
+                while not run.is_finished and time.monotonic() < deadline:  # closing events
+                    time.sleep(0.1)
+                    run = instance.get_run_by_id(request.run_id)
+                    assert run is not None
                 assert run.status.value == "SUCCESS"
     finally:
         stack.stop(launcher)
-    store.dispose()
 
 
 def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
+    app_store: Store,
     postgres_url: str,
     redis_url: str,
     tmp_path: Path,
     mock: MockProviderServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    empty_app_tables(postgres_url)
-    store = Store(postgres_url)
+    store = app_store
     table = seed_generated(store, rows=200, unique_companies=100)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
     env.update(
@@ -228,4 +239,3 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
     assert store.get_request(rerun_id).cache_hits == kept
     assert cheap_calls(mock) == asked_before_kill + 100 - kept
     assert all(r.data["industry"] for r in store.rows_in_order(table.id))
-    store.dispose()

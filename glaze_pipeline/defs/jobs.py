@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dagster import (
     AssetMaterialization,
+    DagsterInstance,
     DynamicOut,
     DynamicOutput,
     Failure,
@@ -84,6 +85,17 @@ def failure_recorded(store: Store, request_id: str | None) -> Iterator[None]:
         raise
 
 
+def ensure_table_partition(instance: DagsterInstance, table_id: str) -> None:
+    """Register the table's partition of the assets; concurrent runs may race to do it."""
+    if instance.has_dynamic_partition(TABLE_PARTITIONS.name, table_id):
+        return
+    try:
+        instance.add_dynamic_partitions(TABLE_PARTITIONS.name, [table_id])
+    except Exception:
+        if not instance.has_dynamic_partition(TABLE_PARTITIONS.name, table_id):
+            raise  # not a lost race: a real storage error
+
+
 @op(
     out={"plan": Out(JobPlan), "chunks": DynamicOut(list[EntityRequest])},
     description="Read the selected rows in pages, find the unique entities, split into chunks.",
@@ -135,8 +147,7 @@ def detect_entities(
                 entities=len(detection.entities),
                 progress=0,
             )
-        if not context.instance.has_dynamic_partition(TABLE_PARTITIONS.name, target.table_id):
-            context.instance.add_dynamic_partitions(TABLE_PARTITIONS.name, [target.table_id])
+        ensure_table_partition(context.instance, target.table_id)
         context.log.info(
             f"request {request_id}: {detection.rows_read} rows, {detection.cells_total} cells, "
             f"{len(detection.entities)} unique entities in {len(chunks)} chunks "
