@@ -55,35 +55,37 @@ class SqlAnswerCache:
         return found
 
     def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
-        items = list(answers.items())
+        """Upsert answers: one executemany, which SQLAlchemy sends as multi-row batches.
+
+        The statement is built once and its compiled form cached; a `.values([...])` of
+        thousands of literal rows would be compiled afresh every time (seconds per chunk).
+        """
+        if not answers:
+            return
         insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
-        for batch in chunked(items, ID_CHUNK):
-            values = [
-                {
-                    "entity_id": entity_id,
-                    "provider": provider,
-                    "found": answer.found,
-                    "answer": {
-                        "values": dict(answer.values),
-                        "confidence": dict(answer.confidence),
-                    },
-                    "fetched_at": answer.fetched_at,
-                    "expires_at": answer.fetched_at + (self.ttl if answer.found else self.miss_ttl),
-                }
-                for (entity_id, provider), answer in batch
-            ]
-            statement = insert(EntityCacheEntry).values(values)
-            statement = statement.on_conflict_do_update(
-                index_elements=["entity_id", "provider"],
-                set_={
-                    "found": statement.excluded.found,
-                    "answer": statement.excluded.answer,
-                    "fetched_at": statement.excluded.fetched_at,
-                    "expires_at": statement.excluded.expires_at,
-                },
-            )
-            with self.store.engine.begin() as connection:
-                connection.execute(statement)
+        statement = insert(EntityCacheEntry)
+        statement = statement.on_conflict_do_update(
+            index_elements=["entity_id", "provider"],
+            set_={
+                "found": statement.excluded.found,
+                "answer": statement.excluded.answer,
+                "fetched_at": statement.excluded.fetched_at,
+                "expires_at": statement.excluded.expires_at,
+            },
+        )
+        rows = [
+            {
+                "entity_id": entity_id,
+                "provider": provider,
+                "found": answer.found,
+                "answer": {"values": dict(answer.values), "confidence": dict(answer.confidence)},
+                "fetched_at": answer.fetched_at,
+                "expires_at": answer.fetched_at + (self.ttl if answer.found else self.miss_ttl),
+            }
+            for (entity_id, provider), answer in answers.items()
+        ]
+        with self.store.engine.begin() as connection:
+            connection.execute(statement, rows)
 
 
 def _aware(moment: datetime) -> datetime:

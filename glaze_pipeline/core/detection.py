@@ -125,8 +125,13 @@ def normalize_domain(value: Any) -> str | None:
     hosts without a public suffix give None.
     """
     text = _text(value).lower()
-    if not text:
-        return None
+    return _registrable_domain(text) if text else None
+
+
+@lru_cache(maxsize=1 << 16)
+def _registrable_domain(text: str) -> str | None:
+    # Cached: a table repeats its companies' websites, and both detection and the apply stage
+    # derive the same keys (a job of 1M rows parses each distinct website once, not twice a row).
     if "@" in text and "/" not in text:
         text = text.rsplit("@", 1)[1]
     if "://" not in text:
@@ -141,7 +146,7 @@ def normalize_domain(value: Any) -> str | None:
     extracted = _extractor()(host)
     if not extracted.suffix or not extracted.domain or extracted.ipv4:
         return None
-    return extracted.top_domain_under_public_suffix.lower() or None
+    return str(extracted.top_domain_under_public_suffix).lower() or None
 
 
 def normalize_email(value: Any) -> str | None:
