@@ -536,10 +536,10 @@ def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
 @click.option("--profile/--no-profile", default=False, help="py-spy flame graphs.")
 @click.option(
     "--http",
-    type=click.Choice(["stock", "sharded"]),
+    type=click.Choice(["stock", "proposed"]),
     default="stock",
     show_default=True,
-    help="Provider HTTP pools: as in core, or the proposed sharded pools (bench/transport.py).",
+    help="Provider HTTP client as in core, or with the proposed changes (bench/transport.py).",
 )
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench_results"))
 def bench_run(

@@ -179,7 +179,7 @@ class CountingPool:
         self, connection: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]
     ) -> list[tuple[Any, ...]]:
         self.statements += 1
-        cursor = await connection.execute(sql, params)  # type: ignore[arg-type]
+        cursor = await connection.execute(sql, params)
         return await cursor.fetchall() if cursor.description else []
 
 
@@ -202,7 +202,7 @@ def run_baseline(
 ) -> BaselineResult:
     """One cell-level job over the first `sample_rows` rows (all rows when None).
 
-    `http="sharded"` gives the providers the same prototype client as the entity-first run.
+    `http="proposed"` gives the providers the same prototype client as the entity-first run.
     """
     return asyncio.run(
         _run(
@@ -232,7 +232,7 @@ async def _run(
     pool = CountingPool(conninfo(database_url), min(pool_size, concurrency))
     await pool.open()
     configs = provider_configs(providers_document)
-    if http == "sharded":
+    if http == "proposed":
         from glaze_pipeline.bench.transport import sharded_json_api
 
         providers = {config.name: sharded_json_api(config) for config in configs}

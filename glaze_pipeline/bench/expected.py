@@ -26,8 +26,14 @@ from glaze_pipeline.core.seed import (
 from glaze_pipeline.core.waterfall import DEFAULT_THRESHOLD
 from glaze_pipeline.mock_server import MockConfig, is_miss
 
-GENERATED_KEYS = ("name", "email", "company", "website", *GENERATED_COMPANY_KEYS)
-GENERATED_KEYS += GENERATED_PERSON_KEYS
+GENERATED_KEYS: tuple[str, ...] = (
+    "name",
+    "email",
+    "company",
+    "website",
+    *GENERATED_COMPANY_KEYS,
+    *GENERATED_PERSON_KEYS,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,278 @@
+"""The benchmark's outputs: results.json, a markdown table (results.md) and a chart (chart.png).
+
+matplotlib is optional (the `bench` extra): without it the chart is skipped, with a note.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FIGURE_COLUMNS = (
+    "scenario",
+    "path",
+    "provider calls (mock /_stats)",
+    "needed calls",
+    "DB statements",
+    "wall s",
+    "bound s",
+    "wall / bound",
+    "peak RSS MiB (worker / mock)",
+    "cells with a value",
+)
+
+
+def figure_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per scenario and path: the figures the issue asks for, as text."""
+    rows: list[list[str]] = []
+    for name, scenario in results["scenarios"].items():
+        if "launch" in scenario:
+            for path, figures in scenario["launch"]["paths"].items():
+                summary = figures["summary"]
+                rows.append(
+                    [
+                        name,
+                        path,
+                        "-",
+                        "-",
+                        "-",
+                        "STARTED {:.2f} / first write {:.2f} / finished {:.2f} (median)".format(
+                            summary["started_s"]["median"],
+                            summary["first_write_s"]["median"],
+                            summary["finished_s"]["median"],
+                        ),
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                    ]
+                )
+            continue
+        bound = scenario["bound_s"]
+        variants = [("entity-first", scenario["entity_first"])]
+        if "entity_first_copy" in scenario:
+            variants = [
+                ("entity-first, same table again", scenario["entity_first"]),
+                ("entity-first, fresh copy of the rows", scenario["entity_first_copy"]),
+            ]
+        for label, entity in variants:
+            rows.append(_entity_row(name, label, entity, scenario, bound))
+        entity = scenario["entity_first"]
+        baseline = scenario.get("baseline", {})
+        if "wall_s" not in baseline:
+            rows.append([name, "cell-level baseline", baseline.get("skipped", "-")] + ["-"] * 7)
+            continue
+        label = "cell-level baseline"
+        if baseline.get("extrapolated"):
+            label += f" (extrapolated from {baseline['measured']['rows']:,} rows)"
+        if baseline.get("note"):
+            label += " (not re-run: no cache)"
+        speedup = baseline["wall_s"] / entity["wall_s"] if entity["wall_s"] else 0.0
+        rows.append(
+            [
+                name,
+                label,
+                _calls(baseline["provider_calls"]),
+                f"{scenario['cells']:,} (one per cell)",
+                f"{baseline['statements']:,}",
+                f"{baseline['wall_s']:.2f} ({speedup:.1f}x entity-first)",
+                f"{baseline['bound_s']:.2f}",
+                f"{baseline['wall_s'] / baseline['bound_s']:.2f}" if baseline["bound_s"] else "-",
+                f"{baseline['peak_rss_mib']:.0f} / {baseline.get('mock_peak_rss_mib') or 0:.0f}",
+                _baseline_values(baseline, scenario),
+            ]
+        )
+    return rows
+
+
+def _entity_row(
+    name: str, label: str, entity: dict[str, Any], scenario: dict[str, Any], bound: float
+) -> list[str]:
+    request = entity.get("request", {})
+    needed = entity["expected_calls"]
+    return [
+        name,
+        label,
+        _calls(entity["provider_calls"]),
+        _calls(needed) if any(needed.values()) else "0",
+        f"{entity['statements']:,}",
+        f"{entity['wall_s']:.2f}",
+        f"{bound:.2f}",
+        f"{entity['wall_s'] / bound:.2f}" if bound else "-",
+        f"{entity['peak_rss_mib']:.0f} / {entity.get('mock_peak_rss_mib') or 0:.0f}",
+        f"{request.get('cells_done', 0):,} / {scenario['cells']:,}",
+    ]
+
+
+def target_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, scenario in results["scenarios"].items():
+        for target in scenario.get("targets", []):
+            met = {True: "met", False: "MISSED", None: "-"}[target["met"]]
+            rows.append([name, target["target"], target["want"], target["got"], met])
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    lines = [
+        "# Benchmark: entity-first pipeline vs the cell-level baseline",
+        "",
+        f"Command: `{results.get('command', '')}`  ",
+        f"Started {results['started_at']}, took {results['total_seconds']} s on "
+        f"{results['machine']['cpus']} cores (Python {results['machine']['python']}).  ",
+        f"Mock latency {settings['latency_ms']:g} ms (fixed), concurrency "
+        f"{settings['concurrency']} (the job's `concurrency`, each vendor's `max_concurrency`, "
+        f"and the baseline's limit), page size {settings['page_size']}, chunk size "
+        f"{settings['chunk_size']} / max chunks {settings['max_chunks']}, scale "
+        f"{settings['scale']:g}, provider HTTP client `{settings.get('http', 'stock')}`, Redis "
+        f"`{settings['redis_url']}`.",
+        "",
+        "Provider calls are the mock server's `/_stats` counts. The bound is needed calls x "
+        "latency / concurrency (a company needing revenue costs two sequential calls, cheap "
+        "then premium); the issue's entities x latency / concurrency is in results.json as "
+        "`bound_entities_s`.",
+        "",
+        "## Figures",
+        "",
+        _table(list(FIGURE_COLUMNS), figure_rows(results)),
+        "",
+        "## Targets",
+        "",
+        _table(["scenario", "target", "want", "got", ""], target_rows(results)),
+        "",
+        "## Where the time went (entity-first)",
+        "",
+        _table(
+            [
+                "scenario",
+                "seed s",
+                "run start s",
+                "detect s",
+                "enrich s",
+                "apply s",
+                "close s",
+                "chunks",
+                "CPU s worker / mock",
+                "process wall s",
+            ],
+            _phase_rows(results),
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _phase_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, scenario in results["scenarios"].items():
+        entity = scenario.get("entity_first")
+        if entity is None:
+            continue
+        phases = entity.get("phases", {})
+        rows.append(
+            [
+                name,
+                str(scenario.get("seed_s", "-")),
+                str(entity.get("first_step_s", "-")),
+                *(str(phases.get(k, "-")) for k in ("detect", "enrich", "apply", "close")),
+                str(entity.get("request", {}).get("chunks", "-")),
+                f"{entity.get('cpu_s', '-')} / {entity.get('mock_cpu_s', '-')}",
+                str(entity.get("process_wall_s", "-")),
+            ]
+        )
+    return rows
+
+
+def _baseline_values(baseline: dict[str, Any], scenario: dict[str, Any]) -> str:
+    written = baseline.get("values_written", 0)
+    measured = baseline.get("measured", {}).get("cells", baseline["cells"])
+    return f"{written:,} / {measured:,}" + (" (sample)" if baseline.get("extrapolated") else "")
+
+
+def _calls(calls: dict[str, int]) -> str:
+    total = sum(calls.values())
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(calls.items()) if v)
+    return f"{total:,} ({parts})" if parts else "0"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_chart(results: dict[str, Any], path: Path) -> str | None:
+    """Wall time, provider calls and statements per scenario, both paths, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
+    names = [n for n, s in results["scenarios"].items() if "entity_first" in s]
+    if not names:
+        return "no scenario with figures to chart"
+    panels = (
+        ("wall time (s)", lambda r: r.get("wall_s")),
+        ("provider calls", lambda r: sum(r.get("provider_calls", {}).values()) or None),
+        ("DB statements", lambda r: r.get("statements")),
+    )
+    settings = results["settings"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 5.2))
+    width = 0.38
+    for axis, (title, metric) in zip(axes, panels, strict=True):
+        for offset, (label, key, colour) in enumerate(
+            (("entity-first", "entity_first", "#2b8cbe"), ("cell-level", "baseline", "#e34a33"))
+        ):
+            values = [metric(results["scenarios"][n].get(key, {})) for n in names]
+            positions = [i + (offset - 0.5) * width for i in range(len(names))]
+            shown = [v if v else 0 for v in values]
+            bars = axis.bar(positions, shown, width, label=label, color=colour)
+            for bar, value in zip(bars, values, strict=True):
+                text = _short(value) if value else ("0" if value == 0 else "n/a")
+                height = bar.get_height() if value else 1
+                axis.annotate(
+                    text,
+                    (bar.get_x() + bar.get_width() / 2, height),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+        axis.set_yscale("log")
+        axis.set_xticks(range(len(names)), names)
+        axis.set_title(title)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="upper left")
+    figure.suptitle(
+        f"Entity-first vs cell-level (latency {settings['latency_ms']:g} ms, concurrency "
+        f"{settings['concurrency']}, HTTP {settings.get('http', 'stock')}, scale "
+        f"{settings['scale']:g}; baseline S3/S4 extrapolated from a "
+        f"{settings['baseline_sample']:.0%} sample; S5 baseline not run)",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
+
+
+def _short(value: float) -> str:
+    if value >= 1_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    if value >= 10_000:
+        return f"{value / 1000:.0f}k"
+    if value >= 100 or float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.2g}" if value < 10 else f"{value:.1f}"
+
+
+def write_reports(results: dict[str, Any], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    note = write_chart(results, directory / "chart.png")
+    if note:
+        results["chart"] = note
+    (directory / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (directory / "results.md").write_text(markdown(results))
