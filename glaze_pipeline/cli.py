@@ -534,13 +534,6 @@ def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
 @click.option("--redis-url", default="redis://127.0.0.1:6379/13", show_default=True)
 @click.option("--launch-requests", type=int, default=10, show_default=True, help="S6.")
 @click.option("--profile/--no-profile", default=False, help="py-spy flame graphs.")
-@click.option(
-    "--http",
-    type=click.Choice(["stock", "proposed"]),
-    default="stock",
-    show_default=True,
-    help="Provider HTTP client as in core, or with the proposed changes (bench/transport.py).",
-)
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench_results"))
 def bench_run(
     scenarios: str,
@@ -553,7 +546,6 @@ def bench_run(
     redis_url: str,
     launch_requests: int,
     profile: bool,
-    http: str,
     output_dir: Path,
 ) -> None:
     """Entity-first pipeline vs the cell-level baseline: calls, statements, time, memory."""
@@ -570,7 +562,6 @@ def bench_run(
         page_size=page_size,
         launch_requests=launch_requests,
         profile=profile,
-        http=http,
         output_dir=str(output_dir),
     )
     selected = [name.strip().upper() for name in scenarios.split(",") if name.strip()]

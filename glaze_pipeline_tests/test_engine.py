@@ -236,3 +236,19 @@ def test_unknown_table_and_empty_selection(store: Store) -> None:
         JobSettings(budget=-1)
     with store.engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(EnrichmentRequest)) == 0
+
+
+def test_rerun_after_filling_an_identifier_column_buys_nothing(store: Store) -> None:
+    """The first run fills `linkedin`, which then identifies the people on the second run:
+    the answers were cached under the LinkedIn slug too, so nothing is bought again."""
+    table = seed_generated(store, rows=20, unique_companies=2)
+    selection = grid(table, "title", "linkedin")
+    first = FakeProvider(EntityType.PERSON)
+    run(store, table.id, selection, [first])
+    assert first.total_calls == 20
+    assert all(r.data["linkedin"] for r in store.rows_in_order(table.id))
+    second = FakeProvider(EntityType.PERSON)
+    request_id, summary, _ = run(store, table.id, selection, [second])
+    assert second.total_calls == 0
+    assert store.get_request(request_id).cache_hits == 20
+    assert summary.cells == {"done": 40}

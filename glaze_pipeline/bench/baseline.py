@@ -198,12 +198,8 @@ def run_baseline(
     concurrency: int,
     sample_rows: int | None = None,
     pool_size: int = 40,
-    http: str = "stock",
 ) -> BaselineResult:
-    """One cell-level job over the first `sample_rows` rows (all rows when None).
-
-    `http="proposed"` gives the providers the same prototype client as the entity-first run.
-    """
+    """One cell-level job over the first `sample_rows` rows (all rows when None)."""
     return asyncio.run(
         _run(
             database_url,
@@ -213,7 +209,6 @@ def run_baseline(
             concurrency=concurrency,
             sample_rows=sample_rows,
             pool_size=pool_size,
-            http=http,
         )
     )
 
@@ -227,17 +222,11 @@ async def _run(
     concurrency: int,
     sample_rows: int | None,
     pool_size: int,
-    http: str,
 ) -> BaselineResult:
     pool = CountingPool(conninfo(database_url), min(pool_size, concurrency))
     await pool.open()
     configs = provider_configs(providers_document)
-    if http == "proposed":
-        from glaze_pipeline.bench.transport import sharded_json_api
-
-        providers = {config.name: sharded_json_api(config) for config in configs}
-    else:
-        providers = {config.name: build_provider(config) for config in configs}
+    providers = {config.name: build_provider(config) for config in configs}
     try:
         started = time.perf_counter()
         job_id, tasks, specs = await _create_job(pool, table_id, column_keys, sample_rows)

@@ -126,7 +126,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['concurrency']} (the job's `concurrency`, each vendor's `max_concurrency`, "
         f"and the baseline's limit), page size {settings['page_size']}, chunk size "
         f"{settings['chunk_size']} / max chunks {settings['max_chunks']}, scale "
-        f"{settings['scale']:g}, provider HTTP client `{settings.get('http', 'stock')}`, Redis "
+        f"{settings['scale']:g}, Redis "
         f"`{settings['redis_url']}`.",
         "",
         "Provider calls are the mock server's `/_stats` counts. The bound is needed calls x "
@@ -248,7 +248,7 @@ def write_chart(results: dict[str, Any], path: Path) -> str | None:
     axes[0].legend(loc="upper left")
     figure.suptitle(
         f"Entity-first vs cell-level (latency {settings['latency_ms']:g} ms, concurrency "
-        f"{settings['concurrency']}, HTTP {settings.get('http', 'stock')}, scale "
+        f"{settings['concurrency']}, scale "
         f"{settings['scale']:g}; baseline S3/S4 extrapolated from a "
         f"{settings['baseline_sample']:.0%} sample; S5 baseline not run)",
         fontsize=11,

@@ -125,7 +125,6 @@ class BenchSettings:
     page_size: int = 1000
     launch_requests: int = 10
     profile: bool = False  # py-spy flame graphs of the entity-first workers
-    http: str = "stock"  # stock | proposed (the proposed core changes, see bench/transport.py)
     output_dir: str = "bench_results"
 
     def job_config(self, table_id: str, column_ids: list[str]) -> dict[str, Any]:
@@ -315,7 +314,6 @@ def _entity_run(
             "providers_file": str(providers_file),
             "dagster_home": str(workspace.path(f"{label}-dagster")),
             "job_config": settings.job_config(table_id, column_ids),
-            "http": settings.http,
         }
         workspace.echo(f"   {label}: enrich_table over {scenario.rows:,} rows ...")
         result = _run_worker(workspace, label, spec)
@@ -364,7 +362,6 @@ def _baseline(scenario: Scenario, workspace: Workspace, out: dict[str, Any]) -> 
                 "concurrency": settings.concurrency,
                 "sample_rows": sample_rows,
                 "pool_size": settings.baseline_pool,
-                "http": settings.http,
             }
             workspace.echo(
                 f"   baseline: cell-level over {sample_rows or scenario.rows:,} rows"

@@ -47,16 +47,6 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     definitions = build_definitions(spec["database_url"], spec["providers_file"])
-    if spec.get("http") == "proposed":  # the proposed core changes, prototyped
-        from dagster import Definitions
-
-        from glaze_pipeline.bench.transport import ShardedPoolProviders, ensure_sniffio
-        from glaze_pipeline.defs.jobs import enrich_table
-
-        ensure_sniffio()
-        resources = dict(definitions.resources or {})
-        resources["providers"] = ShardedPoolProviders(config_file=spec["providers_file"])
-        definitions = Definitions(jobs=[enrich_table], resources=resources)
     job = definitions.get_job_def("enrich_table")
     run_config = {
         "ops": {"detect_entities": {"config": spec["job_config"]}},
@@ -155,10 +145,6 @@ def run_baseline_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     ready_s = time.perf_counter() - STARTED
     cpu_before = cpu_seconds()
-    if spec.get("http") == "proposed":
-        from glaze_pipeline.bench.transport import ensure_sniffio
-
-        ensure_sniffio()
     result = run_baseline(
         spec["database_url"],
         spec["table_id"],
@@ -167,7 +153,6 @@ def run_baseline_job(spec: dict[str, Any]) -> dict[str, Any]:
         concurrency=spec["concurrency"],
         sample_rows=spec.get("sample_rows"),
         pool_size=spec.get("pool_size", 40),
-        http=spec.get("http", "stock"),
     )
     return {
         "success": True,

@@ -29,7 +29,7 @@ from glaze_pipeline.core.schema import (
 )
 from glaze_pipeline.core.settings import database_url
 
-ID_CHUNK = 1000  # ids per IN (...) list
+ID_CHUNK = 5000  # ids per IN (...) list (SQLite allows 32,766 parameters)
 
 
 class GlazeError(Exception):
@@ -278,7 +278,7 @@ class Store:
         return inserted
 
     def iter_row_pages(
-        self, table_id: str, *, row_ids: Sequence[str] | None = None, page_size: int = 1000
+        self, table_id: str, *, row_ids: Sequence[str] | None = None, page_size: int = 5000
     ) -> Iterator[list[RowRecord]]:
         """Rows in pages, never the whole table at once: keyset by id, or the given ids.
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
+from glaze_pipeline.core.detection import linkedin_slug, normalize_domain, normalize_email
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityKey,
@@ -108,6 +110,29 @@ class _Progress:
                 ]
                 fields[name] = FieldOutcome(CellStatus.FAILED, error="; ".join(errors))
         return EntityOutcome(key, fields)
+
+
+def alias_keys(key: EntityKey, values: Mapping[str, Any]) -> list[EntityKey]:
+    """Other strong keys of the same entity that its answer reveals.
+
+    A person found by email whose answer carries a LinkedIn URL is the person keyed by that
+    slug; a company's answer gives its domain. Caching the answer under those keys too means a
+    later job that identifies the entity the other way (say, by the LinkedIn column an earlier
+    job filled) buys nothing again. Only from strong keys: a name match is not proof enough.
+    """
+    aliases: list[EntityKey] = []
+    if key.type is EntityType.PERSON:
+        slug = linkedin_slug(values.get("linkedin_url"))
+        if slug:
+            aliases.append(EntityKey(EntityType.PERSON, "linkedin", slug))
+        email = normalize_email(values.get("email"))
+        if email:
+            aliases.append(EntityKey(EntityType.PERSON, "email", email))
+    else:
+        domain = normalize_domain(values.get("domain"))
+        if domain:
+            aliases.append(EntityKey(EntityType.COMPANY, "domain", domain))
+    return [alias for alias in aliases if alias != key]
 
 
 def _supports(provider: Provider, key: EntityKey) -> bool:
@@ -253,6 +278,9 @@ class Waterfall:
             fetched_at=datetime.now(UTC),
         )
         self._new_answers[(key.id, provider.name)] = answer
+        if answer.found and key.strength >= 1.0:
+            for alias in alias_keys(key, answer.values):
+                self._new_answers.setdefault((alias.id, provider.name), answer)
         return answer
 
     @staticmethod

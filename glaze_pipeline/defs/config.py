@@ -29,7 +29,7 @@ class EnrichTableConfig(Config):
     max_chunks: int = Field(default=16, description="Max enrich steps (fan-out width).")
     concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
     threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
-    page_size: int = Field(default=1000, description="Rows per read page and write batch.")
+    page_size: int = Field(default=5000, description="Rows per read page and write batch.")
     kind: str = Field(
         default="enrich",
         description="enrich (fill cells), estimate (count what it would buy), pre_enrich "
