@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,20 +66,30 @@ class Stack:
 
     def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
         log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        # Its own session: stopping it stops its children too (the daemon's code server).
         process = subprocess.Popen(
-            list(args), cwd=self.home, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            list(args),
+            cwd=self.home,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes.append(process)
         self.logs[process.pid] = log
         return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the group outlived its leader
         self.processes.remove(process)
         self.logs.pop(process.pid).close()
 
