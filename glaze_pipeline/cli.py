@@ -517,7 +517,7 @@ def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Shrink S3-S5.")
 @click.option("--latency-ms", type=float, default=100.0, show_default=True)
 @click.option("--concurrency", type=int, default=200, show_default=True)
-@click.option("--page-size", type=int, default=1000, show_default=True)
+@click.option("--page-size", type=int, default=5000, show_default=True)
 @click.option(
     "--baseline-sample",
     type=float,

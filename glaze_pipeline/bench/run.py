@@ -40,6 +40,7 @@ from glaze_pipeline.bench.services import (
     redis_peak_mib,
 )
 from glaze_pipeline.bench.stack import fresh_postgres
+from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.seed import GENERATED_COMPANY_KEYS, GENERATED_PERSON_KEYS, seed_generated
 from glaze_pipeline.core.store import Store
 
@@ -122,7 +123,7 @@ class BenchSettings:
     baseline_pool: int = 40
     chunk_size: int = 500
     max_chunks: int = 16
-    page_size: int = 1000
+    page_size: int = JobSettings.page_size
     launch_requests: int = 10
     profile: bool = False  # py-spy flame graphs of the entity-first workers
     output_dir: str = "bench_results"
