@@ -760,6 +760,43 @@ async def aclose_providers(providers: Iterable[object]) -> None:
                 await provider.aclose()
 
 
+class _HttpProviderConfig(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def confidence(self) -> float: ...
+
+    @property
+    def http(self) -> HttpSettings: ...
+
+
+class HttpBackedProvider:
+    """What every HTTP provider shares: name, confidence and limits come from its config; its
+    client's health and lifecycle are the provider's. Subclasses set `config` and `http`."""
+
+    config: _HttpProviderConfig
+    http: ProviderClient
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def confidence(self) -> float:
+        return self.config.confidence
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.config.http.max_concurrency
+
+    def health(self) -> ProviderHealth:
+        return self.http.health()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
 @asynccontextmanager
 async def provider_session(providers: Iterable[object]) -> AsyncIterator[None]:
     """Use providers inside one event loop and close their clients at the end.

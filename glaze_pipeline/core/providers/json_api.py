@@ -34,9 +34,9 @@ from glaze_pipeline.core.providers.base import (
     ProviderError,
 )
 from glaze_pipeline.core.providers.http import (
+    HttpBackedProvider,
     HttpSettings,
     ProviderClient,
-    ProviderHealth,
     UnsupportedLookup,
     read_secret,
 )
@@ -222,8 +222,10 @@ class JsonApiConfig(BaseModel):
 # --- the provider --------------------------------------------------------------------------
 
 
-class JsonApiProvider:
+class JsonApiProvider(HttpBackedProvider):
     """A Provider backed by a JSON API described by a `JsonApiConfig`."""
+
+    config: JsonApiConfig
 
     def __init__(self, config: JsonApiConfig, *, http: ProviderClient | None = None) -> None:
         self.config = config
@@ -235,10 +237,6 @@ class JsonApiProvider:
             f"JsonApiProvider(name={self.name!r}, entity_type={self.entity_type.value!r}, "
             f"base_url={self.config.base_url!r})"
         )
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
     @property
     def entity_type(self) -> EntityType:
@@ -253,22 +251,8 @@ class JsonApiProvider:
         return self.config.cost_per_call
 
     @property
-    def confidence(self) -> float:
-        return self.config.confidence
-
-    @property
     def charges_misses(self) -> bool:
         return self.config.charges_misses
-
-    @property
-    def max_concurrency(self) -> int:
-        return self.config.http.max_concurrency
-
-    def health(self) -> ProviderHealth:
-        return self.http.health()
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
     def supports(self, key: EntityKey) -> bool:
         """Whether this vendor can be asked about `key` at all."""

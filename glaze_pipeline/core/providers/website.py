@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.base import ProviderAnswer
 from glaze_pipeline.core.providers.http import (
+    HttpBackedProvider,
     HttpSettings,
     ProviderClient,
-    ProviderHealth,
     UnsupportedLookup,
 )
 
@@ -168,8 +168,10 @@ def parse_homepage(html: str) -> HomepageFacts:
     return parser.facts
 
 
-class WebsiteProvider:
+class WebsiteProvider(HttpBackedProvider):
     """A Provider that reads company facts from the company's homepage (keyed by domain)."""
+
+    config: WebsiteConfig
 
     cost_per_call = 0.0
     charges_misses = False
@@ -183,26 +185,8 @@ class WebsiteProvider:
         return f"WebsiteProvider(name={self.name!r})"
 
     @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
     def fields(self) -> frozenset[str]:
         return WEBSITE_FIELDS
-
-    @property
-    def confidence(self) -> float:
-        return self.config.confidence
-
-    @property
-    def max_concurrency(self) -> int:
-        return self.config.http.max_concurrency
-
-    def health(self) -> ProviderHealth:
-        return self.http.health()
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
     def supports(self, key: EntityKey) -> bool:
         return (
