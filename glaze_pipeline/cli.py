@@ -27,8 +27,7 @@ err_console = Console(stderr=True)
 
 
 def _store(ctx: click.Context) -> Store:
-    store = Store(ctx.obj.get("database_url"))
-    return store
+    return Store(ctx.obj.get("database_url"))
 
 
 @click.group()
@@ -327,7 +326,11 @@ def run_enrich_job(
                 )
             raise GlazeError(f"{message} (run {result.run_id})")
         plan = result.output_for_node("detect_entities", "plan")
-    return Store(database_url).get_request(plan.request_id)
+    store = Store(database_url)
+    try:
+        return store.get_request(plan.request_id)
+    finally:
+        store.dispose()
 
 
 def render_request(request: Any) -> Table:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from dagster import DagsterInstance
 from sqlalchemy import text
 
+from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core.seed import LEADS_TABLE_ID, leads_column_id, leads_row_id, seed_leads
 from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.graphql_client import (
@@ -65,12 +65,6 @@ RUN_TIMEOUT_S = 45.0
 class DagsterServer:
     url: str
     home: Path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:

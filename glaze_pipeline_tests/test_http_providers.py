@@ -14,12 +14,13 @@ import logging
 import socket
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import (
@@ -56,8 +57,8 @@ from glaze_pipeline_tests.provider_helpers import (
     company_vendor,
     configure_vendor,
     fast_http,
-    free_port,
     run_waterfall,
+    wait_until,
 )
 
 SECRET = "sk-live-7f3a9c1e5b2d-DO-NOT-LOG"
@@ -102,15 +103,6 @@ async def lookups(
         return await asyncio.gather(
             *(provider.lookup(key, frozenset({"name"})) for key in keys), return_exceptions=True
         )
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # --- answers --------------------------------------------------------------------------------

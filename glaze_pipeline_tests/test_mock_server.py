@@ -6,7 +6,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,6 +21,7 @@ from glaze_pipeline.mock_server import (
     is_miss,
     record_for,
 )
+from glaze_pipeline_tests.provider_helpers import wait_until
 
 
 def vendors() -> dict[str, VendorConfig]:
@@ -198,19 +199,10 @@ def test_server_stops_promptly_with_a_request_hanging() -> None:
 
     caller = threading.Thread(target=hang)
     caller.start()
-    assert _eventually(lambda: server.stats()["vendors"].get("premium", {}).get("in_flight") == 1)
+    assert wait_until(lambda: server.stats()["vendors"].get("premium", {}).get("in_flight") == 1)
     started = time.perf_counter()
     server.stop()
     caller.join(5)
 
     assert time.perf_counter() - started < 3.0
     assert statuses == [503]  # woken by the shutdown and answered, not cut off
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True

@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -301,10 +301,12 @@ class CellTarget:
 def targets_for_row(
     row_id: str,
     data: Mapping[str, Any],
-    columns: Iterable[ColumnSpec],
+    columns: Sequence[ColumnSpec],
     ids: IdentifierColumns,
 ) -> list[CellTarget]:
     """Map each requested column of one row to the entity its field belongs to."""
+    if not columns:  # e.g. a whole-table job on a row whose cells are all filled
+        return []
     entities = identify_row(data, ids)
     targets = []
     for column in columns:
@@ -319,7 +321,6 @@ class EntityIndex:
     """Accumulates the unique entities of a job, page by page, with the fields they need."""
 
     fields: dict[EntityKey, set[str]] = field(default_factory=dict)
-    cells: dict[EntityKey, int] = field(default_factory=dict)
     cells_total: int = 0
     cells_without_identifier: int = 0
     rows_read: int = 0
@@ -332,7 +333,6 @@ class EntityIndex:
                 continue
             assert target.column.field is not None
             self.fields.setdefault(target.entity, set()).add(target.column.field.name)
-            self.cells[target.entity] = self.cells.get(target.entity, 0) + 1
 
     def __len__(self) -> int:
         return len(self.fields)

@@ -103,12 +103,6 @@ class JobTarget:
             return [c for c in self.columns if row.data.get(c.key) in (None, "")]
         return list(self.columns)
 
-    @property
-    def row_count_hint(self) -> int | None:
-        if self.cells is not None:
-            return len(self.cells)
-        return len(self.row_ids) if self.row_ids is not None else None
-
     def page_row_ids(self) -> list[str] | None:
         if self.cells is not None:
             return list(self.cells)
@@ -197,14 +191,13 @@ class Detection:
     cells_total: int
     cells_without_identifier: int
     rows_read: int
-    cells_per_entity: dict[str, int] = field(default_factory=dict)
 
 
 def detect_entities(store: Store, target: JobTarget, *, page_size: int = 5000) -> Detection:
     """Read the selected rows in pages and collect the unique entities their cells are about."""
     index = EntityIndex()
     for page in store.iter_row_pages(
-        target.table_id, row_ids=target.page_row_ids(), page_size=page_size
+        target.table_id, row_ids=target.page_row_ids(), page_size=page_size, with_meta=False
     ):
         index.rows_read += len(page)
         for row in page:
@@ -220,7 +213,6 @@ def detect_entities(store: Store, target: JobTarget, *, page_size: int = 5000) -
         cells_total=index.cells_total,
         cells_without_identifier=index.cells_without_identifier,
         rows_read=index.rows_read,
-        cells_per_entity={key.id: n for key, n in index.cells.items()},
     )
 
 

@@ -42,10 +42,6 @@ class RequestStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_REQUEST_STATUSES
-
 
 TERMINAL_REQUEST_STATUSES = frozenset(
     {

@@ -8,6 +8,7 @@ sensors, daemons or listeners claiming at once never launch a request twice.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -124,8 +125,6 @@ def claim(store: Store, *, limit: int = 10) -> list[ClaimedRequest]:
 
 def _json(value: Any) -> dict[str, Any]:
     if isinstance(value, str):  # SQLite hands raw JSON text back through text()
-        import json
-
         return dict(json.loads(value))
     return dict(value or {})
 
