@@ -268,10 +268,27 @@ def enqueue(
 def cancel(ctx: click.Context, request_id: str) -> None:
     """Ask for a request to be cancelled: queued ones end at once, running ones at their next step."""
     from glaze_pipeline.core import queue
+    from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
+    from glaze_pipeline.core.progress import open_progress
+    from glaze_pipeline.core.settings import redis_url
 
-    status = queue.request_cancel(_store(ctx), request_id)
+    store = _store(ctx)
+    before = RequestStatus(store.get_request(request_id).status)
+    if before in TERMINAL_REQUEST_STATUSES:
+        console.print(f"{request_id}: already ended {before.value}; nothing to cancel")
+        return
+    publisher = open_progress(redis_url())
+    try:
+        status = queue.request_cancel(store, request_id, publisher)
+    finally:
+        publisher.close()
     console.print(
-        f"{request_id}: {status}" + ("" if status == "cancelled" else " (cancel requested)")
+        f"{request_id}: {status.value}"
+        + (
+            ""
+            if status is RequestStatus.CANCELLED
+            else " (cancel requested: it stops within seconds)"
+        )
     )
 
 
@@ -282,18 +299,23 @@ def _column_id(info: Any, key_or_id: str) -> str:
     return str(info.column_by_key(key_or_id).id)
 
 
+def default_dagster_home() -> Path:
+    """.glaze/dagster, created with a minimal dagster.yaml: the instance used without DAGSTER_HOME."""
+    home = glaze_home() / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    return home
+
+
 def dagster_instance() -> DagsterInstance:
     """$DAGSTER_HOME's instance when set, else a persistent one under .glaze/dagster."""
     from dagster import DagsterInstance
 
     if os.environ.get("DAGSTER_HOME"):
         return DagsterInstance.get()
-    home = glaze_home() / "dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
-    return DagsterInstance.from_config(str(home))
+    return DagsterInstance.from_config(str(default_dagster_home()))
 
 
 def run_enrich_job(
@@ -399,14 +421,27 @@ def status(ctx: click.Context, request_id: str | None) -> None:
     default=None,
     help="Submit runs through Dagster's GraphQL API (e.g. http://127.0.0.1:3000/graphql).",
 )
-@click.option("--max-runs", type=int, default=4, show_default=True, help="Forked runs at once.")
-@click.option("--poll", type=float, default=0.5, show_default=True, help="Catch-up interval (s).")
+@click.option(
+    "--max-runs",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Forked runs at once.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Catch-up interval (s).",
+)
 @click.pass_context
 def launcher(ctx: click.Context, graphql_url: str | None, max_runs: int, poll: float) -> None:
     """Launch queued requests as they land (LISTEN/NOTIFY on Postgres), ahead of the sensor.
 
     By default each run executes in a child forked from this already-warm process (a real
-    Dagster run in $DAGSTER_HOME's instance); with --graphql-url it is submitted to Dagster.
+    Dagster run in $DAGSTER_HOME's instance, else .glaze/dagster's); with --graphql-url it is
+    submitted to Dagster. A database restart is waited out: it reconnects and catches up.
     """
     import logging
     import signal
@@ -420,16 +455,21 @@ def launcher(ctx: click.Context, graphql_url: str | None, max_runs: int, poll: f
         signal.signal(signum, lambda *_: stop.set())
     store = _store(ctx)
     if graphql_url:
-        launch, close = graphql_launch(graphql_url)
+        starter = graphql_launch(graphql_url)
         how = f"via {graphql_url}"
     else:
-        launch, close = fork_launch(ctx.obj.get("database_url"), max_runs=max_runs)
-        how = f"in forked workers (at most {max_runs} at once)"
+        if not os.environ.get("DAGSTER_HOME"):  # the children open DagsterInstance.get()
+            os.environ["DAGSTER_HOME"] = str(default_dagster_home())
+        starter = fork_launch(ctx.obj.get("database_url"), max_runs=max_runs)
+        how = (
+            f"in forked workers (at most {max_runs} at once), "
+            f"runs recorded in {os.environ['DAGSTER_HOME']}"
+        )
     console.print(f"launching queued requests from {_safe_url(store)} {how}")
     try:
-        run_launcher(store, launch, stop, poll)
+        run_launcher(store, starter, stop, poll)
     finally:
-        close()
+        starter.close()
 
 
 @cli.command("mock-providers")

@@ -4,7 +4,12 @@ from dagster import Definitions
 
 from glaze_pipeline.defs.assets import GLAZE_ASSETS
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.resources import (
+    EnrichmentProviders,
+    GlazeDatabase,
+    PreEnrichment,
+    ProgressChannel,
+)
 from glaze_pipeline.defs.sensors import GLAZE_SENSORS, pre_enrich_schedule
 
 
@@ -21,6 +26,7 @@ def build_definitions(
             "glaze_db": GlazeDatabase(url=database_url),
             "providers": EnrichmentProviders(config_file=providers_file),
             "progress": ProgressChannel(),
+            "pre_enrichment": PreEnrichment(),
         },
     )
 

@@ -7,29 +7,37 @@ on SQLite it polls every `poll_s`. It claims with the same atomic claim as the s
 two never launch a request twice, and the sensor stays as the durable catch-all: if the
 launcher is down, requests still run, only later.
 
-Two ways to start the run:
+Nothing but its stop event ends it: a database restart, a lost connection or a failed launch
+is logged in one line, waited out (0.5 s, doubling up to 5 s), and followed by a reconnect, a
+new LISTEN and a catch-up claim of whatever was queued meanwhile.
+
+Two ways to start the run, each a `RunStarter`:
 
 * `graphql_launch`: submit through Dagster's GraphQL API; Dagster's run launcher starts a run
   worker process, which pays Python + Dagster + code imports (~2 s here) before STARTED.
+  Unbounded: Dagster's run coordinator decides how many run at once.
 * `fork_launch`: this process has already imported everything; it forks a child per request
   that executes the job against the same Dagster instance (a real run: events, logs and asset
-  materializations in Dagster). STARTED follows the claim by a fraction of a second.
+  materializations in Dagster). STARTED follows the claim by a fraction of a second. At most
+  `max_runs` at once: the launcher claims no more than the free slots, so the rest stays queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from glaze_pipeline.core import queue
-from glaze_pipeline.core.models import RequestStatus
-from glaze_pipeline.core.store import GlazeError, Store
+from glaze_pipeline.core.requests import RequestRepository
+from glaze_pipeline.core.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,8 @@ NOTIFY_CHANNEL = "glaze_requests"
 
 # (request, op config, tags) -> Dagster run id
 LaunchFunction = Callable[[queue.ClaimedRequest, dict[str, Any], dict[str, str]], str]
+# How many more runs may start now; None: no limit here.
+Capacity = Callable[[], int | None]
 
 
 class LaunchRejected(Exception):
@@ -47,69 +57,168 @@ class AtCapacity(Exception):
     """No run slot free now: the request goes back to the queue."""
 
 
-class Launcher:
-    """Claims queued requests and launches a run for each through `launch`."""
+class LaunchFailed(Exception):
+    """A launch failed for a reason that may pass (Dagster unreachable): the claimed requests
+    went back to the queue, and the launcher waits before it tries again."""
 
-    def __init__(self, store: Store, launch: LaunchFunction, *, batch: int = 25) -> None:
+
+def unbounded() -> int | None:
+    return None
+
+
+def _nothing_to_close() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class RunStarter:
+    """How runs start: `launch` one, how many may start now (`capacity`), `close` at the end."""
+
+    launch: LaunchFunction
+    capacity: Capacity = unbounded
+    close: Callable[[], None] = _nothing_to_close
+
+
+class Launcher:
+    """Claims queued requests and launches a run for each through `launch`.
+
+    `capacity` says how many runs may start now (None: no limit): the launcher never claims
+    more, so a full launcher leaves the queue alone instead of claiming and re-queueing (which
+    on Postgres NOTIFYs, and would wake it again at once).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        launch: LaunchFunction,
+        *,
+        capacity: Capacity = unbounded,
+        batch: int = 25,
+        poll_s: float = 0.5,
+        retry_first_s: float = 0.5,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if not poll_s > 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        if not 0 < retry_first_s <= retry_max_s:
+            raise ValueError(
+                f"need 0 < retry_first_s <= retry_max_s, got {retry_first_s}, {retry_max_s}"
+            )
         self.store = store
         self.launch = launch
+        self.capacity = capacity
         self.batch = batch
+        self.poll_s = poll_s
+        self.retry_first_s = retry_first_s
+        self.retry_max_s = retry_max_s
         self.launched = 0
 
     def launch_pending(self) -> int:
-        """Claim and launch what is queued now; returns how many runs were launched."""
+        """Claim and launch what is queued now, up to the free run slots; returns how many.
+
+        A request that cannot run fails alone at claim. When a launch fails, the unlaunched rest
+        of the claimed batch goes back to the queue at once (for this launcher or the sensor)
+        and LaunchFailed is raised, so that `serve` waits before trying again.
+        """
+        requests = RequestRepository(self.store)
         launched = 0
-        while claimed := queue.claim(self.store, limit=self.batch):
-            for request in claimed:
-                try:
-                    config = queue.launch_config(self.store, request)
-                except GlazeError as error:
-                    queue.reject(self.store, request.id, str(error))
-                    continue
-                try:
-                    run_id = self.launch(request, config, queue.run_tags(request))
-                except LaunchRejected as error:
-                    queue.reject(self.store, request.id, f"launch refused: {error}")
-                    continue
-                except AtCapacity:
-                    self.store.update_request(request.id, status=RequestStatus.QUEUED.value)
-                    return launched
-                except Exception as error:
-                    # Give it back to the queue: the sensor (or the next wake-up) launches it.
-                    # A launch function that may have created a run anyway (a lost GraphQL
-                    # answer) checks for it before raising: see graphql_launch.
-                    log.warning("launching %s failed, re-queued: %s", request.id, error)
-                    self.store.update_request(request.id, status=RequestStatus.QUEUED.value)
-                    return launched
-                self.store.update_request(request.id, run_id=run_id)
-                launched += 1
-        self.launched += launched
+        try:
+            while (limit := self._free_slots()) > 0:
+                batch, rejected = queue.claim_launchable(self.store, limit=limit)
+                for position, item in enumerate(batch):
+                    request = item.request
+                    try:
+                        run_id = self.launch(request, item.config, item.tags)
+                    except LaunchRejected as error:
+                        if requests.reject(request.id, f"launch refused: {error}"):
+                            queue.settle_ended(self.store, request.id)  # let go of its rows
+                        continue
+                    except Exception as error:
+                        # AtCapacity (a slot taken since we counted), or the launch failed (a
+                        # lost GraphQL answer is checked for a run first: see graphql_launch).
+                        unlaunched = batch[position:]
+                        for item_back in unlaunched:
+                            requests.requeue(item_back.request.id, f"not launched: {error}")
+                        if isinstance(error, AtCapacity):
+                            return launched
+                        raise LaunchFailed(
+                            f"launching {request.id} failed, {len(unlaunched)} re-queued: "
+                            f"{_one_line(error)}"
+                        ) from error
+                    requests.attach_run(request.id, run_id)
+                    launched += 1
+                if len(batch) + len(rejected) < limit:
+                    break  # the queue is empty: no need to ask again
+        finally:
+            self.launched += launched
         return launched
 
-    def serve(self, stop: threading.Event, *, poll_s: float = 0.5) -> None:
-        """Launch until `stop` is set: woken by NOTIFY on Postgres, by a timer elsewhere."""
-        self.launch_pending()
+    def _free_slots(self) -> int:
+        free = self.capacity()
+        return self.batch if free is None else max(0, min(self.batch, free))
+
+    def serve(self, stop: threading.Event) -> None:
+        """Launch until `stop` is set: woken by NOTIFY on Postgres, every `poll_s` anyway.
+
+        On any error (the database restarting, a failed launch) it logs one line, waits (from
+        `retry_first_s`, doubling up to `retry_max_s`), reconnects and catches up.
+        """
+        delay = self.retry_first_s
+        failures = 0
+        while not stop.is_set():
+            try:
+                with contextlib.closing(self._wakeups(stop)) as wakeups:
+                    for _ in wakeups:
+                        self.launch_pending()
+                        if failures:
+                            log.info("launcher: back to normal after %d failed attempts", failures)
+                        delay, failures = self.retry_first_s, 0
+            except Exception as error:
+                failures += 1
+                log.warning("launcher: %s; retrying in %.1fs", _one_line(error), delay)
+                stop.wait(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    def _wakeups(self, stop: threading.Event) -> Iterator[None]:
+        """Yield whenever something may be waiting: at once (the catch-up), then on each NOTIFY
+        (Postgres) and every `poll_s`, until `stop` is set."""
         if self.store.dialect != "postgresql":
-            while not stop.wait(poll_s):
-                self.launch_pending()
+            yield
+            while not stop.wait(self.poll_s):
+                yield
             return
         import psycopg
 
         conninfo = make_url(self.store.url).set(drivername="postgresql")
         with psycopg.connect(
-            conninfo.render_as_string(hide_password=False), autocommit=True
+            conninfo.render_as_string(hide_password=False),
+            autocommit=True,
+            connect_timeout=10,
+            # a peer that vanished without closing (a network cut) is noticed within ~25 s
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
         ) as connection:
             connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            self.launch_pending()  # whatever landed before LISTEN took effect
+            yield  # whatever landed before LISTEN took effect, or while we were away
             while not stop.is_set():
-                # Wait for one NOTIFY or the poll timeout (a catch-up tick), then claim all.
-                for _ in connection.notifies(timeout=poll_s, stop_after=1):
+                for _ in connection.notifies(timeout=self.poll_s, stop_after=1):
                     pass
-                self.launch_pending()
+                for _ in connection.notifies(timeout=0):
+                    pass  # the rest of a burst: one claim serves them all
+                yield
 
 
-def graphql_launch(graphql_url: str) -> tuple[LaunchFunction, Callable[[], None]]:
-    """A LaunchFunction submitting through Dagster's GraphQL API, and its close function."""
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def graphql_launch(graphql_url: str) -> RunStarter:
+    """Start runs through Dagster's GraphQL API (no limit here: Dagster queues them)."""
     from glaze_pipeline.graphql_client import (
         DagsterGraphQLClient,
         GraphQLTransportError,
@@ -131,18 +240,20 @@ def graphql_launch(graphql_url: str) -> tuple[LaunchFunction, Callable[[], None]
                 return str(existing[0].run_id)
             raise
 
-    return launch, client.close
+    return RunStarter(launch, close=client.close)
 
 
 def fork_launch(
     database_url: str | None, *, providers_file: str | None = None, max_runs: int = 4
-) -> tuple[LaunchFunction, Callable[[], None]]:
-    """A LaunchFunction that runs each request in a child forked from this warm process.
+) -> RunStarter:
+    """Start each run in a child forked from this warm process, at most `max_runs` at once.
 
     The child executes `enrich_table` against $DAGSTER_HOME's instance with its own
-    connections. At most `max_runs` children run at once; beyond that the request waits in
-    the queue (AtCapacity), where this launcher or the sensor picks it up later.
+    connections. `capacity` counts the free slots, so the launcher claims no more than it can
+    start and the rest waits in the queue, for this launcher or the sensor.
     """
+    if max_runs < 1:
+        raise ValueError(f"max_runs must be >= 1, got {max_runs}")
     from dagster import DagsterInstance
     from dagster._core.utils import make_new_run_id
 
@@ -157,15 +268,18 @@ def fork_launch(
         pass
     children: set[int] = set()
 
-    def reap() -> None:
+    def capacity() -> int:
         for pid in list(children):
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # already reaped
+                done = pid
             if done:
                 children.discard(pid)
+        return max_runs - len(children)
 
     def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
-        reap()
-        if len(children) >= max_runs:
+        if capacity() < 1:
             raise AtCapacity(f"{len(children)} runs in progress")
         run_id = make_new_run_id()
         pid = os.fork()
@@ -190,15 +304,16 @@ def fork_launch(
 
     def close() -> None:
         for pid in list(children):
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
             children.discard(pid)
 
-    return launch, close
+    return RunStarter(launch, capacity=capacity, close=close)
 
 
-def run_launcher(store: Store, launch: LaunchFunction, stop: threading.Event, poll_s: float) -> int:
-    launcher = Launcher(store, launch)
+def run_launcher(store: Store, starter: RunStarter, stop: threading.Event, poll_s: float) -> int:
+    launcher = Launcher(store, starter.launch, capacity=starter.capacity, poll_s=poll_s)
     started = time.monotonic()
-    launcher.serve(stop, poll_s=poll_s)
+    launcher.serve(stop)
     log.info("launched %d runs in %.0fs", launcher.launched, time.monotonic() - started)
     return launcher.launched

@@ -19,7 +19,7 @@ from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, Tiere
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.schema import EntityCacheEntry
-from glaze_pipeline.core.singleflight import NoFlight, PostgresFlight, RedisFlight
+from glaze_pipeline.core.singleflight import FallbackFlight, NoFlight, PostgresFlight, RedisFlight
 from glaze_pipeline.core.store import Store
 
 HIT_KEY: CacheKey = ("company:domain:acme.com", "clearbit")
@@ -252,21 +252,31 @@ def test_tiered_cache_writes_every_tier(store: Store, client: redis.Redis) -> No
         assert set(tier.get_many([HIT_KEY])) == {HIT_KEY}
 
 
-def test_answer_sharing_with_redis(pg_store: Store, redis_url: str, client: redis.Redis) -> None:
-    with open_answer_sharing(pg_store, redis_url) as sharing:
-        assert sharing.backend == "redis"
-        assert isinstance(sharing.flight, RedisFlight)
+def test_answer_sharing_with_redis(store: Store, redis_url: str, client: redis.Redis) -> None:
+    with open_answer_sharing(store, redis_url) as sharing:
+        # Redis locks, with the database's lock behind them where there is one (Postgres).
+        assert isinstance(sharing.flight, FallbackFlight)
+        assert isinstance(sharing.flight.primary, RedisFlight)
+        if store.dialect == "postgresql":
+            assert sharing.backend == "redis+postgres"
+            assert isinstance(sharing.flight.fallback, PostgresFlight)
+            assert isinstance(sharing.flight.fallback.shared, SqlAnswerCache)
+        else:
+            assert sharing.backend == "redis"
+            assert isinstance(sharing.flight.fallback, NoFlight)
         sharing.cache.put_many({HIT_KEY: found()})
         assert client.exists("glaze:answer:clearbit:company:domain:acme.com") == 1
-        assert set(SqlAnswerCache(pg_store).get_many([HIT_KEY])) == {HIT_KEY}
+        assert set(SqlAnswerCache(store).get_many([HIT_KEY])) == {HIT_KEY}
 
 
 def test_answer_sharing_without_redis(store: Store) -> None:
     with open_answer_sharing(store) as sharing:
         if store.dialect == "postgresql":
+            assert sharing.backend == "postgres"
             assert isinstance(sharing.flight, PostgresFlight)
             assert isinstance(sharing.flight.shared, SqlAnswerCache)
         else:
+            assert sharing.backend == "none"
             assert isinstance(sharing.flight, NoFlight)
         sharing.cache.put_many({HIT_KEY: found()})
         assert set(SqlAnswerCache(store).get_many([HIT_KEY])) == {HIT_KEY}

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from glaze_pipeline.bench.stack import BIN, Stack, dagster_stack
 from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.defs.resources import GlazeDatabase
+from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
 from glaze_pipeline.defs.sensors import STALE_AFTER_ENV, request_reconciler
 from glaze_pipeline.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.conftest import APP_TABLES
@@ -31,16 +32,23 @@ from glaze_pipeline_tests.conftest import APP_TABLES
 FIELDS = ["name", "domain", "industry", "employee_count", "location"]
 
 
-@pytest.fixture
-def mock() -> Iterator[MockProviderServer]:
+@contextmanager
+def cheap_vendor(latency_ms: float) -> Iterator[MockProviderServer]:
+    """The mock server with one company vendor, `cheap`, answering in `latency_ms`."""
     config = MockConfig(
         vendors={
             "cheap": VendorConfig(
-                entity_type="company", fields=FIELDS, latency=Latency(mean_ms=100)
+                entity_type="company", fields=FIELDS, latency=Latency(mean_ms=latency_ms)
             )
         }
     )
     with MockProviderServer(config) as server:
+        yield server
+
+
+@pytest.fixture
+def mock() -> Iterator[MockProviderServer]:
+    with cheap_vendor(100) as server:
         yield server
 
 
@@ -70,11 +78,11 @@ def app_store(postgres_url: str) -> Iterator[Store]:
     store.dispose()
 
 
-@pytest.fixture
-def stack(
+@contextmanager
+def daemon_stack(
     postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
 ) -> Iterator[Stack]:
-    """Webserver + daemon over the session's Postgres database, with the mock providers."""
+    """The Dagster daemon over the session's Postgres database, with the mock providers."""
     empty_app_tables(postgres_url)
     with dagster_stack(postgres_url, webserver=False) as stack:
         stack.env["GLAZE_PROVIDERS_FILE"] = str(providers_file(tmp_path, mock))
@@ -86,6 +94,49 @@ def stack(
             str(BIN / "dagster-daemon"), "run", "-m", "glaze_pipeline.definitions", name="daemon"
         )
         yield stack
+
+
+@pytest.fixture
+def stack(
+    postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
+) -> Iterator[Stack]:
+    with daemon_stack(postgres_url, redis_url, tmp_path, mock) as stack:
+        yield stack
+
+
+def enrich_in_a_process(
+    tmp_path: Path, mock: MockProviderServer, table: Any, database_url: str, **env: str
+) -> tuple[list[str], dict[str, str]]:
+    """`glaze enrich` of the industry column as a user runs it: the command and its env."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
+    clean.update(
+        GLAZE_DATABASE_URL=database_url,
+        GLAZE_PROVIDERS_FILE=str(providers_file(tmp_path, mock)),
+        GLAZE_HOME=str(tmp_path / ".glaze"),
+        DAGSTER_HOME=str(tmp_path),
+        **env,
+    )
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    command = [str(BIN / "glaze"), "enrich", table.id, "--columns", "industry"]
+    return [*command, "--concurrency", "4"], clean
+
+
+def kill_mid_way(
+    command: list[str], env: dict[str, str], tmp_path: Path, mock: MockProviderServer, calls: int
+) -> None:
+    """Start `command`, SIGKILL it once the mock has answered `calls` lookups."""
+    victim = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while cheap_calls(mock) < calls:
+            assert time.monotonic() < deadline and victim.poll() is None
+            time.sleep(0.05)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    time.sleep(0.3)  # lookups sent just before the kill reach the mock's counter
 
 
 def empty_app_tables(url: str) -> None:
@@ -179,29 +230,10 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
 ) -> None:
     store = app_store
     table = seed_generated(store, rows=200, unique_companies=100)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
-    env.update(
-        GLAZE_DATABASE_URL=postgres_url,
-        GLAZE_REDIS_URL=redis_url,
-        GLAZE_PROVIDERS_FILE=str(providers_file(tmp_path, mock)),
-        GLAZE_HOME=str(tmp_path / ".glaze"),
-        DAGSTER_HOME=str(tmp_path),
+    enrich, env = enrich_in_a_process(
+        tmp_path, mock, table, postgres_url, GLAZE_REDIS_URL=redis_url
     )
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    enrich = [str(BIN / "glaze"), "enrich", table.id, "--columns", "industry", "--concurrency", "4"]
-
-    victim = subprocess.Popen(
-        enrich, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while cheap_calls(mock) < 20:  # mid-way: ~20 of 100 companies bought
-            assert time.monotonic() < deadline and victim.poll() is None
-            time.sleep(0.05)
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    time.sleep(0.3)  # lookups sent just before the kill reach the mock's counter
+    kill_mid_way(enrich, env, tmp_path, mock, calls=20)  # mid-way: ~20 of 100 companies bought
     asked_before_kill = cheap_calls(mock)
     assert 20 <= asked_before_kill < 100
     # Answers received before the kill were written through to Redis at once; only the
@@ -219,12 +251,18 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
     time.sleep(1.5)
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         with build_sensor_context(
-            instance=instance, resources={"glaze_db": GlazeDatabase(url=postgres_url)}
+            instance=instance,
+            resources={"glaze_db": GlazeDatabase(url=postgres_url), "progress": ProgressChannel()},
         ) as context:
             request_reconciler(context)
         request = store.get_request(request_id)
         assert request.status == "failed"
         assert "no heartbeat" in request.error and "worker died" in request.error
+        # Spend never lost: every call the killed worker sent is on its record, the ones in
+        # flight at the kill included (journalled before they left), and it is what was billed.
+        billed = mock.stats()["vendors"]["cheap"]
+        assert request.provider_calls == {"cheap_company": billed["requests"]}
+        assert request.cost == pytest.approx(billed["cost"])
         run = instance.get_run_by_id(request.run_id)
         assert run is not None and run.status.value == "FAILURE"  # Dagster is told too
 
@@ -239,3 +277,33 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
     assert store.get_request(rerun_id).cache_hits == kept
     assert cheap_calls(mock) == asked_before_kill + 100 - kept
     assert all(r.data["industry"] for r in store.rows_in_order(table.id))
+
+
+def test_on_the_sqlite_default_a_sigkilled_run_keeps_what_it_bought(
+    tmp_path: Path, mock: MockProviderServer
+) -> None:
+    """No Redis, SQLite: answers are written through to the entity_cache table every second
+    and every call is journalled before it is sent, so a SIGKILL loses neither."""
+    database = f"sqlite:///{tmp_path / 'glaze.db'}"
+    store = Store(database)
+    store.upgrade()
+    table = seed_generated(store, rows=200, unique_companies=100)
+    enrich, env = enrich_in_a_process(tmp_path, mock, table, database)
+    kill_mid_way(enrich, env, tmp_path, mock, calls=40)  # ~40 bought, over a second or more
+    billed = mock.stats()["vendors"]["cheap"]
+    with store.engine.connect() as connection:
+        [request_id] = connection.execute(text("SELECT id FROM enrichment_requests")).scalars()
+        kept = connection.execute(
+            text("SELECT count(*) FROM entity_cache WHERE provider = 'cheap_company'")
+        ).scalar()
+    # Every call sent is on record (journalled before it left), none settled after the kill.
+    from glaze_pipeline.core.requests import RequestRepository
+
+    spend = RequestRepository(store).spend(request_id)
+    assert spend.calls == {"cheap_company": billed["requests"]}
+    assert spend.cost == pytest.approx(billed["cost"])
+    # Answers reach the cache within a second of arriving: at most a second's worth (about 40
+    # at 4 x 100 ms) plus those in flight are lost, where before every one of them was.
+    assert billed["requests"] - 45 <= kept <= billed["requests"]
+    assert kept > 0, (kept, billed)
+    store.dispose()

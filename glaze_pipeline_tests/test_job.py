@@ -1,10 +1,12 @@
 """The Dagster layer: Definitions load, one in-process run per database, failures recorded."""
 
+import logging
 from typing import Any
 
 import pytest
 from dagster import DagsterEventType, DagsterInstance, Definitions
 
+from glaze_pipeline.core import queue
 from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_generated, seed_leads
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.definitions import build_definitions, defs
@@ -84,7 +86,21 @@ def test_leads_demo_table(sqlite_store: Store) -> None:
     }
     with DagsterInstance.ephemeral() as instance:
         result = run_job(sqlite_store, config, instance)
-    assert result.success
+        assert result.success
+        # Launched like the Launchpad or the CLI (no tags given): the run is tagged all the same,
+        # and a partial request (Katherine Johnson has no identifier) is visible on a green run.
+        run = instance.get_run_by_id(result.run_id)
+        assert run is not None
+        request = sqlite_store.get_request(run.tags["glaze/request"])
+        assert (request.status, request.run_id) == ("partial", result.run_id)
+        assert run.tags["glaze/table"] == "tbl_leads" and run.tags["glaze/kind"] == "enrich"
+        assert run.tags["glaze/outcome"] == "partial"
+        warnings = [
+            e.message
+            for e in instance.all_logs(result.run_id)
+            if e.level == logging.WARNING and e.message
+        ]
+        assert any(f"request {request.id} ended partial" in m for m in warnings)
     rows = {r.id: r for r in sqlite_store.rows_in_order("tbl_leads")}
     assert (
         rows["row_leads_01"].data["industry"] == rows["row_leads_07"].data["industry"]
@@ -105,7 +121,7 @@ def test_bad_config_fails_the_run_with_a_clear_error(store: Store) -> None:
 
 def test_queued_request_ends_failed_with_the_reason(store: Store) -> None:
     table = seed_generated(store, rows=3, unique_companies=1)
-    request_id = store.create_request(table_id=table.id, selection={"column_ids": ["col_nope"]})
+    request_id = queue.enqueue(store, table.id, {"column_ids": ["col_nope"]})
     with DagsterInstance.ephemeral() as instance:
         result = run_job(
             store,
@@ -141,7 +157,8 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     table = seed_generated(pg_store, rows=30, unique_companies=3)
     client = redis.Redis.from_url(redis_url)
     subscriber = client.pubsub()
-    subscriber.subscribe(f"glaze:table:{table.id}")
+    channel = ProgressChannel(redis_url=redis_url)
+    subscriber.subscribe(channel.table_channel(table.id))
     subscriber.get_message(timeout=1)  # the subscribe confirmation
     messages: list[dict[str, Any]] = []
 
@@ -159,7 +176,7 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
         resources={
             "glaze_db": GlazeDatabase(url=postgres_url),
             "providers": EnrichmentProviders(),
-            "progress": ProgressChannel(redis_url=redis_url),
+            "progress": channel,
         },
     ).get_job_def("enrich_table")
     config = {
@@ -175,10 +192,14 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     subscriber.close()
     client.close()
     events = [m["event"] for m in messages]
-    assert events == ["started", "progress", "progress", "progress", "finished"]
-    assert [m["progress"] for m in messages] == [0, 33, 66, 100, 100]
-    assert messages[-1]["status"] == "succeeded"
-    assert messages[2]["rows_written"] == 20 and messages[0]["cells_total"] == 30
+    assert events[0] == "started" and events[-1] == "finished"
+    enriching = [m for m in messages if m.get("phase") == "enriching"]
+    writing = [m for m in messages if m.get("phase") == "writing"]
+    assert enriching and enriching[-1]["entities_done"] == enriching[-1]["entities"]
+    assert [m["rows_written"] for m in writing] == [10, 20, 30]  # one message per page
+    progress = [m["progress"] for m in messages]
+    assert progress == sorted(progress) and progress[0] == 0 and progress[-1] == 100
+    assert messages[-1]["status"] == "succeeded" and messages[0]["cells_total"] == 30
 
 
 def test_an_unknown_request_id_is_named(store: Store) -> None:

@@ -2,32 +2,36 @@
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import (
-    DagsterInstance,
-    RunRequest,
-    SkipReason,
-    build_schedule_context,
-    build_sensor_context,
-)
+from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
+from sqlalchemy import text
 
 from glaze_pipeline.core import engine, queue
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
-from glaze_pipeline.core.engine import JobCancelled, JobSettings
+from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.models import EntityType, Selection
 from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.definitions import build_definitions
-from glaze_pipeline.defs.resources import GlazeDatabase
-from glaze_pipeline.defs.sensors import enrichment_queue_sensor, pre_enrich_schedule
+from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.sensors import enrichment_queue_sensor
 
 
 def columns(table: Any, *keys: str) -> dict[str, Any]:
     return {"column_ids": [table.column_by_key(k).id for k in keys]}
+
+
+def app_cancels(store: Store, request_id: str) -> None:
+    """What the app does to cancel: one plain SQL UPDATE of the flag."""
+    with store.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE enrichment_requests SET cancel_requested = true WHERE id = :id"),
+            {"id": request_id},
+        )
 
 
 def test_idempotency_key_yields_one_request(store: Store) -> None:
@@ -42,10 +46,11 @@ def test_claim_in_priority_order_and_never_a_cancelled_one(store: Store) -> None
     high = queue.enqueue(store, "t", {"whole_table": True}, priority=5)
     cancelled = queue.enqueue(store, "t", {"whole_table": True}, priority=9)
     assert queue.request_cancel(store, cancelled) == "cancelled"
-    claimed = queue.claim(store, limit=1)
+    requests = RequestRepository(store)
+    claimed = requests.claim(limit=1)
     assert [c.id for c in claimed] == [high]
-    assert [c.id for c in queue.claim(store, limit=10)] == [low]
-    assert queue.claim(store) == []
+    assert [c.id for c in requests.claim(limit=10)] == [low]
+    assert requests.claim() == []
     assert store.get_request(cancelled).status == "cancelled"
     assert store.get_request(high).status == "launched"
 
@@ -58,7 +63,7 @@ def test_two_concurrent_claimers_launch_each_request_once(store: Store) -> None:
     def claimer(slot: int) -> None:
         own = Store(store.url)  # its own connections, like a second daemon
         start.wait()
-        while batch := queue.claim(own, limit=5):
+        while batch := RequestRepository(own).claim(limit=5):
             claimed[slot].extend(r.id for r in batch)
         own.dispose()
 
@@ -81,7 +86,7 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
     negative = queue.enqueue(store, table.id, columns(table, "industry"), budget=-1)
     bad_shape = queue.enqueue(store, table.id, {"column_ids": [], "cells": []})
     unknown_column = queue.enqueue(store, table.id, {"column_ids": ["col_nope"]})
-    resources = {"glaze_db": GlazeDatabase(url=store.url)}
+    resources = {"glaze_db": GlazeDatabase(url=store.url), "progress": ProgressChannel()}
     with DagsterInstance.ephemeral() as instance:
         with build_sensor_context(instance=instance, resources=resources) as context:
             result = enrichment_queue_sensor(context)
@@ -99,7 +104,7 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
     }
     assert all(r.status == "failed" for r in reasons.values())
     assert "unknown table 'tbl_nope'" in reasons[unknown_table].error
-    assert "budget must be >= 0" in reasons[negative].error
+    assert "budget must be a number >= 0" in reasons[negative].error
     assert "invalid selection" in reasons[bad_shape].error
     assert "col_nope" in reasons[unknown_column].error
     assert store.get_request(good).status == "launched"
@@ -107,13 +112,14 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
 
 def test_reconcile_cancels_requeues_and_fails_dead_runs(store: Store) -> None:
     cancel_me = queue.enqueue(store, "t", {"whole_table": True})
-    store.update_request(cancel_me, cancel_requested=True)  # the app's plain SQL update
+    app_cancels(store, cancel_me)
     lost = queue.enqueue(store, "t", {"whole_table": True})
     dead = queue.enqueue(store, "t", {"whole_table": True})
     ended = queue.enqueue(store, "t", {"whole_table": True})
-    queue.claim(store, limit=10)
-    store.update_request(dead, status="running", run_id="run-dead")
-    store.update_request(ended, status="running", run_id="run-ended")
+    requests = RequestRepository(store)
+    requests.claim(limit=10)
+    assert requests.adopt(dead, "run-dead") is Adoption.ADOPTED
+    assert requests.adopt(ended, "run-ended") is Adoption.ADOPTED
     runs = {
         dead: queue.RunView("run-dead", "STARTED"),
         ended: queue.RunView("run-ended", "FAILURE"),
@@ -136,6 +142,24 @@ def test_reconcile_cancels_requeues_and_fails_dead_runs(store: Store) -> None:
     assert store.get_request(ended).status == "failed"
     assert "ended FAILURE" in store.get_request(ended).error
     assert len(actions) == 4
+    assert requests.transitions(lost) == [
+        (None, "queued"),
+        ("queued", "launched"),
+        ("launched", "queued"),
+    ]
+    assert requests.transitions(dead)[-1] == ("running", "failed")
+    # Reconciling again changes nothing: closed requests are history.
+    assert (
+        queue.reconcile(
+            store,
+            find_run=lambda r: runs.get(r.id),
+            cancel_run=lambda run_id: None,
+            report_dead_run=lambda run_id, reason: reported.append(run_id),
+            now=later,
+            stale_after=timedelta(minutes=5),
+        )
+        == []
+    )
 
 
 def test_cancel_stops_a_running_chunk(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,19 +170,23 @@ def test_cancel_stops_a_running_chunk(store: Store, monkeypatch: pytest.MonkeyPa
     request_id = engine.start_job(store, target, selection, JobSettings())
     detection = engine.detect_entities(store, target)
     provider = FakeProvider(EntityType.COMPANY, latency_s=0.05, max_concurrency=2)
-    store.update_request(request_id, cancel_requested=True)
-    with pytest.raises(JobCancelled):
-        engine.enrich_chunk(
-            store,
-            request_id,
-            detection.entities,
-            [provider],
-            JobSettings(concurrency=2),
-            cache=SqlAnswerCache(store),
-        )
-    assert provider.total_calls < 40  # stopped early
+    threading.Timer(0.2, app_cancels, (store, request_id)).start()
+    result = engine.enrich_chunk(
+        store,
+        request_id,
+        detection.entities,
+        [provider],
+        JobSettings(concurrency=2),
+        cache=SqlAnswerCache(store),
+    )
+    assert result.stopped == "cancelled by the user"
+    assert 0 < provider.total_calls < 40  # stopped early
+    cancelled = [o for o in result.outcomes.values() if o["industry"].error == "cancelled"]
+    assert len(cancelled) == 40 - provider.total_calls
     bought = SqlAnswerCache(store).get_many((e.key.id, provider.name) for e in detection.entities)
     assert len(bought) == provider.total_calls  # what was paid for is kept for the re-run
+    spend = RequestRepository(store).spend(request_id)
+    assert spend.calls == {provider.name: provider.total_calls} and spend.unsettled == 0
 
 
 def run_kind(store: Store, table: Any, kind: str, instance: DagsterInstance, **config: Any) -> Any:
@@ -200,26 +228,6 @@ def test_estimate_then_pre_enrich_then_enrich_buys_once(store: Store) -> None:
         assert enriched.cells_done == 90
 
 
-def test_pre_enrich_schedule_queues_new_tables_once(store: Store, tmp_path: Path) -> None:
-    table = seed_generated(store, rows=3, unique_companies=1)
-    # a schedule context needs a persistent instance
-    with DagsterInstance.local_temp(str(tmp_path)) as instance:
-        for _ in range(2):
-            with build_schedule_context(
-                instance=instance,
-                resources={"glaze_db": GlazeDatabase(url=store.url)},
-                scheduled_execution_time=utcnow(),
-            ) as context:
-                result = pre_enrich_schedule(context)
-            assert isinstance(result, SkipReason) and "queued pre_enrich for 1 tables" in str(
-                result.skip_message
-            )
-        assert instance.has_dynamic_partition("glaze_tables", table.id)
-    [claimed] = queue.claim(store)
-    assert (claimed.kind, claimed.table_id, claimed.priority) == ("pre_enrich", table.id, -10)
-    assert claimed.budget == 100
-
-
 def test_the_app_inserts_a_request_with_plain_sql(store: Store) -> None:
     """The app is not Python: a two-column INSERT is a complete, claimable request."""
     from sqlalchemy import text
@@ -230,7 +238,7 @@ def test_the_app_inserts_a_request_with_plain_sql(store: Store) -> None:
             text("INSERT INTO enrichment_requests (table_id, selection) VALUES (:t, :s)"),
             {"t": table.id, "s": '{"whole_table": true}'},
         )
-    [claimed] = queue.claim(store)
+    [claimed] = RequestRepository(store).claim()
     assert claimed.id.startswith("req_") and claimed.kind == "enrich"
     assert queue.launch_config(store, claimed)["whole_table"] is True
     request = store.get_request(claimed.id)

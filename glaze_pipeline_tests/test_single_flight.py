@@ -1,12 +1,14 @@
 """Single-flight across runs: real Redis locks, real Postgres advisory locks, real threads.
 
 Each run has its own flight, memory tier and provider instance, as separate processes would;
-they meet only in Redis and Postgres.
+they meet only in Redis and Postgres. "Redis down" is a Redis URL nobody listens on: the runs
+must fall back to the Postgres advisory locks and still buy every answer once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter
@@ -16,12 +18,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import text
 
+from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core import engine
 from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache
+from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.models import (
@@ -37,6 +43,8 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
+    Claim,
+    FallbackFlight,
     Flight,
     PostgresFlight,
     RedisFlight,
@@ -45,6 +53,7 @@ from glaze_pipeline.core.singleflight import (
 )
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import Waterfall, WaterfallStats
+from glaze_pipeline_tests.provider_helpers import wait_until
 
 COMPANIES = [
     EntityRequest(
@@ -58,21 +67,31 @@ KEY: CacheKey = ("company:domain:co000.example", PROVIDER)
 SharingFactory = Callable[..., AnswerSharing]
 
 
-@pytest.fixture(params=["redis", "postgres"])
+@pytest.fixture(params=["redis+postgres", "redis down", "postgres"])
 def open_sharing(request: pytest.FixtureRequest, pg_store: Store) -> Iterator[SharingFactory]:
-    """Opens one run's cache + flight on the given backend (Redis, else Postgres advisory locks)."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    """Opens one run's cache + flight: Redis locks with Postgres advisory locks behind them;
+    the same with Redis configured but down (the advisory locks alone then); or no Redis."""
+    url = {
+        "redis+postgres": request.getfixturevalue("redis_url"),
+        "redis down": down_redis_url(),
+        "postgres": None,
+    }[request.param]
     opened: list[AnswerSharing] = []
 
     def factory(max_wait: timedelta = DEFAULT_MAX_WAIT) -> AnswerSharing:
         sharing = open_answer_sharing(pg_store, url, settings=SharingSettings(max_wait=max_wait))
-        assert sharing.backend == request.param
+        assert sharing.backend == ("postgres" if url is None else "redis+postgres")
         opened.append(sharing)
         return sharing
 
     yield factory
     for sharing in opened:
         sharing.close()
+
+
+def down_redis_url() -> str:
+    """A Redis that is configured but down: nobody listens on its port."""
+    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 def provider() -> FakeProvider:
@@ -150,8 +169,6 @@ def test_waiter_reads_the_holders_answer_without_charge_or_budget(
     open_sharing: SharingFactory,
 ) -> None:
     holder, waiter = open_sharing(), open_sharing()
-    assert holder.flight.shared is not None
-    shared = holder.flight.shared
     answer = CachedAnswer(True, {"industry": "Bought once"}, {}, datetime.now(UTC))
     fake = provider()
     # A budget of nothing: the waiter would skip the field if it tried to reserve a call.
@@ -159,11 +176,12 @@ def test_waiter_reads_the_holders_answer_without_charge_or_budget(
 
     async def scenario() -> list[EntityOutcome]:
         claim = holder.flight.claim(KEY)
-        assert await claim.__aenter__() is True
+        taken = await claim.__aenter__()
+        assert taken.held is True and taken.shared is not None
         waiting = asyncio.create_task(waterfall.enrich_many(COMPANIES[:1]))
         await asyncio.sleep(0.15)
         assert not waiting.done()  # it missed the cache and is waiting on the holder
-        await asyncio.to_thread(shared.put_many, {KEY: answer})
+        await asyncio.to_thread(taken.shared.put_many, {KEY: answer})
         await claim.__aexit__(None, None, None)
         return await asyncio.wait_for(waiting, 5)
 
@@ -178,21 +196,22 @@ def test_waiter_reads_the_holders_answer_without_charge_or_budget(
     assert waterfall.budget.spent == 0 and not waterfall.budget.exhausted
 
 
-def test_leader_writes_its_answer_through_before_releasing(open_sharing: SharingFactory) -> None:
+def test_leader_writes_its_answer_through_before_releasing(
+    open_sharing: SharingFactory, pg_store: Store, request: pytest.FixtureRequest
+) -> None:
     sharing = open_sharing()
-    assert sharing.flight.shared is not None
-    shared = sharing.flight.shared
     fake = provider()
     waterfall = Waterfall([fake], budget=Budget(None), cache=sharing.cache, flight=sharing.flight)
-    request = COMPANIES[0]
+    # Enrich one entity but stop before the chunk-end flush: only write-through can share it.
+    asyncio.run(waterfall.enrich(COMPANIES[0]))
 
-    async def scenario() -> bool:
-        # Enrich one entity but stop before the chunk-end flush: only write-through can share it.
-        await waterfall.enrich(request)
-        return KEY in await asyncio.to_thread(shared.get_many, [KEY])
-
-    assert asyncio.run(scenario()) is True
     assert fake.total_calls == 1
+    # In SQL on either backend: it is where runs that hold the Postgres lock meet...
+    assert KEY in SqlAnswerCache(pg_store).get_many([KEY])
+    if request.node.callspec.params["open_sharing"] == "redis+postgres":
+        # ...and in Redis too, where runs that wait on Redis meet.
+        assert sharing.redis is not None
+        assert KEY in RedisAnswerCache(sharing.redis).get_many([KEY])
 
 
 def test_waiter_goes_ahead_after_max_wait(open_sharing: SharingFactory) -> None:
@@ -201,10 +220,10 @@ def test_waiter_goes_ahead_after_max_wait(open_sharing: SharingFactory) -> None:
 
     async def scenario() -> tuple[bool, float]:
         async with holder.flight.claim(KEY) as held:
-            assert held
+            assert held.held
             started = time.perf_counter()
             async with waiter.flight.claim(KEY) as waiter_held:
-                return waiter_held, time.perf_counter() - started
+                return waiter_held.held, time.perf_counter() - started
 
     waiter_held, waited = asyncio.run(scenario())
     assert waiter_held is False  # it proceeds, unlocked
@@ -219,7 +238,7 @@ def test_released_lock_is_taken_at_once(open_sharing: SharingFactory) -> None:
             pass
         started = time.perf_counter()
         async with second.flight.claim(KEY) as held:
-            return held, time.perf_counter() - started
+            return held.held, time.perf_counter() - started
 
     held, waited = asyncio.run(scenario())
     assert held is True
@@ -246,7 +265,7 @@ def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: s
 
     async def scenario() -> tuple[bool, float, bytes | str | None]:
         dead = holder.claim(KEY)
-        assert await dead.__aenter__() is True  # ...and the holder never releases
+        assert (await dead.__aenter__()).held is True  # ...and the holder never releases
         assert 0 < int(holder_client.pttl(lock)) <= 300
         started = time.perf_counter()
         async with waiter.claim(KEY) as held:
@@ -254,7 +273,7 @@ def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: s
             # The dead holder's late release must not free the lock the waiter now holds.
             await dead.__aexit__(None, None, None)
             still_locked = waiter_client.get(lock)
-        return held, waited, still_locked
+        return held.held, waited, still_locked
 
     held, waited, still_locked = asyncio.run(scenario())
     assert held is True
@@ -265,20 +284,17 @@ def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: s
     waiter_client.close()
 
 
-def test_redis_flight_fails_open_when_redis_is_down() -> None:
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    down = redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+def test_redis_flight_reports_itself_unavailable_when_redis_is_down() -> None:
+    down = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
     flight = RedisFlight(down, shared=None, max_wait=timedelta(seconds=5))
 
-    async def scenario() -> tuple[bool, float]:
+    async def scenario() -> tuple[Claim, float]:
         started = time.perf_counter()
-        async with flight.claim(KEY) as held:
-            return held, time.perf_counter() - started
+        async with flight.claim(KEY) as claim:
+            return claim, time.perf_counter() - started
 
-    held, waited = asyncio.run(scenario())
-    assert held is False
+    claim, waited = asyncio.run(scenario())
+    assert claim == Claim(held=False, shared=None, unavailable=True)
     assert waited < 1.0  # it did not wait out max_wait on a dead server
     assert flight.breaker.open
     down.close()
@@ -312,13 +328,13 @@ def test_postgres_lock_is_freed_when_the_holder_dies(pg_store: Store) -> None:
 
     async def scenario() -> tuple[bool, float]:
         dead = holder.claim(KEY)
-        assert await dead.__aenter__() is True
+        assert (await dead.__aenter__()).held is True
         started = time.perf_counter()
         waiting = asyncio.create_task(waiter.claim(KEY).__aenter__())
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await asyncio.to_thread(kill_holder)
-        held = await asyncio.wait_for(waiting, 5)
+        held = (await asyncio.wait_for(waiting, 5)).held
         waited = time.perf_counter() - started
         await dead.__aexit__(None, None, None)  # its session is gone: nothing to release
         return held, waited
@@ -329,7 +345,7 @@ def test_postgres_lock_is_freed_when_the_holder_dies(pg_store: Store) -> None:
 
     async def holder_recovers() -> bool:
         async with holder.claim(("company:domain:other.example", PROVIDER)) as again:
-            return again
+            return again.held
 
     assert asyncio.run(holder_recovers()) is True  # a fresh session, not a failed-open claim
     holder.close()
@@ -342,7 +358,7 @@ def test_postgres_flight_refuses_a_key_it_already_holds(pg_store: Store) -> None
 
     async def scenario() -> tuple[bool, bool]:
         async with flight.claim(KEY) as first, flight.claim(KEY) as second:
-            return first, second
+            return first.held, second.held
 
     assert asyncio.run(scenario()) == (True, False)
     flight.close()
@@ -365,6 +381,161 @@ def test_a_lock_taken_after_its_claimant_was_cancelled_is_given_back() -> None:
 
     asyncio.run(scenario())  # waits for the attempt's thread on the way out
     assert released.wait(2)
+
+
+# -- falling back from Redis to the database's lock ------------------------------------------
+
+FALLING_BACK = "single-flight: redis unavailable, falling back to postgres locks while it is down"
+
+FallbackFactory = Callable[[], tuple[FallbackFlight, RedisBreaker]]
+
+
+@pytest.fixture
+def fallback_flight(pg_store: Store, redis_url: str) -> Iterator[FallbackFactory]:
+    """Redis locks with Postgres advisory locks behind them, built by hand to reach the breaker."""
+    client = redis.Redis.from_url(redis_url)
+    opened: list[FallbackFlight] = []
+
+    def factory() -> tuple[FallbackFlight, RedisBreaker]:
+        breaker = RedisBreaker(cooldown_s=60)
+        on_redis = RedisFlight(
+            client, shared=RedisAnswerCache(client, breaker=breaker), breaker=breaker
+        )
+        on_postgres = PostgresFlight(pg_store.url, shared=SqlAnswerCache(pg_store))
+        opened.append(FallbackFlight(on_redis, on_postgres))
+        return opened[-1], breaker
+
+    yield factory
+    for flight in opened:
+        flight.close()
+    client.close()
+
+
+def advisory_lock_taken(store: Store, key: CacheKey) -> bool:
+    """Whether some session holds `key`'s advisory lock (asked from a session of our own)."""
+    with store.engine.connect() as connection:
+        free = connection.execute(
+            text("SELECT pg_try_advisory_lock(:id)"), {"id": advisory_lock_id(key)}
+        ).scalar_one()
+        if free:
+            connection.execute(
+                text("SELECT pg_advisory_unlock(:id)"), {"id": advisory_lock_id(key)}
+            )
+        connection.commit()
+    return not free
+
+
+def test_open_redis_breaker_falls_back_to_the_postgres_lock_and_sql(
+    fallback_flight: FallbackFactory,
+    pg_store: Store,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (holder, holder_breaker), (waiter, waiter_breaker) = fallback_flight(), fallback_flight()
+    client = redis.Redis.from_url(redis_url)
+    for breaker in (holder_breaker, waiter_breaker):
+        breaker.trip(redis.ConnectionError("redis is down"), "a test")
+    answer = CachedAnswer(True, {"industry": "Bought once"}, {}, datetime.now(UTC))
+    fake = provider()
+    # No cache and a budget of nothing: only the claim's tier can give the waiter its answer.
+    waterfall = Waterfall([fake], budget=Budget(0.0), flight=waiter)
+
+    async def scenario() -> list[EntityOutcome]:
+        claim = holder.claim(KEY)
+        taken = await claim.__aenter__()
+        assert taken.held is True
+        assert isinstance(taken.shared, SqlAnswerCache)  # it meets its contenders in SQL...
+        assert await asyncio.to_thread(advisory_lock_taken, pg_store, KEY)  # ...under this lock
+        assert client.keys("glaze:flight:*") == []  # and took nothing in Redis
+        waiting = asyncio.create_task(waterfall.enrich_many(COMPANIES[:1]))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the waiter fell back too, and waits on the Postgres lock
+        await asyncio.to_thread(taken.shared.put_many, {KEY: answer})
+        await claim.__aexit__(None, None, None)
+        return await asyncio.wait_for(waiting, 5)
+
+    with caplog.at_level(logging.WARNING, logger="glaze_pipeline.core.singleflight"):
+        [outcome] = asyncio.run(scenario())
+
+    industry = outcome.fields["industry"]
+    assert industry.status is CellStatus.DONE
+    assert industry.value is not None and industry.value.value == "Bought once"
+    assert fake.total_calls == 0
+    assert (waterfall.stats.cache_hits, waterfall.stats.shared_hits) == (1, 1)
+    assert not advisory_lock_taken(pg_store, KEY)  # released on the way out
+    assert [r.getMessage() for r in caplog.records].count(FALLING_BACK) == 2  # once per flight
+    client.close()
+
+
+def test_a_redis_holder_holds_the_postgres_lock_too_for_contenders_that_fell_back(
+    pg_store: Store, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Redis dies mid-purchase, in miniature: the holder took its lock on Redis, a contender
+    (for which Redis is already down) falls back to Postgres and must still find it taken."""
+    holder = open_answer_sharing(pg_store, redis_url)
+    contender = open_answer_sharing(pg_store, down_redis_url())
+    request.addfinalizer(holder.close)
+    request.addfinalizer(contender.close)
+    slow = FakeProvider(EntityType.COMPANY, name=PROVIDER, latency_s=0.5)
+    fake = provider()
+    holder_run = Waterfall([slow], budget=Budget(None), cache=holder.cache, flight=holder.flight)
+    contender_run = Waterfall(
+        [fake], budget=Budget(None), cache=contender.cache, flight=contender.flight
+    )
+    client = redis.Redis.from_url(redis_url)
+    request.addfinalizer(client.close)
+
+    def both_locks_taken() -> bool:
+        return bool(client.keys("glaze:flight:*")) and advisory_lock_taken(pg_store, KEY)
+
+    async def scenario() -> tuple[list[EntityOutcome], list[EntityOutcome]]:
+        buying = asyncio.create_task(holder_run.enrich_many(COMPANIES[:1]))
+        assert await asyncio.to_thread(wait_until, both_locks_taken)
+        waiting = asyncio.create_task(contender_run.enrich_many(COMPANIES[:1]))
+        return await asyncio.wait_for(buying, 5), await asyncio.wait_for(waiting, 5)
+
+    bought, read = asyncio.run(scenario())
+
+    assert (slow.total_calls, fake.total_calls) == (1, 0)
+    assert contender_run.stats.shared_hits == 1  # read from SQL, where the holder wrote it
+    for [outcome] in (bought, read):
+        assert outcome.fields["industry"].status is CellStatus.DONE
+        assert outcome.fields["industry"].value is not None
+        assert outcome.fields["industry"].value.value == fake_value(outcome.key, "industry")
+
+
+def test_redis_down_on_sqlite_goes_ahead_unlocked_and_says_so_once(
+    sqlite_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def claims(flight: Flight) -> list[Claim]:
+        taken = []
+        for key in (KEY, ("company:domain:other.example", PROVIDER)):
+            async with flight.claim(key) as claim:
+                taken.append(claim)
+        return taken
+
+    with (
+        caplog.at_level(logging.WARNING, logger="glaze_pipeline.core.singleflight"),
+        open_answer_sharing(sqlite_store, down_redis_url()) as sharing,
+    ):
+        assert sharing.backend == "redis"  # SQLite has no lock to put behind Redis's
+        taken = asyncio.run(claims(sharing.flight))
+
+    assert taken == [Claim(held=True, shared=None)] * 2  # nothing to wait on, nowhere to meet
+    fallbacks = [r for r in caplog.records if "no lock to fall back to" in r.getMessage()]
+    assert len(fallbacks) == 1
+
+
+def test_redis_up_on_sqlite_meets_in_redis_alone(sqlite_store: Store, redis_url: str) -> None:
+    async def claim_once(flight: Flight) -> Claim:
+        async with flight.claim(KEY) as claim:
+            return claim
+
+    with open_answer_sharing(sqlite_store, redis_url) as sharing:
+        claim = asyncio.run(claim_once(sharing.flight))
+
+    assert claim.held is True
+    assert isinstance(claim.shared, RedisAnswerCache)  # no per-answer SQL write on SQLite
 
 
 # -- through the engine ----------------------------------------------------------------------

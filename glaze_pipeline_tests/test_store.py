@@ -1,7 +1,5 @@
 """The store on both SQLite (the embedded default) and Postgres."""
 
-import threading
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -91,24 +89,3 @@ def test_user_edit_does_not_touch_status(store: Store) -> None:
     store.edit_cell(ids[0], "notes", "fixed by hand")
     row = store.get_row(ids[0])
     assert (row.status, row.error, row.data["notes"]) == ("failed", "boom", "fixed by hand")
-
-
-def test_budget_leases_never_exceed_the_budget_across_threads(store: Store) -> None:
-    request_id = store.create_request(table_id="t", selection={}, budget=40.0)
-    granted: list[float] = []
-    lock = threading.Lock()
-
-    def lease() -> None:
-        for _ in range(10):
-            amount = store.lease_budget(request_id, 3.0, 1.0)
-            with lock:
-                granted.append(amount)
-
-    threads = [threading.Thread(target=lease) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sum(granted) == pytest.approx(40.0)
-    store.return_budget(request_id, 5.0)
-    assert store.get_request(request_id).budget_reserved == pytest.approx(35.0)

@@ -2,8 +2,12 @@
 
 `open_answer_sharing(store, redis_url)` builds the pair a job uses, consistently:
 
-- with Redis: memory -> Redis -> SQL, and Redis locks; a bought answer is written through to
-  Redis at once, where concurrent runs wait for it;
+- with Redis, on Postgres: memory -> Redis -> SQL; runs wait on Redis locks, and a holder takes
+  the Postgres advisory lock behind its Redis one. A bought answer is written through to Redis
+  and to the `entity_cache` table before the locks are let go. While Redis is down, runs lock
+  and meet in Postgres alone: single-flight survives the outage (`FallbackFlight`);
+- with Redis, on SQLite: memory -> Redis -> SQL, and Redis locks; while Redis is down there is
+  no lock to fall back to, and runs go ahead unlocked (logged once);
 - without Redis, on Postgres: memory -> SQL, and advisory locks; the answer is written through
   to the `entity_cache` table;
 - without Redis, on SQLite (the embedded default, one process): memory -> SQL, no locking.
@@ -31,6 +35,7 @@ from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
+    FallbackFlight,
     Flight,
     NoFlight,
     PostgresFlight,
@@ -75,12 +80,8 @@ class AnswerSharing:
 
     @property
     def backend(self) -> str:
-        """Where runs meet: "redis", "postgres" or "none" (for run metadata and logs)."""
-        if isinstance(self.flight, RedisFlight):
-            return "redis"
-        if isinstance(self.flight, PostgresFlight):
-            return "postgres"
-        return "none"
+        """Where runs meet: "redis+postgres", "redis", "postgres" or "none" (for run logs)."""
+        return self.flight.backend
 
     def close(self) -> None:
         self.flight.close()
@@ -115,26 +116,32 @@ def open_answer_sharing(
     settings = settings or SharingSettings()
     memory = memory if memory is not None else MemoryCache()
     sql = SqlAnswerCache(store)
-    if redis_url:
-        client = redis_client(redis_url)
-        breaker = RedisBreaker()  # one server: when the cache finds it down, so does the flight
-        shared = RedisAnswerCache(
-            client,
-            ttl=settings.redis_ttl,
-            ttl_by_provider=settings.redis_ttl_by_provider,
-            miss_ttl=settings.redis_miss_ttl,
-            breaker=breaker,
-        )
-        flight: Flight = RedisFlight(
-            client,
-            shared=shared,
-            lock_ttl=settings.lock_ttl,
-            max_wait=settings.max_wait,
-            breaker=breaker,
-        )
-        return AnswerSharing(TieredCache([memory, shared, sql]), flight, client)
+    database = _database_flight(store, sql, settings)
+    if not redis_url:
+        return AnswerSharing(TieredCache([memory, sql]), database)
+    client = redis_client(redis_url)
+    breaker = RedisBreaker()  # one server: when the cache finds it down, so does the flight
+    shared = RedisAnswerCache(
+        client,
+        ttl=settings.redis_ttl,
+        ttl_by_provider=settings.redis_ttl_by_provider,
+        miss_ttl=settings.redis_miss_ttl,
+        breaker=breaker,
+    )
+    on_redis = RedisFlight(
+        client,
+        shared=shared,
+        lock_ttl=settings.lock_ttl,
+        max_wait=settings.max_wait,
+        breaker=breaker,
+    )
+    return AnswerSharing(
+        TieredCache([memory, shared, sql]), FallbackFlight(on_redis, database), client
+    )
+
+
+def _database_flight(store: Store, sql: SqlAnswerCache, settings: SharingSettings) -> Flight:
+    """The store's own single-flight: advisory locks on Postgres; none on SQLite (one process)."""
     if store.dialect == "postgresql":
-        flight = PostgresFlight(store.url, shared=sql, max_wait=settings.max_wait)
-    else:
-        flight = NoFlight()
-    return AnswerSharing(TieredCache([memory, sql]), flight)
+        return PostgresFlight(store.url, shared=sql, max_wait=settings.max_wait)
+    return NoFlight()

@@ -32,6 +32,7 @@ class Budget:
         self._block = block
         self._available = 0.0 if lease is not None else (limit or 0.0)
         self._lock = asyncio.Lock()
+        self._settled = asyncio.Event()
         self.spent = 0.0
         self.reserved = 0.0
         self.exhausted = False
@@ -46,21 +47,32 @@ class Budget:
         return self._available
 
     async def reserve(self, cost: float) -> bool:
-        """Set `cost` aside for one call; False when the budget cannot cover it."""
+        """Set `cost` aside for one call; False when the budget cannot cover it.
+
+        While other calls of this chunk hold reservations that may yet be given back (a free
+        miss, an error), it waits for them rather than refusing: the budget is exhausted only
+        when what is spent and what is in flight leave no room.
+        """
         if self.unlimited or cost <= 0:
             return True
-        async with self._lock:
-            if self._available + EPSILON < cost and self._lease is not None:
-                # A block at a time; when no full block is left, just what this call needs.
-                preferred = max(cost, self._block) - self._available
-                granted = await asyncio.to_thread(self._lease, preferred, cost - self._available)
-                self._available += granted
-            if self._available + EPSILON < cost:
-                self.exhausted = True
-                return False
-            self._available -= cost
-            self.reserved += cost
-            return True
+        while True:
+            async with self._lock:
+                if self._available + EPSILON < cost and self._lease is not None:
+                    # A block at a time; when no full block is left, just what this call needs.
+                    preferred = max(cost, self._block) - self._available
+                    granted = await asyncio.to_thread(
+                        self._lease, preferred, cost - self._available
+                    )
+                    self._available += granted
+                if self._available + EPSILON >= cost:
+                    self._available -= cost
+                    self.reserved += cost
+                    return True
+                if self.reserved <= EPSILON:
+                    self.exhausted = True
+                    return False
+                self._settled.clear()
+            await self._settled.wait()  # a reservation in flight was charged or given back
 
     def commit(self, cost: float) -> None:
         """The reserved call was charged."""
@@ -69,6 +81,7 @@ class Budget:
             return
         self.reserved -= cost
         self.spent += cost
+        self._settled.set()
 
     def release(self, cost: float) -> None:
         """The reserved call was not charged (a free miss, an error)."""
@@ -76,3 +89,4 @@ class Budget:
             return
         self.reserved -= cost
         self._available += cost
+        self._settled.set()

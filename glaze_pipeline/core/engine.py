@@ -9,10 +9,13 @@ so memory grows with unique entities, not with cells.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +36,14 @@ from glaze_pipeline.core.models import (
     FieldOutcome,
     RequestKind,
     RequestStatus,
+    RowStatus,
     Selection,
 )
 from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.http import provider_session
+from glaze_pipeline.core.requests import Beat, RequestRepository
 from glaze_pipeline.core.singleflight import Flight
+from glaze_pipeline.core.spend import SpendJournal
 from glaze_pipeline.core.status import aggregate_row
 from glaze_pipeline.core.store import (
     GlazeError,
@@ -46,16 +52,105 @@ from glaze_pipeline.core.store import (
     RowRecord,
     Store,
     UnknownColumnError,
-    utcnow,
 )
-from glaze_pipeline.core.waterfall import DEFAULT_THRESHOLD, Waterfall, WaterfallStats
+from glaze_pipeline.core.waterfall import CANCELLED, DEFAULT_THRESHOLD, Waterfall, WaterfallStats
+
+log = logging.getLogger(__name__)
 
 ROW_CHANGED = "row changed during the run"
-HEARTBEAT_SECONDS = 10.0
+# How often a running job stamps its request and reads its cancel flag, in every phase.
+HEARTBEAT_SECONDS = 1.0
+# How often answers bought are written through to the cache while a chunk runs.
+FLUSH_SECONDS = 1.0
+# How long a terminated chunk may take to let its lookups in flight come back.
+DRAIN_SECONDS = 4.0
 
 
 class JobCancelled(GlazeError):
-    """The request's cancel flag was seen; the job stops between writes."""
+    """The job must stop: its request was cancelled, its run terminated, or it was closed
+    under it (e.g. failed by the reconciler)."""
+
+
+class RequestWatch:
+    """Stamps a running request every `interval` seconds from a background thread, in every
+    phase of the job, and tells the job when to stop (a cancel flag, or the request closed
+    under it). A thread, so a phase busy in one long statement or loop still beats.
+
+    `progress()` supplies counters to stamp with each beat; `on_stop(reason)` is called once,
+    from the watch thread, when the job must stop.
+    """
+
+    def __init__(self, requests: RequestRepository, request_id: str) -> None:
+        self.requests = requests
+        self.request_id = request_id
+        self.progress: Callable[[], dict[str, int]] | None = None
+        self._on_stop: list[Callable[[str], None]] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stop_reason: str | None = None
+        self.beat: Beat | None = None
+
+    def __enter__(self) -> RequestWatch:
+        self.check_now()
+        self._thread = threading.Thread(
+            target=self._run, name=f"watch {self.request_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def on_stop(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            reason = self.stop_reason
+            if reason is None:
+                self._on_stop.append(callback)
+        if reason is not None:
+            callback(reason)
+
+    def stop(self, reason: str) -> None:
+        """Stop the job for `reason` (the first reason wins)."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            callbacks, self._on_stop = self._on_stop, []
+        for callback in callbacks:
+            callback(reason)
+
+    def raise_if_stopped(self) -> None:
+        """Raise JobCancelled when the job must stop (a cancel, or its request closed)."""
+        if self.stop_reason is not None:
+            raise JobCancelled(f"request {self.request_id}: {self.stop_reason}")
+
+    def raise_if_closed(self) -> None:
+        """Raise JobCancelled when the request was closed under the job (by the reconciler,
+        say): there is nothing left to write. A cancel flag alone does not raise: the job
+        still writes what it bought."""
+        if self.beat is not None and self.beat.status is not RequestStatus.RUNNING:
+            self.raise_if_stopped()
+
+    def check_now(self) -> Beat:
+        """One beat now (with progress); stops the job if it is no longer wanted."""
+        progress = self.progress() if self.progress is not None else {}
+        beat = self.requests.heartbeat(self.request_id, **progress)
+        self.beat = beat
+        if beat.cancel_requested:
+            self.stop("cancelled by the user")
+        elif beat.status is not RequestStatus.RUNNING:
+            self.stop(f"the request ended {beat.status.value} under the job")
+        return beat
+
+    def _run(self) -> None:
+        while not self._done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.check_now()
+            except Exception as error:  # a database blip must not kill the job's liveness
+                log.warning("heartbeat of %s failed: %s", self.request_id, error)
 
 
 Outcomes = dict[str, dict[str, FieldOutcome]]  # entity id -> field -> outcome
@@ -70,13 +165,14 @@ class JobSettings:
     max_chunks: int = 16
     concurrency: int = 50
     threshold: float = DEFAULT_THRESHOLD
-    # Rows per read page and per write statement: the job costs about 3 statements a page.
+    # Rows per read page and per write statement: the job costs about 4 statements a page
+    # (detection: read, hold `running`; apply: read, write).
     page_size: int = 5000
     budget_block_calls: int = 20
 
     def __post_init__(self) -> None:
-        if self.budget is not None and self.budget < 0:
-            raise InvalidSelectionError(f"budget must be >= 0, got {self.budget}")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 0):
+            raise InvalidSelectionError(f"budget must be a number >= 0, got {self.budget}")
         for name in ("chunk_size", "max_chunks", "concurrency", "page_size"):
             if getattr(self, name) < 1:
                 raise InvalidSelectionError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -164,24 +260,15 @@ def start_job(
     settings: JobSettings,
     *,
     kind: RequestKind = RequestKind.ENRICH,
-    request_id: str | None = None,
     run_id: str | None = None,
 ) -> str:
-    """Adopt a queued request (launched through the queue) or record a new one; mark it running."""
-    values: dict[str, Any] = {
-        "status": RequestStatus.RUNNING.value,
-        "started_at": utcnow(),
-        "run_id": run_id,
-    }
-    if request_id is not None:
-        store.update_request(request_id, **values)
-        return request_id
-    return store.create_request(
+    """Record a job started outside the queue (tests, scripts) as a running request."""
+    return RequestRepository(store).create_running(
         table_id=target.table_id,
-        kind=kind.value,
+        kind=kind,
         selection=selection.model_dump(mode="json"),
         budget=settings.budget,
-        **values,
+        run_id=run_id,
     )
 
 
@@ -193,17 +280,36 @@ class Detection:
     rows_read: int
 
 
-def detect_entities(store: Store, target: JobTarget, *, page_size: int = 5000) -> Detection:
-    """Read the selected rows in pages and collect the unique entities their cells are about."""
+def detect_entities(
+    store: Store,
+    target: JobTarget,
+    *,
+    page_size: int = 5000,
+    watch: RequestWatch | None = None,
+    request_id: str | None = None,
+) -> Detection:
+    """Read the selected rows in pages and collect the unique entities their cells are about.
+
+    With a `watch`, a cancel stops it between pages (JobCancelled). With a `request_id` (a job
+    that writes cells), each page's rows with a cell to fill are held `running` by it: one
+    statement per page; rows with nothing to fill are left as they are."""
     index = EntityIndex()
     for page in store.iter_row_pages(
         target.table_id, row_ids=target.page_row_ids(), page_size=page_size, with_meta=False
     ):
+        if watch is not None:
+            watch.raise_if_stopped()
         index.rows_read += len(page)
+        to_fill: list[str] = []
         for row in page:
-            index.add(
-                targets_for_row(row.id, row.data, target.columns_for(row), target.identifiers)
+            cell_targets = targets_for_row(
+                row.id, row.data, target.columns_for(row), target.identifiers
             )
+            if cell_targets:
+                to_fill.append(row.id)
+            index.add(cell_targets)
+        if request_id is not None:
+            store.hold_rows(target.table_id, request_id, RowStatus.RUNNING, row_ids=to_fill)
     entities = [
         EntityRequest(key, frozenset(fields))
         for key, fields in sorted(index.fields.items(), key=lambda item: item[0].id)
@@ -235,6 +341,7 @@ class ChunkResult:
     outcomes: Outcomes
     stats: WaterfallStats
     seconds: float
+    stopped: str | None = None  # why the chunk stopped early (a cancel), if it did
 
 
 def enrich_chunk(
@@ -247,53 +354,136 @@ def enrich_chunk(
     cache: AnswerCache | None,
     flight: Flight | None = None,
     dry_run: bool = False,
+    watch: RequestWatch | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> ChunkResult:
     """Run the waterfall over one chunk, drawing on the job's budget in blocks.
 
-    While it runs, it stamps the request every HEARTBEAT_SECONDS (so a dead worker is noticed)
-    and stops with JobCancelled when the request's cancel flag is set. `dry_run` estimates:
-    stand-in providers, a read-only cache, nothing bought.
+    Every call is journalled before it is sent (spend never lost), answers are written through
+    to the cache every FLUSH_SECONDS, and the request is watched every HEARTBEAT_SECONDS: on a
+    cancel no new lookup starts, the lookups in flight come back and are cached, and the
+    result says `stopped` (the entities not reached are `skipped: cancelled`).
+
+    The lookups run on an event loop in a worker thread, so that Dagster's Terminate (an
+    interrupt delivered to this, the main thread) can stop them the same way and let them
+    drain before it raises JobCancelled. `dry_run` estimates: stand-in providers, a read-only
+    cache, nothing bought, nothing journalled. `on_progress(entities done)` is called on each
+    flush.
     """
     started = time.perf_counter()
+    requests = RequestRepository(store)
+    journal: SpendJournal | None = None
     if dry_run:
         providers = [DryRunProvider(p) for p in providers]
         cache, flight = ReadOnlyCache(cache), None
+    else:
+        journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
     block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0.0)
     budget = Budget(
         settings.budget,
-        lease=lambda preferred, minimum: store.lease_budget(request_id, preferred, minimum),
+        lease=lambda preferred, minimum: requests.lease_budget(request_id, preferred, minimum),
         block=block,
     )
     waterfall = Waterfall(
-        providers, budget=budget, cache=cache, threshold=settings.threshold, flight=flight
+        providers,
+        budget=budget,
+        cache=cache,
+        threshold=settings.threshold,
+        flight=flight,
+        journal=journal,
     )
+    own_watch = watch is None
+    watch = watch or RequestWatch(requests, request_id)
 
     async def run() -> list[EntityOutcome]:
         async with provider_session(providers):  # HTTP clients live and close in this loop
-            return await heartbeat_while(
-                waterfall.enrich_many(chunk, concurrency=settings.concurrency)
-            )
+            flusher = asyncio.ensure_future(flush_while_running())
+            try:
+                return await waterfall.enrich_many(chunk, concurrency=settings.concurrency)
+            finally:
+                flusher.cancel()
+                if journal is not None:
+                    await journal.drain()
 
-    async def heartbeat_while(enriching: Awaitable[list[EntityOutcome]]) -> list[EntityOutcome]:
-        work = asyncio.ensure_future(enriching)
+    async def flush_while_running() -> None:
         while True:
-            done, _ = await asyncio.wait({work}, timeout=HEARTBEAT_SECONDS)
-            if done:
-                return work.result()
-            if await asyncio.to_thread(store.heartbeat, request_id):
-                waterfall.stop()
-                await work  # lookups in flight finish and are flushed to the cache
-                raise JobCancelled(f"request {request_id} was cancelled")
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await waterfall.flush_cache_async()
+            except Exception as error:  # the chunk's final flush tries again
+                log.warning("writing answers through to the cache failed: %s", error)
+            if on_progress is not None:
+                on_progress(waterfall.entities_done)
 
-    try:
-        outcomes = asyncio.run(run())
-    finally:
-        if not budget.unlimited:
-            store.return_budget(request_id, budget.unused)
+    outcome: dict[str, Any] = {}
+    # Waited on instead of Thread.join: a join interrupted by a signal can leave the thread
+    # reported dead while it still runs (CPython gh-90882), which would skip the drain.
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["value"] = asyncio.run(run())
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            finished.set()
+
+    interrupted: BaseException | None = None
+    with watch if own_watch else nullcontext():
+        # A flag read by the loop before each lookup: setting it from any thread is enough.
+        watch.on_stop(lambda _reason: waterfall.stop())
+        worker = threading.Thread(target=work, name=f"enrich {request_id}", daemon=True)
+        worker.start()
+        try:
+            while not finished.wait(0.1):
+                pass
+        except BaseException as error:  # Dagster's Terminate, or Ctrl-C: stop, then drain
+            interrupted = error
+            watch.stop("the run was terminated")
+            _drain(finished, requests, request_id)
+        finally:
+            if not budget.unlimited:
+                requests.return_budget(request_id, budget.unused)
+    if interrupted is not None:
+        raise JobCancelled(f"request {request_id}: the run was terminated") from interrupted
+    if "error" in outcome:
+        raise outcome["error"]
+    outcomes: list[EntityOutcome] = outcome["value"]
+    if on_progress is not None:
+        on_progress(waterfall.entities_done)
     return ChunkResult(
         outcomes={o.key.id: o.fields for o in outcomes},
         stats=waterfall.stats,
         seconds=time.perf_counter() - started,
+        stopped=watch.stop_reason if waterfall.stopped else None,
+    )
+
+
+def _drain(finished: threading.Event, requests: RequestRepository, request_id: str) -> None:
+    """After an interrupt: flag the request (no new call is journalled, a retried step stops
+    at once), then let the lookups in flight come back, however many interrupts follow."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    flagged = False
+    while not finished.is_set() and time.monotonic() < deadline:
+        try:
+            if not flagged:
+                flagged = True
+                requests.request_cancel(request_id)
+            finished.wait(0.1)
+        except BaseException:  # a repeated interrupt: keep draining until the deadline
+            continue
+    if not finished.is_set():
+        log.warning("lookups of %s still in flight after %.0fs", request_id, DRAIN_SECONDS)
+
+
+def stopped_chunk(chunk: Sequence[EntityRequest], reason: str) -> ChunkResult:
+    """The result of a chunk the job never started (a cancel came first): nothing bought."""
+    outcome = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED)
+    return ChunkResult(
+        outcomes={e.key.id: dict.fromkeys(e.fields, outcome) for e in chunk},
+        stats=WaterfallStats(),
+        seconds=0.0,
+        stopped=reason,
     )
 
 
@@ -334,38 +524,45 @@ def apply_results(
     *,
     page_size: int = 5000,
     progress: ProgressCallback | None = None,
+    watch: RequestWatch | None = None,
+    cancelled: bool = False,
 ) -> ApplySummary:
-    """Write every selected cell's outcome: one read and one JSON-merge UPDATE per page of rows."""
+    """Write every selected cell's outcome: one read and one JSON-merge UPDATE per page of rows.
+
+    The rows written are let go of by this request in the same statement (their status is
+    the patch's); rows it skips stay held until `finish_job` (or whatever ends it) lets go.
+
+    With a `watch`, its beats carry the counters so far, and a request closed under the job
+    stops it between pages (every row is then either fully written by this job or untouched).
+    A `cancelled` job still writes what it bought; its cells with no answer are counted
+    `skipped: cancelled` on the request and are left untouched in the rows.
+    """
     started = time.perf_counter()
     before = store.statements
     summary = ApplySummary()
-    last_beat = time.monotonic()
+    if watch is not None:
+        watch.progress = lambda: progress_counters(summary)
+    missing = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED if cancelled else ROW_CHANGED)
     for page in store.iter_row_pages(
         target.table_id, row_ids=target.page_row_ids(), page_size=page_size
     ):
+        if watch is not None:
+            watch.raise_if_closed()
         summary.rows_read += len(page)
         patches = []
         for row in page:
-            patch = _row_patch(row, target, outcomes, request_id, summary.cells)
+            patch = _row_patch(row, target, outcomes, request_id, summary.cells, missing)
             if patch is not None:
                 patches.append(patch)
-        summary.rows_written += store.apply_patches(patches)
+        summary.rows_written += store.apply_patches(patches, request_id=request_id)
         if progress is not None:
             progress(summary)
-        if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
-            # Progress for the app, liveness for the reconciler; a cancel stops between pages,
-            # so every row is either fully written by this job or untouched.
-            last_beat = time.monotonic()
-            if store.heartbeat(request_id, **_progress_counters(summary)):
-                raise JobCancelled(
-                    f"request {request_id} was cancelled after {summary.rows_written} rows"
-                )
     summary.statements = store.statements - before
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _progress_counters(summary: ApplySummary) -> dict[str, int]:
+def progress_counters(summary: ApplySummary) -> dict[str, int]:
     return {
         "rows_written": summary.rows_written,
         "cells_done": summary.cells[CellStatus.DONE],
@@ -381,6 +578,7 @@ def _row_patch(
     outcomes: Outcomes,
     request_id: str,
     counts: Counter[str],
+    missing: FieldOutcome,
 ) -> RowPatch | None:
     cell_targets = targets_for_row(row.id, row.data, target.columns_for(row), target.identifiers)
     if not cell_targets:
@@ -393,12 +591,19 @@ def _row_patch(
             outcome = FieldOutcome(CellStatus.FAILED, error=NO_IDENTIFIER)
         else:
             found = outcomes.get(cell.entity.id, {}).get(cell.column.field.name)
-            # The row's identifiers changed after detection: this job has no answer for it.
-            outcome = found or FieldOutcome(CellStatus.SKIPPED, error=ROW_CHANGED)
+            # None: the row's identifiers changed after detection, or the job was cancelled
+            # before it reached this entity: either way this job has no answer for it.
+            outcome = found or missing
         counts[outcome.status.value] += 1
+        if outcome.error == CANCELLED:
+            # A cell the cancelled job never reached is left as it was (its row goes back to
+            # the status it had); the request counts it `skipped: cancelled`.
+            continue
         meta[cell.column.key] = cell_meta(outcome, request_id)
         if outcome.status is CellStatus.DONE and outcome.value is not None:
             data[cell.column.key] = outcome.value.value
+    if not meta:
+        return None
     status, confidence, error = aggregate_row({**row.meta, **meta})
     return RowPatch(row.id, data, meta, status.value, confidence, error)
 
@@ -433,53 +638,65 @@ def finish_job(
     kind: RequestKind = RequestKind.ENRICH,
     detection_cells: int = 0,
     cells_without_identifier: int = 0,
-) -> RequestStatus:
+    cancelled: str | None = None,
+) -> RequestStatus | None:
     """Close the request: terminal status with a reason, counters, calls and cost.
 
-    An `estimate` stores what the job would buy; a `pre_enrich` only warmed the cache.
+    The calls and cost are the spend ledger's (RequestRepository folds it in at every ending),
+    not this process's counts. An `estimate` stores what the job would buy; a `pre_enrich`
+    only warmed the cache; `cancelled` (the reason) ends it `cancelled` with what it wrote.
+    Returns the status written, or None when the request had already ended (it is then left
+    as it is: a terminal request is history).
+
+    Then the rows the request still holds (not written: a cancel, a row with nothing to fill)
+    are let go of, after the ending, so no later page can hold one again.
     """
-    if kind is RequestKind.ESTIMATE:
-        store.update_request(
-            request_id,
-            status=RequestStatus.SUCCEEDED.value,
-            finished_at=utcnow(),
+    requests = RequestRepository(store)
+    status: RequestStatus | None
+    if kind is RequestKind.ESTIMATE and cancelled is None:
+        report = estimate_report(
+            stats,
             entities=entities,
-            cells_total=detection_cells,
-            estimate=estimate_report(
-                stats,
-                entities=entities,
-                cells=detection_cells,
-                cells_without_identifier=cells_without_identifier,
-            ),
+            cells=detection_cells,
+            cells_without_identifier=cells_without_identifier,
         )
-        return RequestStatus.SUCCEEDED
-    status = final_status(summary.cells) if kind is RequestKind.ENRICH else RequestStatus.SUCCEEDED
-    error = None
-    if status is not RequestStatus.SUCCEEDED:
-        error = (
-            f"{summary.cells[CellStatus.FAILED]} cells failed, "
-            f"{summary.cells[CellStatus.SKIPPED]} skipped"
-        )
-    store.update_request(
-        request_id,
-        status=status.value,
-        error=error,
-        finished_at=utcnow(),
-        entities=entities,
-        rows_total=summary.rows_read,
-        cells_total=summary.cells_total if kind is RequestKind.ENRICH else detection_cells,
-        cache_hits=stats.cache_hits,
-        provider_calls=dict(stats.calls),
-        cost_by_provider={name: round(cost, 6) for name, cost in stats.cost.items()},
-        cost=round(sum(stats.cost.values()), 6),
-        **_progress_counters(summary),
-    )
+        counters = {"entities": entities, "cells_total": detection_cells, "estimate": report}
+        written = requests.finish(request_id, RequestStatus.SUCCEEDED, counters=counters)
+        status = RequestStatus.SUCCEEDED if written else None
+    else:
+        # Calls and cost are not among them: the spend ledger is their one source.
+        counters = {
+            "entities": entities,
+            "rows_total": summary.rows_read,
+            "cells_total": summary.cells_total if kind is RequestKind.ENRICH else detection_cells,
+            "cache_hits": stats.cache_hits,
+            **progress_counters(summary),
+        }
+        if cancelled is not None:
+            written = requests.cancel(request_id, cancelled, counters=counters)
+            status = RequestStatus.CANCELLED if written else None
+        else:
+            status = (
+                final_status(summary.cells)
+                if kind is RequestKind.ENRICH
+                else RequestStatus.SUCCEEDED
+            )
+            error = None
+            if status is not RequestStatus.SUCCEEDED:
+                error = (
+                    f"{summary.cells[CellStatus.FAILED]} cells failed, "
+                    f"{summary.cells[CellStatus.SKIPPED]} skipped"
+                )
+            if not requests.finish(request_id, status, error=error, counters=counters):
+                status = None
+    store.release_rows(request_id)
     return status
 
 
-def fail_job(store: Store, request_id: str, error: BaseException | str) -> None:
-    """Record that a job died, with the reason; rows keep what was written (consistent per row)."""
+def fail_job(store: Store, request_id: str, error: BaseException | str) -> bool:
+    """Record that a job died, with the reason; rows keep what was written (consistent per row)
+    and the rows it still held are let go of. False when the request had already ended."""
     reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    store.update_request(
-        request_id, status=RequestStatus.FAILED.value, error=reason[:2000], finished_at=utcnow()
-    )
+    failed = RequestRepository(store).fail(request_id, reason)
+    store.release_rows(request_id)
+    return failed

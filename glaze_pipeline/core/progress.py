@@ -1,22 +1,62 @@
 """Live progress for the app (seed 004's realtime view): Redis pub/sub, one message per page.
 
-Channels: `glaze:request:<request id>` and `glaze:table:<table id>`. Each message is JSON:
+Channels: `<prefix>:request:<request id>` and `<prefix>:table:<table id>`. Each message is JSON:
 `{"event": "started" | "progress" | "finished", "request_id", "table_id", ...counters}` with
-`progress` in percent of cells. Publishing is fire-and-forget: a missing or failing Redis never
-slows or fails a job (the request row stays the source of truth).
+`progress` in percent of cells. `finished` is sent on every ending (succeeded, partial, failed,
+cancelled), whoever records it: the job itself, the run status sensors or the reconciler.
+Publishing is fire-and-forget: a missing or failing Redis never slows or fails a job (the
+request row stays the source of truth).
+
+The prefix: explicit (`ProgressChannel(prefix=...)`), else `GLAZE_PROGRESS_PREFIX` (read when
+a publisher opens, never at import), else one derived from the Redis database: `glaze` for
+db 0, `glaze:db<N>` for db N. Pub/sub ignores the database number (a channel is server-wide),
+so without this two environments sharing one Redis server on different databases would hear
+each other; environments sharing one database need distinct `GLAZE_PROGRESS_PREFIX`es.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Protocol
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from glaze_pipeline.core.schema import EnrichmentRequest
 
 log = logging.getLogger(__name__)
 
+PREFIX_ENV = "GLAZE_PROGRESS_PREFIX"
+DEFAULT_PREFIX = "glaze"
 
-def channels(request_id: str, table_id: str) -> tuple[str, str]:
-    return f"glaze:request:{request_id}", f"glaze:table:{table_id}"
+
+def default_prefix(db: int) -> str:
+    """`glaze` on database 0 (the channels every earlier version used), `glaze:db<N>` else."""
+    return DEFAULT_PREFIX if db == 0 else f"{DEFAULT_PREFIX}:db{db}"
+
+
+def resolve_prefix(redis_url: str | None, explicit: str | None = None) -> str:
+    """The channel prefix: explicit, else GLAZE_PROGRESS_PREFIX, else by the URL's database."""
+    chosen = explicit or os.environ.get(PREFIX_ENV, "").strip()
+    if chosen:
+        return chosen.rstrip(":")
+    if not redis_url:
+        return DEFAULT_PREFIX
+    from redis.connection import parse_url  # redis only where Redis is configured
+
+    return default_prefix(int(parse_url(redis_url).get("db") or 0))
+
+
+def request_channel(prefix: str, request_id: str) -> str:
+    return f"{prefix}:request:{request_id}"
+
+
+def table_channel(prefix: str, table_id: str) -> str:
+    return f"{prefix}:table:{table_id}"
+
+
+def channels(request_id: str, table_id: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    return request_channel(prefix, request_id), table_channel(prefix, table_id)
 
 
 class ProgressPublisher(Protocol):
@@ -36,10 +76,11 @@ class NoProgress:
 class RedisProgress:
     """Publishes progress events to Redis; errors are logged once and otherwise ignored."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prefix: str | None = None) -> None:
         import redis
 
         self._client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self.prefix = prefix or resolve_prefix(url)
         self._failed = False
 
     def publish(self, event: str, request_id: str, table_id: str, **counters: Any) -> None:
@@ -49,7 +90,7 @@ class RedisProgress:
         )
         try:
             pipe = self._client.pipeline(transaction=False)
-            for channel in channels(request_id, table_id):
+            for channel in channels(request_id, table_id, self.prefix):
                 pipe.publish(channel, message)
             pipe.execute()
         except Exception as error:  # progress is best effort by design
@@ -61,9 +102,33 @@ class RedisProgress:
         self._client.close()
 
 
+def publish_finished(publisher: ProgressPublisher, request: EnrichmentRequest) -> None:
+    """`finished` for a request that ended, from what its row records (status, reason, counts):
+    how endings recorded outside the job (sensors, reconciler) reach subscribers."""
+    publisher.publish(
+        "finished",
+        request.id,
+        request.table_id,
+        status=request.status,
+        error=request.error,
+        rows_written=request.rows_written,
+        cells={
+            "done": request.cells_done,
+            "not_found": request.cells_not_found,
+            "failed": request.cells_failed,
+            "skipped": request.cells_skipped,
+        },
+        cost=request.cost,
+        progress=100,
+    )
+
+
 def percent(done: int, total: int) -> int:
     return 100 if total <= 0 else min(100, done * 100 // total)
 
 
-def open_progress(redis_url: str | None) -> ProgressPublisher:
-    return RedisProgress(redis_url) if redis_url else NoProgress()
+def open_progress(redis_url: str | None, prefix: str | None = None) -> ProgressPublisher:
+    """A publisher on `redis_url` (none: silent) under `resolve_prefix(redis_url, prefix)`."""
+    return (
+        RedisProgress(redis_url, resolve_prefix(redis_url, prefix)) if redis_url else NoProgress()
+    )

@@ -1,49 +1,50 @@
-"""The request queue: the app inserts rows into `enrichment_requests`; we claim, launch, close.
+"""Launching queued requests: claim, validate, build the run's config and tags; reconcile.
 
 Life of a request: `queued` -> `launched` (claimed, run requested) -> `running` (the run's first
-step adopted it) -> `succeeded` | `partial` | `failed` | `cancelled`. A claim is one UPDATE over
-`FOR UPDATE SKIP LOCKED` rows on Postgres (a single writer does the same on SQLite), so two
-sensors, daemons or listeners claiming at once never launch a request twice.
+step adopted it) -> `succeeded` | `partial` | `failed` | `cancelled`. Every status write goes
+through `RequestRepository` (core/requests.py); this module decides *what* to write. A claim is
+one UPDATE over `FOR UPDATE SKIP LOCKED` rows on Postgres (a single writer does the same on
+SQLite), so two sensors, daemons or listeners claiming at once never launch a request twice,
+and a request that cannot run fails alone, at claim, with its reason.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from glaze_pipeline.core.engine import JobSettings, resolve_target
-from glaze_pipeline.core.models import RequestKind, RequestStatus, Selection
-from glaze_pipeline.core.schema import EnrichmentRequest
-from glaze_pipeline.core.store import (
-    REQUEST_DEFAULTS,
-    InvalidSelectionError,
-    Store,
-    new_id,
-    utcnow,
+from glaze_pipeline.core.engine import JobSettings, JobTarget, resolve_target
+from glaze_pipeline.core.models import RequestKind, RequestStatus, RowStatus, Selection
+from glaze_pipeline.core.progress import ProgressPublisher, publish_finished
+from glaze_pipeline.core.requests import (
+    PRIORITY_DEFAULT,
+    PRIORITY_PRE_ENRICH,
+    ActiveRequest,
+    ClaimedRequest,
+    RequestRepository,
 )
+from glaze_pipeline.core.store import GlazeError, InvalidSelectionError, Store
 
-# Priority: higher first. Pre-enrichment runs below anything a user asked for.
-PRIORITY_DEFAULT = 0
-PRIORITY_PRE_ENRICH = -10
-ACTIVE = (RequestStatus.LAUNCHED.value, RequestStatus.RUNNING.value)
-
-
-@dataclass(frozen=True)
-class ClaimedRequest:
-    id: str
-    table_id: str
-    kind: str
-    selection: dict[str, Any]
-    budget: float | None
-    priority: int
+__all__ = [
+    "PRIORITY_DEFAULT",
+    "PRIORITY_PRE_ENRICH",
+    "ActiveRequest",
+    "ClaimedRequest",
+    "Launchable",
+    "RunView",
+    "claim_launchable",
+    "close_for_run",
+    "enqueue",
+    "launch_config",
+    "reconcile",
+    "request_cancel",
+    "run_tags",
+    "settle_ended",
+]
 
 
 def enqueue(
@@ -56,81 +57,122 @@ def enqueue(
     priority: int = PRIORITY_DEFAULT,
     idempotency_key: str | None = None,
 ) -> str:
-    """Queue a request as the app would; the same idempotency key yields the same request."""
-    if isinstance(selection, Selection):
-        selection = selection.model_dump(mode="json")
-    values = {
-        "id": new_id("req"),
-        "table_id": table_id,
-        "kind": RequestKind(kind).value,
-        "selection": dict(selection),
-        "budget": budget,
-        "priority": priority,
-        "idempotency_key": idempotency_key,
-        "status": RequestStatus.QUEUED.value,
-        "created_at": utcnow(),
-        "updated_at": utcnow(),
-    }
-    values = {**REQUEST_DEFAULTS, **values}
-    insert = pg_insert if store.dialect == "postgresql" else sqlite_insert
-    statement = insert(EnrichmentRequest).values(values)
-    if idempotency_key is not None:
-        statement = statement.on_conflict_do_nothing(index_elements=["table_id", "idempotency_key"])
-    with store.engine.begin() as connection:
-        connection.execute(statement)
-        if idempotency_key is None:
-            return str(values["id"])
-        return str(
-            connection.scalar(
-                select(EnrichmentRequest.id).where(
-                    EnrichmentRequest.table_id == table_id,
-                    EnrichmentRequest.idempotency_key == idempotency_key,
-                )
-            )
-        )
+    """Queue a request as the app would (see RequestRepository.enqueue)."""
+    return RequestRepository(store).enqueue(
+        table_id,
+        selection,
+        kind=kind,
+        budget=budget,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
 
 
-_CLAIM_SQL = """
-    UPDATE enrichment_requests SET status = 'launched', launched_at = :now, updated_at = :now
-    WHERE id IN (
-        SELECT id FROM enrichment_requests
-        WHERE status = 'queued' AND NOT cancel_requested
-        ORDER BY priority DESC, created_at, id
-        LIMIT :limit {lock}
-    ) AND status = 'queued'
-    RETURNING id, table_id, kind, selection, budget, priority
-"""
+def request_cancel(
+    store: Store, request_id: str, publisher: ProgressPublisher | None = None
+) -> RequestStatus:
+    """Ask for a cancel (see RequestRepository.request_cancel); returns the status now.
+
+    A queued request ends at once, lets go of the rows it held `queued` and, with a
+    `publisher`, is announced `finished`."""
+    requests = RequestRepository(store)
+    before = RequestStatus(requests.get(request_id).status)
+    status = requests.request_cancel(request_id)
+    if status is RequestStatus.CANCELLED and before is not RequestStatus.CANCELLED:
+        settle_ended(store, request_id, publisher)
+    return status
 
 
-def claim(store: Store, *, limit: int = 10) -> list[ClaimedRequest]:
-    """Atomically move up to `limit` queued requests to `launched`, highest priority first."""
-    lock = "FOR UPDATE SKIP LOCKED" if store.dialect == "postgresql" else ""
-    with store.engine.begin() as connection:
-        rows = connection.execute(
-            text(_CLAIM_SQL.format(lock=lock)), {"now": utcnow(), "limit": limit}
-        ).all()
-    claimed = [
-        ClaimedRequest(
-            id=row.id,
-            table_id=row.table_id,
-            kind=row.kind,
-            selection=_json(row.selection),
-            budget=row.budget,
-            priority=row.priority,
-        )
-        for row in rows
-    ]
-    return sorted(claimed, key=lambda r: (-r.priority, r.id))
+def settle_ended(store: Store, request_id: str, publisher: ProgressPublisher | None = None) -> int:
+    """After a request ended: put the rows it still holds back to what their cells say, then,
+    with a `publisher`, tell its subscribers (`finished`, with the status as stored). Rows
+    first, so an app that reloads on `finished` sees them final. Returns rows let go of."""
+    released = store.release_rows(request_id)
+    if publisher is not None:
+        publish_finished(publisher, store.get_request(request_id))
+    return released
 
 
-def _json(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):  # SQLite hands raw JSON text back through text()
-        return dict(json.loads(value))
-    return dict(value or {})
+def close_for_run(
+    store: Store,
+    request_id: str,
+    status: RequestStatus,
+    reason: str,
+    publisher: ProgressPublisher | None = None,
+) -> bool:
+    """End an open request `failed` or `cancelled` because its run did (the run status sensors).
+
+    Its rows are let go of whoever closed it; `finished` is published only when this call
+    closed it (an ending the job recorded itself was announced by the job)."""
+    requests = RequestRepository(store)
+    if status is RequestStatus.CANCELLED:
+        closed = requests.cancel(request_id, reason)
+    elif status is RequestStatus.FAILED:
+        closed = requests.fail(request_id, reason)
+    else:
+        raise ValueError(f"a run ends its request failed or cancelled, not {status}")
+    settle_ended(store, request_id, publisher if closed else None)
+    return closed
+
+
+@dataclass(frozen=True)
+class Launchable:
+    """A claimed, valid request: its run's op config and tags."""
+
+    request: ClaimedRequest
+    config: dict[str, Any]
+    tags: dict[str, str]
+
+
+def claim_launchable(
+    store: Store, *, limit: int, publisher: ProgressPublisher | None = None
+) -> tuple[list[Launchable], list[tuple[str, str]]]:
+    """Claim up to `limit` requests; the invalid ones end `failed` here, each with its reason.
+
+    Returns (what to launch, [(request id, reason)] of what was rejected). A malformed request
+    never stops the rest of its batch; with a `publisher`, its subscribers hear it `finished`.
+
+    A valid `enrich` request holds its rows `queued` here (seed 001: queued once claimed),
+    one set-based statement per request: the rows it names, or, for a whole-table selection,
+    the table's rows with a cell to fill (rows with nothing to fill are never held); requests
+    `enqueue` already held cost an index probe per row and no write. Invalid requests let go
+    of whatever `enqueue` held.
+    """
+    requests = RequestRepository(store)
+    launchable: list[Launchable] = []
+    rejected: list[tuple[str, str]] = []
+    for request in requests.claim(limit=limit):
+        try:
+            config, target = _launch(store, request)
+        except Exception as error:  # whatever is wrong with one request fails it alone
+            reason = str(error) if isinstance(error, GlazeError) else f"invalid request: {error!r}"
+            if requests.reject(request.id, reason):
+                settle_ended(store, request.id, publisher)
+            rejected.append((request.id, reason))
+            continue
+        if config["kind"] == RequestKind.ENRICH.value:
+            hold_queued(store, request.id, target)
+        launchable.append(Launchable(request, config, run_tags(request)))
+    return launchable, rejected
+
+
+def hold_queued(store: Store, request_id: str, target: JobTarget) -> int:
+    """Hold the rows a claimed request will fill `queued` (one statement)."""
+    return store.hold_rows(
+        target.table_id,
+        request_id,
+        RowStatus.QUEUED,
+        row_ids=target.page_row_ids(),
+        empty_keys=[c.key for c in target.columns] if target.only_empty else None,
+    )
 
 
 def launch_config(store: Store, request: ClaimedRequest) -> dict[str, Any]:
     """The enrich_table op config for a claimed request; raises GlazeError when it is invalid."""
+    return _launch(store, request)[0]
+
+
+def _launch(store: Store, request: ClaimedRequest) -> tuple[dict[str, Any], JobTarget]:
     try:
         kind = RequestKind(request.kind)
     except ValueError:
@@ -143,14 +185,15 @@ def launch_config(store: Store, request: ClaimedRequest) -> dict[str, Any]:
         problems = "; ".join(e["msg"] for e in error.errors())
         raise InvalidSelectionError(f"invalid selection: {problems}") from None
     JobSettings(budget=request.budget)  # validates the budget
-    resolve_target(store, request.table_id, selection)  # unknown table / columns / no field
-    return {
+    target = resolve_target(store, request.table_id, selection)  # table, columns, fields
+    config = {
         "table_id": request.table_id,
         **selection.model_dump(mode="json", exclude_defaults=True),
         "budget": request.budget,
         "kind": kind.value,
         "request_id": request.id,
     }
+    return config, target
 
 
 def run_tags(request: ClaimedRequest) -> dict[str, str]:
@@ -163,94 +206,6 @@ def run_tags(request: ClaimedRequest) -> dict[str, str]:
         # Concurrency key: at most one enrich run per table (a tag limit in dagster.yaml).
         tags["glaze/enrich-table"] = request.table_id
     return tags
-
-
-def reject(store: Store, request_id: str, reason: str) -> None:
-    """End a claimed request `failed` without launching anything."""
-    store.update_request(
-        request_id, status=RequestStatus.FAILED.value, error=reason, finished_at=utcnow()
-    )
-
-
-def request_cancel(store: Store, request_id: str) -> str:
-    """Set the cancel flag (what the app does); a queued request is cancelled at once."""
-    with store.engine.begin() as connection:
-        connection.execute(
-            update(EnrichmentRequest)
-            .where(EnrichmentRequest.id == request_id)
-            .values(cancel_requested=True, updated_at=utcnow())
-        )
-        connection.execute(
-            update(EnrichmentRequest)
-            .where(
-                EnrichmentRequest.id == request_id,
-                EnrichmentRequest.status == RequestStatus.QUEUED.value,
-            )
-            .values(
-                status=RequestStatus.CANCELLED.value,
-                error="cancelled before launch",
-                finished_at=utcnow(),
-            )
-        )
-    return str(store.get_request(request_id).status)
-
-
-def mark_cancelled(store: Store, request_id: str, reason: str = "cancelled") -> bool:
-    """Close a request `cancelled` unless it already ended; True when this call closed it."""
-    return _close_if_open(store, request_id, RequestStatus.CANCELLED, reason)
-
-
-def mark_failed(store: Store, request_id: str, reason: str) -> bool:
-    return _close_if_open(store, request_id, RequestStatus.FAILED, reason)
-
-
-def _close_if_open(store: Store, request_id: str, status: RequestStatus, reason: str) -> bool:
-    with store.engine.begin() as connection:
-        result = connection.execute(
-            update(EnrichmentRequest)
-            .where(
-                EnrichmentRequest.id == request_id,
-                EnrichmentRequest.status.in_([RequestStatus.QUEUED.value, *ACTIVE]),
-            )
-            .values(
-                status=status.value, error=reason[:2000], finished_at=utcnow(), updated_at=utcnow()
-            )
-        )
-    return bool(result.rowcount)
-
-
-@dataclass(frozen=True)
-class ActiveRequest:
-    id: str
-    status: str
-    run_id: str | None
-    cancel_requested: bool
-    launched_at: datetime | None
-    updated_at: datetime | None
-
-
-def active_requests(store: Store) -> list[ActiveRequest]:
-    """Launched or running requests, and queued ones with a cancel flag: what reconciling checks."""
-    with store.engine.connect() as connection:
-        rows = connection.execute(
-            select(
-                EnrichmentRequest.id,
-                EnrichmentRequest.status,
-                EnrichmentRequest.run_id,
-                EnrichmentRequest.cancel_requested,
-                EnrichmentRequest.launched_at,
-                EnrichmentRequest.updated_at,
-            ).where(
-                or_(
-                    EnrichmentRequest.status.in_(ACTIVE),
-                    and_(
-                        EnrichmentRequest.status == RequestStatus.QUEUED.value,
-                        EnrichmentRequest.cancel_requested,
-                    ),
-                )
-            )
-        ).all()
-    return [ActiveRequest(*row) for row in rows]
 
 
 def is_stale(moment: datetime | None, now: datetime, after: timedelta) -> bool:
@@ -281,53 +236,61 @@ def reconcile(
     now: datetime,
     stale_after: timedelta,
     relaunch_after: timedelta = timedelta(seconds=60),
+    publisher: ProgressPublisher | None = None,
 ) -> list[str]:
     """Bring every open request in line with reality; returns what it did, one line each.
 
     * a cancel flag: queued -> cancelled; with a live run -> the run is terminated (the job
-      also stops by itself at its next heartbeat); with no live run -> cancelled;
+      itself stops within a second or two, on its own watch); with no live run -> cancelled;
     * a run that ended without closing its request -> failed (or cancelled), with the reason;
-    * a running request whose heartbeat stopped (worker killed) -> failed, and its run is
-      reported failed to Dagster;
+    * a running request whose heartbeat stopped (its worker beats every second or so in every
+      phase, so silence means it is gone) -> failed, and its run reported failed to Dagster; a
+      worker that was only slow sees the request failed at its next beat and stops;
     * a request claimed but never given a run (the tick died after the claim) -> queued again;
-      the sensor's run_key keeps it from ever running twice.
+      the sensor's run_key keeps it from ever running twice;
+    * rows still held by a request that ended (an ending that died before letting go of them)
+      are let go of.
+
+    Every write is a guarded transition: whatever raced with it (the job closing its own
+    request) wins or loses cleanly, and a closed request is never reopened. Every request this
+    closes lets go of its rows and, with a `publisher`, is announced `finished`.
     """
+    requests = RequestRepository(store)
     actions: list[str] = []
-    for request in active_requests(store):
+
+    def ended(request_id: str) -> None:
+        settle_ended(store, request_id, publisher)
+
+    for request in requests.active():
         run = find_run(request)
         live = run is not None and run.status in ACTIVE_RUN_STATUSES
         if request.cancel_requested:
             if live and run is not None:
                 cancel_run(run.run_id)
                 actions.append(f"{request.id}: terminating run {run.run_id} (cancel requested)")
-            elif mark_cancelled(store, request.id, "cancelled by the user"):
+            elif requests.cancel(request.id, "cancelled by the user"):
+                ended(request.id)
                 actions.append(f"{request.id}: cancelled")
         elif run is None:
             if request.status == RequestStatus.LAUNCHED.value and is_stale(
                 request.launched_at, now, relaunch_after
             ):
-                with store.engine.begin() as connection:
-                    connection.execute(
-                        update(EnrichmentRequest)
-                        .where(
-                            EnrichmentRequest.id == request.id,
-                            EnrichmentRequest.status == RequestStatus.LAUNCHED.value,
-                        )
-                        .values(status=RequestStatus.QUEUED.value, updated_at=now)
-                    )
-                actions.append(f"{request.id}: no run was created; queued again")
-            elif request.status == RequestStatus.RUNNING.value and is_stale(
+                if requests.requeue(request.id, "no run was created for the claim"):
+                    actions.append(f"{request.id}: no run was created; queued again")
+            elif request.status == RequestStatus.RUNNING.value and is_stale(  # noqa: SIM102 (the branches must not fall through to the next)
                 request.updated_at, now, stale_after
             ):
-                mark_failed(store, request.id, "its run is gone and it stopped reporting")
-                actions.append(f"{request.id}: failed (run gone)")
+                if requests.fail(request.id, "its run is gone and it stopped reporting"):
+                    ended(request.id)
+                    actions.append(f"{request.id}: failed (run gone)")
         elif not live:
             reason = f"run {run.run_id} ended {run.status} before closing the request"
             if run.status == "CANCELED":
-                closed = mark_cancelled(store, request.id, f"run {run.run_id} was cancelled")
+                closed = requests.cancel(request.id, f"run {run.run_id} was cancelled")
             else:
-                closed = mark_failed(store, request.id, reason)
+                closed = requests.fail(request.id, reason)
             if closed:
+                ended(request.id)
                 actions.append(f"{request.id}: {reason}")
         elif request.status == RequestStatus.RUNNING.value and is_stale(
             request.updated_at, now, stale_after
@@ -336,7 +299,12 @@ def reconcile(
                 f"no heartbeat from run {run.run_id} for over {int(stale_after.total_seconds())}s:"
                 " its worker died"
             )
-            if mark_failed(store, request.id, reason):
+            if requests.fail(request.id, reason):
                 report_dead_run(run.run_id, reason)
+                ended(request.id)
                 actions.append(f"{request.id}: {reason}")
+    for request_id in store.held_by_ended_requests():
+        released = store.release_rows(request_id)
+        if released:
+            actions.append(f"{request_id}: let go of {released} rows it held after it ended")
     return actions

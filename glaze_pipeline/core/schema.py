@@ -24,11 +24,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -67,7 +69,17 @@ class GlazeColumn(Base):
 
 class GlazeRow(Base):
     __tablename__ = "rows"
-    __table_args__ = (Index("ix_rows_table_id_id", "table_id", "id"),)
+    __table_args__ = (
+        Index("ix_rows_table_id_id", "table_id", "id"),
+        # Only the rows a job holds (migration 0005): what releasing and the reconciler read.
+        Index(
+            "ix_rows_pending_request_id_id",
+            "pending_request_id",
+            "id",
+            postgresql_where=text("pending_request_id IS NOT NULL"),
+            sqlite_where=text("pending_request_id IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     table_id: Mapped[str] = mapped_column(ForeignKey("tables.id", ondelete="CASCADE"))
@@ -78,6 +90,8 @@ class GlazeRow(Base):
     confidence: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The job holding the row `queued` / `running`; cleared when it writes or lets go of it.
+    pending_request_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class EntityCacheEntry(Base):
@@ -107,7 +121,8 @@ class EnrichmentRequest(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     table_id: Mapped[str] = mapped_column(String(40), index=True)
     kind: Mapped[str] = mapped_column(String(20), default="enrich")
-    selection: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # Whatever the app wrote: an object when it is valid (checked at claim, not here).
+    selection: Mapped[Any] = mapped_column(JSONType)
     budget: Mapped[float | None] = mapped_column(Float)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -130,8 +145,43 @@ class EnrichmentRequest(Base):
     budget_reserved: Mapped[float] = mapped_column(Float, default=0.0)
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
+    entities_done: Mapped[int] = mapped_column(Integer, default=0)
+    # A re-executed run's request points at the request of the run it re-executes.
+    retry_of: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     launched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RequestTransition(Base):
+    """One status change of a request, written with the change itself (its history)."""
+
+    __tablename__ = "request_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(40), index=True)
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RequestSpend(Base):
+    """What one request spent at one provider: journalled before each call, settled after.
+
+    `calls - settled` calls left the machine and never came back (a killed worker): they are
+    counted as charged at `unit_cost`, since the vendor bills on receipt.
+    """
+
+    __tablename__ = "request_spend"
+
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    settled: Mapped[int] = mapped_column(Integer, default=0)
+    charged: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    unit_cost: Mapped[float] = mapped_column(Float, default=0.0)

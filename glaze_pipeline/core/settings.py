@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 DATABASE_URL_ENV = "GLAZE_DATABASE_URL"
 REDIS_URL_ENV = "GLAZE_REDIS_URL"
 HOME_ENV = "GLAZE_HOME"
+PRE_ENRICH_BUDGET_ENV = "GLAZE_PRE_ENRICH_BUDGET"
+DEFAULT_PRE_ENRICH_BUDGET = 100.0
 
 
 def glaze_home() -> Path:
@@ -26,3 +29,25 @@ def database_url(explicit: str | None = None) -> str:
 def redis_url(explicit: str | None = None) -> str | None:
     """The shared cache/lock/progress Redis; None (optional) for the embedded default."""
     return explicit or os.environ.get(REDIS_URL_ENV) or None
+
+
+def pre_enrich_budget(explicit: float | None = None) -> float:
+    """The cap of one scheduled pre-enrichment: explicit, else `GLAZE_PRE_ENRICH_BUDGET`, else 100.
+
+    A value that is not a non-negative number raises, naming the variable: a typo must not turn
+    into an unlimited (or zero) budget silently.
+    """
+    if explicit is not None:
+        value, source = float(explicit), "the pre-enrichment budget"
+    else:
+        raw = os.environ.get(PRE_ENRICH_BUDGET_ENV, "").strip()
+        if not raw:
+            return DEFAULT_PRE_ENRICH_BUDGET
+        source = PRE_ENRICH_BUDGET_ENV
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{source} must be a number, not {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{source} must be a non-negative number, not {value!r}")
+    return value

@@ -2,23 +2,29 @@
 
 A run that misses the cache claims the key before calling the provider:
 
-    async with flight.claim(key) as held:
-        answer = <re-read flight.shared>   # another holder may have bought it meanwhile
+    async with flight.claim(key) as claim:
+        answer = <re-read claim.shared>   # another holder may have bought it meanwhile
         if answer is None:
             answer = <call the provider>
-            <write it to flight.shared>    # at once, so waiters see it when the claim ends
+            <write it to claim.shared>    # at once, so waiters see it when the claim ends
 
 The claim returns when this run holds the key, or when it has waited `max_wait` for a holder
-that never let go (`held` is then False and the run goes ahead on its own: a duplicate call is
-better than a stuck job). `shared` is the cache tier every contender reads and writes: Redis
-with the Redis flight, the SQL table with the Postgres one. Every backend fails open: when the
-lock service errs, the run proceeds unlocked and the error is logged.
+that never let go (`claim.held` is then False and the run goes ahead on its own: a duplicate
+call is better than a stuck job). `claim.shared` is the cache tier of the lock actually taken,
+where every contender for that lock reads and writes: Redis with a Redis lock, the SQL table
+with a Postgres one. It comes with the claim, not with the flight, because a flight that falls
+back from one lock service to another must meet its contenders in the matching tier.
 
 - `RedisFlight`: `SET key token NX PX ttl`; released by a token-checked script, so a holder whose
   lock expired never frees someone else's. A crashed holder's lock expires after `lock_ttl`.
 - `PostgresFlight`: `pg_try_advisory_lock` on a 64-bit hash of the key, held on one dedicated
   connection per flight. A crashed holder's session ends and frees its locks at once.
+- `FallbackFlight`: Redis first, the database's lock behind it, so Redis going down never
+  turns single-flight off where the database has a lock to offer.
 - `NoFlight`: SQLite and single-process runs, where there is no one to share with.
+
+A backend whose lock service fails reports the claim `unavailable` and holds nothing; on its
+own it then fails open (the run proceeds unlocked, the error is logged).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -40,7 +47,7 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from glaze_pipeline.core.cache import AnswerCache, CacheKey
+from glaze_pipeline.core.cache import AnswerCache, CacheKey, TieredCache
 from glaze_pipeline.core.cache_redis import RedisBreaker
 
 log = logging.getLogger(__name__)
@@ -61,16 +68,34 @@ return 0
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim got: whether this run holds the key, and where its contenders meet.
+
+    `shared` is the tier matching the lock(s) actually taken: re-read it first, write a bought
+    answer through to it before the claim ends. None: there is no one to meet. `unavailable`:
+    the lock service failed, so nothing was taken or waited for (see `FallbackFlight`).
+    """
+
+    held: bool
+    shared: AnswerCache | None = None
+    unavailable: bool = False
+
+    @classmethod
+    def failed(cls) -> Claim:
+        return cls(held=False, shared=None, unavailable=True)
+
+
 class Flight(Protocol):
     """Who may buy a key's answer now; see the module docstring for the protocol."""
 
     @property
-    def shared(self) -> AnswerCache | None:
-        """The tier contenders re-read after a claim and write through to; None: no sharing."""
+    def backend(self) -> str:
+        """Where runs meet ("redis", "postgres", "redis+postgres", "none"), for logs."""
         ...
 
-    def claim(self, key: CacheKey) -> AbstractAsyncContextManager[bool]:
-        """Wait until this run holds `key` (True) or `max_wait` ran out (False)."""
+    def claim(self, key: CacheKey) -> AbstractAsyncContextManager[Claim]:
+        """Wait until this run holds `key`, `max_wait` ran out, or the lock service failed."""
         ...
 
     def close(self) -> None: ...
@@ -79,11 +104,11 @@ class Flight(Protocol):
 class NoFlight:
     """No contenders to coordinate with: every claim is granted at once."""
 
-    shared: AnswerCache | None = None
+    backend = "none"
 
     @asynccontextmanager
-    async def claim(self, key: CacheKey) -> AsyncIterator[bool]:
-        yield True
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
+        yield Claim(held=True)
 
     def close(self) -> None:
         return None
@@ -91,18 +116,19 @@ class NoFlight:
 
 async def _wait_for(
     try_lock: Callable[[], bool | None], unlock: Callable[[], None], max_wait_s: float
-) -> bool:
+) -> bool | None:
     """Poll `try_lock` with a jittered exponential backoff until it holds or time runs out.
 
     `try_lock` (blocking, run in a thread) returns True (held), False (someone else holds it)
-    or None (the lock service failed: stop waiting, proceed unlocked).
+    or None (the lock service failed: stop waiting). Returns True (held), False (`max_wait_s`
+    ran out) or None (the lock service failed).
     """
     deadline = time.monotonic() + max_wait_s
     delay = FIRST_POLL_S
     while True:
         outcome = await _attempt(try_lock, unlock)
         if outcome is not False:
-            return bool(outcome)
+            return outcome
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -140,12 +166,19 @@ async def _attempt(try_lock: Callable[[], bool | None], unlock: Callable[[], Non
         raise
 
 
+def _claim(outcome: bool | None, shared: AnswerCache | None) -> Claim:
+    """The claim for a `_wait_for` outcome: held, outwaited (meet in `shared`), or failed."""
+    return Claim.failed() if outcome is None else Claim(held=outcome, shared=shared)
+
+
 class RedisFlight:
     """Single-flight across processes through Redis locks that expire after `lock_ttl`.
 
     `lock_ttl` should outlast a provider call (timeouts and retries included): a call that runs
     longer loses its lock, and a waiter may then buy the same answer a second time.
     """
+
+    backend = "redis"
 
     def __init__(
         self,
@@ -172,7 +205,10 @@ class RedisFlight:
         return f"{self.prefix}{provider}:{entity_id}"
 
     @asynccontextmanager
-    async def claim(self, key: CacheKey) -> AsyncIterator[bool]:
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
+        if self.breaker.open:  # known down: not even a thread hop
+            yield Claim.failed()
+            return
         name = self.lock_name(key)
         token = secrets.token_hex(16)
 
@@ -191,11 +227,11 @@ class RedisFlight:
             except redis.RedisError as error:
                 log.warning("could not release %s (it expires on its own): %s", name, error)
 
-        held = await _wait_for(try_lock, unlock, self.max_wait_s)
+        outcome = await _wait_for(try_lock, unlock, self.max_wait_s)
         try:
-            yield held
+            yield _claim(outcome, self.shared)
         finally:
-            if held:
+            if outcome:
                 await asyncio.to_thread(unlock)
 
     def close(self) -> None:
@@ -219,6 +255,8 @@ class PostgresFlight:
     process first. The lock lives as long as its session: a crashed holder frees it at once,
     a hung one is outwaited after `max_wait`.
     """
+
+    backend = "postgres"
 
     def __init__(
         self,
@@ -246,15 +284,15 @@ class PostgresFlight:
         self._io = threading.Lock()  # one statement at a time on the dedicated connection
 
     @asynccontextmanager
-    async def claim(self, key: CacheKey) -> AsyncIterator[bool]:
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
         lock_id = advisory_lock_id(key, self.namespace)
-        held = await _wait_for(
+        outcome = await _wait_for(
             lambda: self._try_lock(lock_id), lambda: self._unlock(lock_id), self.max_wait_s
         )
         try:
-            yield held
+            yield _claim(outcome, self.shared)
         finally:
-            if held:
+            if outcome:
                 await asyncio.to_thread(self._unlock, lock_id)
 
     def _try_lock(self, lock_id: int) -> bool | None:
@@ -270,9 +308,7 @@ class PostgresFlight:
                 except DBAPIError as error:
                     self._drop_connection()
                     if attempt == 2:
-                        log.warning(
-                            "single-flight advisory lock unavailable, going ahead: %s", error
-                        )
+                        log.warning("single-flight advisory lock unavailable: %s", error)
                         return None
                     continue
                 if got:
@@ -309,3 +345,80 @@ class PostgresFlight:
             self._drop_connection()
             self._held.clear()
         self._engine.dispose()
+
+
+class FallbackFlight:
+    """Redis locks where runs wait, with the database's lock behind them for when Redis dies.
+
+    A claim waits on the `primary` (Redis) lock. Once it holds that, it takes the `fallback`
+    (Postgres advisory) lock as well before buying, and meets contenders in both tiers (Redis,
+    then SQL). Holding both is what makes the fallback safe: when Redis dies mid-purchase, the
+    contenders that fall back to Postgres find the purchase locked there, wait for it and read
+    the answer from SQL, where it was written before the locks were let go. Taken only after the
+    Redis lock, the Postgres lock is normally free at once; waiting stays in Redis. The price,
+    with Redis up: each purchase also costs two lock round trips and an SQL read and write, as
+    on Postgres alone; a fallback taken only once Redis is down would leave every purchase in
+    flight at that moment unguarded, and the contenders that fell back would buy them again.
+
+    While the primary is unavailable (its breaker is open, or taking the lock errs), claims go
+    to the fallback alone, and meet in its tier only. A fallback of `NoFlight` (SQLite, which has
+    no lock to offer) makes that an explicit "going ahead unlocked". Either way it is logged
+    once per flight. A primary that was outwaited (`max_wait`) is not followed by a second wait
+    on the fallback: the run goes ahead, as it would on Redis alone.
+    """
+
+    def __init__(self, primary: Flight, fallback: Flight) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self._fell_back = False
+
+    @property
+    def backend(self) -> str:
+        if self.fallback.backend == "none":
+            return self.primary.backend
+        return f"{self.primary.backend}+{self.fallback.backend}"
+
+    @asynccontextmanager
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
+        async with AsyncExitStack() as stack:
+            first = await stack.enter_async_context(self.primary.claim(key))
+            if first.unavailable:
+                self._note_fallback()
+                yield await stack.enter_async_context(self.fallback.claim(key))
+            elif not first.held:
+                yield first
+            else:
+                behind = await stack.enter_async_context(self.fallback.claim(key))
+                yield Claim(
+                    held=behind.held or behind.unavailable,  # database down: Redis is all there is
+                    shared=_meeting(first.shared, behind.shared),
+                )
+
+    def _note_fallback(self) -> None:
+        if self._fell_back:
+            return
+        self._fell_back = True
+        if self.fallback.backend == "none":
+            log.warning(
+                "single-flight: %s unavailable and the store has no lock to fall back to; "
+                "going ahead unlocked while it is down",
+                self.primary.backend,
+            )
+        else:
+            log.warning(
+                "single-flight: %s unavailable, falling back to %s locks while it is down",
+                self.primary.backend,
+                self.fallback.backend,
+            )
+
+    def close(self) -> None:
+        self.primary.close()
+        self.fallback.close()
+
+
+def _meeting(*tiers: AnswerCache | None) -> AnswerCache | None:
+    """One tier for the given ones (fastest first), skipping the absent."""
+    present = [tier for tier in tiers if tier is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else TieredCache(present)

@@ -1,14 +1,17 @@
 """Row status and confidence, aggregated from the row's enriched cells (seed 001's table).
 
-| cells (of the row, in `meta`) | row status |
-| all done                      | done       |
-| all failed                    | failed     |
-| any running / queued          | running / queued |
-| no enriched cell              | idle       |
-| anything else (a mix, not found, skipped) | ambiguous |
+| the row                                   | row status         |
+| held by a job (`rows.pending_request_id`) | `queued` / `running`, the hold's |
+| all cells done                            | done               |
+| all cells failed                          | failed             |
+| no enriched cell                          | idle               |
+| anything else (a mix, not found, skipped) | ambiguous          |
 
-Because the row status is derived from `meta` alone, it can always be recomputed, which is how a
-cancelled or crashed job puts rows back to the status they had.
+Cells are never stored `queued` or `running` (no record per cell): a job holds whole rows
+instead (core/store.py `hold_rows`), `queued` once its request is queued or claimed, `running`
+from detection, and lets go when it writes them or ends. Because a row's status is otherwise
+derived from `meta` alone, it can always be recomputed, which is how a cancelled, failed or
+killed job puts its rows back to what their cells say (`release_rows`).
 """
 
 from __future__ import annotations

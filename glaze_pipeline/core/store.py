@@ -3,6 +3,11 @@
 Every write that touches many rows is one statement per batch: row patches are merged into the
 existing JSON in the database (`||` on Postgres, `json_patch` on SQLite), so keys this job did
 not touch, such as a cell a user edited during the run, are kept.
+
+Row lifecycle (seed 001): a job *holds* the rows it will fill (`status` `queued` or `running`,
+`pending_request_id` = its request) and lets go of them when it writes them or ends: a row's
+status is otherwise derived from its cells' `meta` (core/status.py), so letting go is a
+recomputation, never a remembered value. Each hold and each release is one statement per page.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     create_engine,
     event,
@@ -24,13 +30,13 @@ from sqlalchemy import (
     literal,
     select,
     text,
-    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from glaze_pipeline.core.detection import ColumnSpec
 from glaze_pipeline.core.fields import column_field, parse_field
+from glaze_pipeline.core.models import RowStatus
 from glaze_pipeline.core.schema import (
     EnrichmentRequest,
     GlazeColumn,
@@ -38,6 +44,7 @@ from glaze_pipeline.core.schema import (
     GlazeTable,
 )
 from glaze_pipeline.core.settings import database_url
+from glaze_pipeline.core.status import aggregate_row
 
 ID_CHUNK = 5000  # ids per IN (...) list (SQLite allows 32,766 parameters)
 
@@ -364,11 +371,19 @@ class Store:
         self.apply_patches([], edits={row_id: {key: value}})
 
     def apply_patches(
-        self, patches: Sequence[RowPatch], *, edits: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        patches: Sequence[RowPatch],
+        *,
+        edits: Mapping[str, Mapping[str, Any]] | None = None,
+        request_id: str | None = None,
     ) -> int:
         """Merge a batch of row patches in ONE statement; returns rows updated.
 
-        `edits` (row id -> keys) is a data-only merge, the path a user's edit takes.
+        `request_id` is the job writing: a row it holds is let go (its status is the patch's);
+        a row another request holds keeps that hold and its status (`queued` / `running`) until
+        that request lets go of it, which recomputes the status from `meta`, this write included.
+        `edits` (row id -> keys) is a data-only merge, the path a user's edit takes: it never
+        touches a status or a hold.
         """
         payload = [
             {
@@ -390,25 +405,129 @@ class Store:
         with self.engine.begin() as connection:
             result = connection.execute(
                 text(statement),
-                {"payload": json.dumps(payload, default=str), "now": utcnow()},
+                {
+                    "payload": json.dumps(payload, default=str),
+                    "now": utcnow(),
+                    "request": request_id,
+                },
             )
         return int(result.rowcount or 0)
 
-    # -- requests (jobs) ----------------------------------------------------------------
+    # -- row lifecycle: holds -------------------------------------------------------------
 
-    def create_request(self, **values: Any) -> str:
-        request_id = values.pop("id", None) or new_id("req")
-        now = utcnow()
-        with self.session() as session, session.begin():
-            session.add(
-                EnrichmentRequest(
-                    id=request_id,
-                    created_at=now,
-                    updated_at=now,
-                    **{**REQUEST_DEFAULTS, **values},
-                )
+    def hold_rows(
+        self,
+        table_id: str,
+        request_id: str,
+        status: RowStatus,
+        *,
+        row_ids: Sequence[str] | None = None,
+        empty_keys: Sequence[str] | None = None,
+        connection: Connection | None = None,
+    ) -> int:
+        """Mark rows `queued` or `running` for a request, in ONE statement; returns rows marked.
+
+        `row_ids` None means every row of the table; `empty_keys` (a whole-table selection) then
+        narrows it to rows with at least one of those cells empty, the only ones the job will
+        fill. The ids travel as one JSON parameter, so a page or a whole selection is still one
+        statement whatever its size.
+
+        Guarded like a status transition: nothing is held for a request that has ended (a late
+        page of a job closed under it), and on Postgres the request row is share-locked for the
+        statement, so an ending that races with it either sees these rows or prevents them. A
+        `queued` hold never takes a row another job is `running` on; a `running` hold takes any.
+        Rows already held this way are not rewritten. `connection` joins a caller's transaction
+        (enqueue holds in the transaction that inserts the request).
+        """
+        if status not in (RowStatus.QUEUED, RowStatus.RUNNING):
+            raise ValueError(f"a hold is queued or running, not {status}")
+        if row_ids is not None and not row_ids:
+            return 0
+        clauses = []
+        params: dict[str, Any] = {
+            "table": table_id,
+            "request": request_id,
+            "status": status.value,
+        }
+        if row_ids is not None:
+            clauses.append(_HOLD_IDS[self.dialect])
+            params["ids"] = json.dumps(list(row_ids))
+        keys = _json_paths(empty_keys, self.dialect) if empty_keys is not None else None
+        if keys is not None:
+            clauses.append(_HOLD_EMPTY[self.dialect])
+            params["keys"] = json.dumps(keys)
+        if status is RowStatus.QUEUED:
+            clauses.append("NOT (r.status = 'running' AND r.pending_request_id IS NOT NULL)")
+        statement = text(
+            _HOLD_SQL[self.dialect].format(where="".join(f" AND {c}" for c in clauses))
+        )
+        if connection is not None:
+            return int(connection.execute(statement, params).rowcount or 0)
+        with self.engine.begin() as own:
+            return int(own.execute(statement, params).rowcount or 0)
+
+    def release_rows(self, request_id: str, *, page_size: int = 5000) -> int:
+        """Let go of every row `request_id` still holds; returns how many.
+
+        Each row's status, confidence and error are recomputed from its `meta` (what its cells
+        say, including whatever the job wrote before it stopped): one read and one write per
+        page of held rows, a single read when none is held (`ix_rows_pending_request_id_id`).
+        Safe to repeat, and safe against a race: a row taken by another request meanwhile is
+        left to it.
+        """
+        released = 0
+        last = ""
+        while True:
+            query = (
+                select(GlazeRow.id, GlazeRow.meta)
+                .where(GlazeRow.pending_request_id == request_id, GlazeRow.id > last)
+                .order_by(GlazeRow.id)
+                .limit(page_size)
             )
-        return request_id
+            if self.dialect == "postgresql":
+                query = query.with_for_update()  # no write lands between the read and ours
+            with self.engine.begin() as connection:
+                found = connection.execute(query).all()
+                if not found:
+                    return released
+                payload = []
+                for row in found:
+                    status, confidence, error = aggregate_row(row.meta or {})
+                    payload.append(
+                        {
+                            "id": row.id,
+                            "status": status.value,
+                            "confidence": confidence,
+                            "error": error,
+                        }
+                    )
+                result = connection.execute(
+                    text(_RELEASE_SQL[self.dialect]),
+                    {"payload": json.dumps(payload), "request": request_id},
+                )
+            released += int(result.rowcount or 0)
+            if len(found) < page_size:
+                return released
+            last = found[-1].id
+
+    def held_by_ended_requests(self) -> list[str]:
+        """Requests that have ended (or no longer exist) yet still hold rows: what an ending
+        that died before letting go leaves behind. One statement: a skip scan over the held
+        rows' index, so it costs one probe per distinct holder, not one per held row."""
+        with self.engine.connect() as connection:
+            return list(connection.scalars(text(_HELD_BY_ENDED_SQL)))
+
+    def held_rows(self, request_id: str) -> int:
+        """How many rows `request_id` holds (tests, status pages)."""
+        with self.engine.connect() as connection:
+            return int(
+                connection.scalar(
+                    select(func.count()).where(GlazeRow.pending_request_id == request_id)
+                )
+                or 0
+            )
+
+    # -- requests (jobs) ----------------------------------------------------------------
 
     def get_request(self, request_id: str) -> EnrichmentRequest:
         with self.session() as session:
@@ -417,66 +536,12 @@ class Store:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
             return request
 
-    def update_request(self, request_id: str, **values: Any) -> None:
-        with self.engine.begin() as connection:
-            result = connection.execute(
-                update(EnrichmentRequest)
-                .where(EnrichmentRequest.id == request_id)
-                .values(updated_at=utcnow(), **values)
-            )
-        if result.rowcount == 0:
-            raise UnknownRequestError(f"unknown request {request_id!r}")
-
-    def heartbeat(self, request_id: str, **progress: Any) -> bool:
-        """Stamp a running request (with optional progress counters); True if a cancel is asked."""
-        with self.engine.begin() as connection:
-            flag = connection.execute(
-                update(EnrichmentRequest)
-                .where(EnrichmentRequest.id == request_id)
-                .values(updated_at=utcnow(), **progress)
-                .returning(EnrichmentRequest.cancel_requested)
-            ).scalar()
-        return bool(flag)
-
     def request_for_run(self, run_id: str) -> str | None:
         with self.engine.connect() as connection:
             found = connection.scalar(
                 select(EnrichmentRequest.id).where(EnrichmentRequest.run_id == run_id).limit(1)
             )
         return str(found) if found is not None else None
-
-    def lease_budget(self, request_id: str, preferred: float, minimum: float) -> float:
-        """Take up to `preferred` (at least `minimum`) of a request's budget; 0.0 if not left.
-
-        One conditional UPDATE per try, so concurrent chunks or processes can never reserve
-        more than the budget together.
-        """
-        for amount in dict.fromkeys((preferred, minimum)):
-            if amount <= 0:
-                continue
-            with self.engine.begin() as connection:
-                result = connection.execute(
-                    update(EnrichmentRequest)
-                    .where(
-                        EnrichmentRequest.id == request_id,
-                        EnrichmentRequest.budget_reserved + amount
-                        <= EnrichmentRequest.budget + 1e-9,
-                    )
-                    .values(budget_reserved=EnrichmentRequest.budget_reserved + amount)
-                )
-            if result.rowcount:
-                return amount
-        return 0.0
-
-    def return_budget(self, request_id: str, unused: float) -> None:
-        if unused <= 0:
-            return
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(EnrichmentRequest)
-                .where(EnrichmentRequest.id == request_id)
-                .values(budget_reserved=EnrichmentRequest.budget_reserved - unused)
-            )
 
 
 # A new request's counters and flags (the database has the same server defaults, 0003).
@@ -498,15 +563,23 @@ REQUEST_DEFAULTS: dict[str, Any] = {
     "cost_by_provider": {},
     "cost": 0.0,
     "budget_reserved": 0.0,
+    "entities_done": 0,
 }
 
 # `stamp` = 1: an engine write (status, confidence, error, last_run_at set); 0: a user edit.
+# An engine write lets go of the rows its request (`:request`) holds and sets their status; a
+# row held by another request keeps that hold's status (it lets go of the row itself later).
 _PATCH_SQL = {
     "postgresql": """
         UPDATE rows AS r SET
             data = r.data || v.data,
             meta = r.meta || v.meta,
-            status = CASE WHEN v.stamp = 1 THEN v.status ELSE r.status END,
+            status = CASE WHEN v.stamp = 1 AND (r.pending_request_id IS NULL
+                               OR r.pending_request_id = CAST(:request AS text))
+                          THEN v.status ELSE r.status END,
+            pending_request_id = CASE WHEN v.stamp = 1
+                                       AND r.pending_request_id = CAST(:request AS text)
+                                      THEN NULL ELSE r.pending_request_id END,
             confidence = CASE WHEN v.stamp = 1 THEN v.confidence ELSE r.confidence END,
             error = CASE WHEN v.stamp = 1 THEN v.error ELSE r.error END,
             last_run_at = CASE WHEN v.stamp = 1 THEN CAST(:now AS timestamptz)
@@ -520,7 +593,11 @@ _PATCH_SQL = {
         UPDATE rows SET
             data = json_patch(rows.data, v.data),
             meta = json_patch(rows.meta, v.meta),
-            status = CASE WHEN v.stamp = 1 THEN v.status ELSE rows.status END,
+            status = CASE WHEN v.stamp = 1 AND (rows.pending_request_id IS NULL
+                               OR rows.pending_request_id = :request)
+                          THEN v.status ELSE rows.status END,
+            pending_request_id = CASE WHEN v.stamp = 1 AND rows.pending_request_id = :request
+                                      THEN NULL ELSE rows.pending_request_id END,
             confidence = CASE WHEN v.stamp = 1 THEN v.confidence ELSE rows.confidence END,
             error = CASE WHEN v.stamp = 1 THEN v.error ELSE rows.error END,
             last_run_at = CASE WHEN v.stamp = 1 THEN :now ELSE rows.last_run_at END
@@ -534,13 +611,116 @@ _PATCH_SQL = {
     """,
 }
 
+# A hold: only while the request is open (queued, launched, running). On Postgres the request
+# row is KEY SHARE locked, which conflicts with the FOR UPDATE every status transition takes
+# first (and not with heartbeats): an ending either waits for this statement to commit, and
+# then its release sees these rows, or commits first, and then nothing is held.
+_OPEN = "('queued', 'launched', 'running')"
+_HOLD_SQL = {
+    "postgresql": f"""
+        WITH live AS (
+            SELECT id FROM enrichment_requests
+            WHERE id = :request AND status IN {_OPEN}
+            FOR KEY SHARE
+        )
+        UPDATE rows AS r SET status = :status, pending_request_id = live.id
+        FROM live
+        WHERE r.table_id = :table
+          AND (r.pending_request_id IS DISTINCT FROM live.id OR r.status <> :status){{where}}
+    """,
+    "sqlite": f"""
+        UPDATE rows AS r SET status = :status, pending_request_id = :request
+        WHERE r.table_id = :table
+          AND (r.pending_request_id IS NOT :request OR r.status <> :status)
+          AND EXISTS (
+              SELECT 1 FROM enrichment_requests
+              WHERE id = :request AND status IN {_OPEN}
+          ){{where}}
+    """,
+}
+_HOLD_IDS = {
+    "postgresql": "r.id IN (SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))",
+    "sqlite": "r.id IN (SELECT value FROM json_each(:ids))",
+}
+# The cell is empty as the engine sees it (`data.get(key) in (None, "")`): missing, JSON null
+# or "". Keys are JSON paths on SQLite (`$."key"`), plain keys on Postgres.
+_HOLD_EMPTY = {
+    "postgresql": (
+        "EXISTS (SELECT 1 FROM jsonb_array_elements_text(CAST(:keys AS jsonb)) AS k(key)"
+        " WHERE COALESCE(r.data ->> k.key, '') = '')"
+    ),
+    "sqlite": (
+        "EXISTS (SELECT 1 FROM json_each(:keys) AS k WHERE COALESCE(r.data ->> k.value, '') = '')"
+    ),
+}
+# Driven by the payload through the primary key: on SQLite the unary `+` keeps the planner off
+# the held-rows index, which would rescan the payload once per held row (measured: minutes).
+_RELEASE_SQL = {
+    "postgresql": """
+        UPDATE rows AS r SET
+            status = v.status, confidence = v.confidence, error = v.error,
+            pending_request_id = NULL
+        FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS v(
+            id text, status text, confidence double precision, error text)
+        WHERE r.id = v.id AND r.pending_request_id = :request
+    """,
+    "sqlite": """
+        UPDATE rows SET
+            status = v.status, confidence = v.confidence, error = v.error,
+            pending_request_id = NULL
+        FROM (
+            SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
+                   value ->> '$.confidence' AS confidence, value ->> '$.error' AS error
+            FROM json_each(:payload)
+        ) AS v
+        WHERE rows.id = v.id AND +rows.pending_request_id = :request
+    """,
+}
+# Distinct holders by a recursive skip scan of the partial index on held rows (both databases),
+# then those whose request is not open.
+_HELD_BY_ENDED_SQL = f"""
+    WITH RECURSIVE holders(id) AS (
+        SELECT MIN(pending_request_id) FROM rows WHERE pending_request_id IS NOT NULL
+        UNION ALL
+        SELECT (SELECT MIN(r.pending_request_id) FROM rows AS r
+                WHERE r.pending_request_id > holders.id)
+        FROM holders WHERE holders.id IS NOT NULL
+    )
+    SELECT holders.id FROM holders
+    LEFT JOIN enrichment_requests AS q ON q.id = holders.id
+    WHERE holders.id IS NOT NULL AND (q.id IS NULL OR q.status NOT IN {_OPEN})
+    ORDER BY holders.id
+"""
+
+
+def _json_paths(keys: Sequence[str], dialect: str) -> list[str] | None:
+    """Data keys as the dialect's JSON lookups; None when one cannot be written exactly (a `"`
+    in a key on SQLite): the hold then takes every row, and the job's release corrects it."""
+    if dialect == "postgresql":
+        return list(keys)
+    if any('"' in key for key in keys):
+        return None
+    return [f'$."{key}"' for key in keys]
+
+
+def lenient_json_loads(value: str) -> Any:
+    """JSON text decoded, or the text itself when it is not JSON (what the app may write)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
 
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # A JSON value the app wrote that is not JSON (SQLite cannot refuse it) reads back as
+        # its text, so one malformed request is shown and rejected instead of crashing readers.
+        engine = create_engine(
+            url, connect_args={"timeout": 30}, json_deserializer=lenient_json_loads
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -29,6 +29,7 @@ from glaze_pipeline.core.providers.base import (
     ProviderError,
 )
 from glaze_pipeline.core.singleflight import Flight, NoFlight
+from glaze_pipeline.core.spend import SpendJournal
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class _Progress:
     best: dict[str, FieldValue] = field(default_factory=dict)
     not_found: set[str] = field(default_factory=set)
     skipped: set[str] = field(default_factory=set)
+    cancelled: set[str] = field(default_factory=set)
     unsupported: set[str] = field(default_factory=set)
     errors: dict[str, list[str]] = field(default_factory=dict)
 
@@ -98,6 +100,8 @@ class _Progress:
         for name in self.wanted:
             if name in self.best:
                 fields[name] = FieldOutcome(CellStatus.DONE, self.best[name])
+            elif name in self.cancelled:
+                fields[name] = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED)
             elif name in self.skipped:
                 fields[name] = FieldOutcome(CellStatus.SKIPPED, error=BUDGET_EXHAUSTED)
             elif name in self.not_found:
@@ -150,8 +154,8 @@ class Waterfall:
 
     Cache reads are batched per chunk (`enrich_many` prefetches every key at once). On a miss,
     `flight` makes concurrent runs buy each (entity, provider) answer once: the first claimant
-    calls the provider and writes the answer through to `flight.shared` at once; the others
-    wait, then read it there as a cache hit, with no charge and no budget reservation. The
+    calls the provider and writes the answer through to its claim's `shared` tier at once; the
+    others wait, then read it there as a cache hit, with no charge and no budget reservation. The
     default `NoFlight` keeps everything batched, for single-process runs.
     """
 
@@ -163,6 +167,7 @@ class Waterfall:
         cache: AnswerCache | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         flight: Flight | None = None,
+        journal: SpendJournal | None = None,
     ) -> None:
         self.providers: dict[EntityType, list[Provider]] = {}
         for provider in sorted(providers, key=lambda p: (p.cost_per_call, -p.confidence)):
@@ -171,7 +176,9 @@ class Waterfall:
         self.cache = cache
         self.threshold = threshold
         self.flight: Flight = flight if flight is not None else NoFlight()
+        self.journal = journal
         self.stopped = False
+        self.entities_done = 0
         self.stats = WaterfallStats()
         self._limits = {p.name: asyncio.Semaphore(max(1, p.max_concurrency)) for p in providers}
         self._cached: dict[CacheKey, CachedAnswer] = {}
@@ -189,7 +196,9 @@ class Waterfall:
             async with gate:
                 if self.stopped:  # drain: calls in flight finish, nothing new starts
                     return _Progress(request.fields).stopped(request.key)
-                return await self.enrich(request)
+                outcome = await self.enrich(request)
+                self.entities_done += 1
+                return outcome
 
         try:
             return await asyncio.gather(*(one(r) for r in requests))
@@ -206,6 +215,9 @@ class Waterfall:
         for provider in self.providers.get(key.type, []):
             asked = progress.open_fields(self.threshold) & provider.fields
             if not asked:
+                continue
+            if self.stopped:  # a cancel: no new lookup, not even the next provider's
+                progress.cancelled.update(asked)
                 continue
             if not _supports(provider, key):
                 # A vendor that cannot be asked about this kind of key (a domain-only API and a
@@ -227,8 +239,9 @@ class Waterfall:
         if cached is not None:
             self.stats.cache_hits += 1
             return cached
-        shared = self.flight.shared
-        async with self.flight.claim(cache_key):
+        async with self.flight.claim(cache_key) as claim:
+            # Meet contenders in the tier of the lock actually taken (SQL when Redis is down).
+            shared = claim.shared
             if shared is not None:
                 # Another run may have bought it since the prefetch (or while we waited).
                 found = (await asyncio.to_thread(shared.get_many, [cache_key])).get(cache_key)
@@ -249,6 +262,13 @@ class Waterfall:
         cost = provider.cost_per_call
         if not await self.budget.reserve(cost):
             progress.skipped.update(asked)
+            return None
+        if self.journal is not None and not await self.journal.send(provider.name, cost):
+            # The request ended or was cancelled (or its spend cannot be recorded): nothing
+            # may leave the machine that is not on record.
+            self.budget.release(cost)
+            self.stopped = True
+            progress.cancelled.update(asked)
             return None
         self.stats.calls[provider.name] += 1
         charged = False
@@ -271,6 +291,8 @@ class Waterfall:
                 self.stats.cost[provider.name] += cost
             else:
                 self.budget.release(cost)
+            if self.journal is not None:
+                self.journal.settle(provider.name, cost, charged=charged)
         answer = CachedAnswer(
             found=found is not None,
             values=dict(found.values) if found is not None else {},
@@ -305,9 +327,22 @@ class Waterfall:
         ]
         self._cached.update(self.cache.get_many(keys))
 
+    def take_new_answers(self) -> dict[CacheKey, CachedAnswer]:
+        """The answers bought since the last call, handed over for one batched cache write
+        (call it on the event loop; write them anywhere)."""
+        answers, self._new_answers = self._new_answers, {}
+        self._cached.update(answers)
+        return answers
+
+    async def flush_cache_async(self) -> None:
+        """Write the answers bought so far through to the cache while lookups go on, so a
+        killed run's purchases survive it."""
+        answers = self.take_new_answers()
+        if self.cache is not None and answers:
+            await asyncio.to_thread(self.cache.put_many, answers)
+
     def flush_cache(self) -> None:
         """Write the answers bought since the last flush to the cache, in one batch."""
-        if self.cache is not None and self._new_answers:
-            self.cache.put_many(self._new_answers)
-        self._cached.update(self._new_answers)
-        self._new_answers = {}
+        answers = self.take_new_answers()
+        if self.cache is not None and answers:
+            self.cache.put_many(answers)

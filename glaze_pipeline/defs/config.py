@@ -1,10 +1,24 @@
 """Typed run config of `enrich_table`, validated into the core's Selection and JobSettings."""
 
+import enum
+
 from dagster import Config
 from pydantic import Field
 
 from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.models import CellRef, RequestKind, Selection
+
+
+class JobKind(enum.StrEnum):
+    """`RequestKind` as the run config spells it, so a bad kind fails config validation.
+
+    Dagster matches a config enum by member *name*: the names are the lowercase values the
+    sensor, the launcher, the CLI and the app already send (`kind: pre_enrich`).
+    """
+
+    enrich = "enrich"
+    estimate = "estimate"
+    pre_enrich = "pre_enrich"
 
 
 class CellConfig(Config):
@@ -30,8 +44,8 @@ class EnrichTableConfig(Config):
     concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
     threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
     page_size: int = Field(default=5000, description="Rows per read page and write batch.")
-    kind: str = Field(
-        default="enrich",
+    kind: JobKind = Field(
+        default=JobKind.enrich,
         description="enrich (fill cells), estimate (count what it would buy), pre_enrich "
         "(warm the cache, write no cell).",
     )
@@ -48,12 +62,7 @@ class EnrichTableConfig(Config):
         )
 
     def request_kind(self) -> RequestKind:
-        try:
-            return RequestKind(self.kind)
-        except ValueError:
-            raise ValueError(
-                f"kind must be enrich, estimate or pre_enrich, not {self.kind!r}"
-            ) from None
+        return RequestKind(self.kind.value)
 
     def settings(self) -> JobSettings:
         return JobSettings(

@@ -34,9 +34,17 @@ from glaze_pipeline.core.engine import (
     JobCancelled,
     JobSettings,
     JobTarget,
+    RequestWatch,
 )
-from glaze_pipeline.core.models import CellStatus, EntityRequest, RequestKind
+from glaze_pipeline.core.models import (
+    CellStatus,
+    EntityRequest,
+    RequestKind,
+    RequestStatus,
+    Selection,
+)
 from glaze_pipeline.core.progress import percent
+from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import GlazeError, Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS
@@ -65,24 +73,64 @@ class AppliedJob:
     summary: ApplySummary
     stats: WaterfallStats
     enrich_seconds: float
+    stopped: str | None = None  # why the job stopped early (a cancel), if it did
 
 
 @contextmanager
-def failure_recorded(store: Store, request_id: str | None) -> Iterator[None]:
-    """Any error inside ends the request `failed` with the reason, then fails the step."""
+def request_closed_on_error(
+    store: Store,
+    request_id: str,
+    progress: ProgressChannel,
+    table_id: str,
+    *,
+    retryable: bool = False,
+) -> Iterator[None]:
+    """Whatever stops a step ends its request with the truth, then fails the step.
+
+    * JobCancelled (a cancel, a Terminate, the request closed under the job): `cancelled`, and
+      the step fails with retries refused: an interrupt is never retried.
+    * GlazeError (bad input): `failed` with the reason, never retried.
+    * anything else: `failed`, unless Dagster is about to retry the step (`retryable`): the
+      request stays `running` for the retry to finish it.
+
+    Each write is a guarded transition, so none of them can overwrite an ending already
+    recorded. Every ending lets go of the rows the request still holds (whoever recorded it:
+    letting go is idempotent), then realtime subscribers hear `finished`.
+    """
+    requests = RequestRepository(store)
+
+    def ended(status: RequestStatus, reason: str) -> None:
+        with progress.publisher() as publisher:
+            publisher.publish(
+                "finished", request_id, table_id, status=status.value, error=reason, progress=100
+            )
+
     try:
         yield
-    except JobCancelled as cancelled:
-        if request_id is not None:
-            queue.mark_cancelled(store, request_id, "cancelled by the user")
-        raise Failure(description=str(cancelled), allow_retries=False) from cancelled
+    except JobCancelled as stop:
+        cancelled = requests.cancel(request_id, str(stop))
+        store.release_rows(request_id)
+        if cancelled:
+            ended(RequestStatus.CANCELLED, str(stop))
+        raise Failure(description=str(stop), allow_retries=False) from None
+    except GlazeError as error:
+        if engine.fail_job(store, request_id, error):  # fail_job lets go of the rows
+            ended(RequestStatus.FAILED, str(error))
+        raise Failure(description=str(error), allow_retries=False) from None
     except Exception as error:
-        if request_id is not None:
-            with suppress(GlazeError):  # e.g. the request id itself is unknown
-                engine.fail_job(store, request_id, error)
-        if isinstance(error, GlazeError):
-            raise Failure(description=str(error), allow_retries=False) from error
+        if not retryable and engine.fail_job(store, request_id, error):
+            ended(RequestStatus.FAILED, f"{type(error).__name__}: {error}")
         raise
+
+
+def reject_request(store: Store, request_id: str, reason: str, progress: ProgressChannel) -> None:
+    """End a queued or launched request this run cannot serve `failed`, before any work: it
+    lets go of the rows it held `queued` and is announced. A request that is running (under
+    another run) or already ended is left alone, rows included."""
+    with suppress(GlazeError):  # an unknown request id: the step's failure names it
+        if RequestRepository(store).reject(request_id, reason):
+            with progress.publisher() as publisher:
+                queue.settle_ended(store, request_id, publisher)
 
 
 def ensure_table_partition(instance: DagsterInstance, table_id: str) -> None:
@@ -94,6 +142,62 @@ def ensure_table_partition(instance: DagsterInstance, table_id: str) -> None:
     except Exception:
         if not instance.has_dynamic_partition(TABLE_PARTITIONS.name, table_id):
             raise  # not a lost race: a real storage error
+
+
+ENRICH_RETRIES = 1
+
+
+def adopt_request(
+    context: OpExecutionContext,
+    requests: RequestRepository,
+    config: EnrichTableConfig,
+    target: JobTarget,
+    selection: Selection,
+    settings: JobSettings,
+    kind: RequestKind,
+) -> str:
+    """The request this run serves: the queued one it was launched for, or a new record.
+
+    A request that already ended is history: a re-executed run (the UI's "Re-execute") gets a
+    new request pointing at it (`retry_of`), and anything else that names it is refused.
+    """
+    run_id = context.run_id
+    if config.request_id is None:
+        return requests.create_running(
+            table_id=target.table_id,
+            kind=kind,
+            selection=selection.model_dump(mode="json"),
+            budget=settings.budget,
+            run_id=run_id,
+        )
+    adoption = requests.adopt(config.request_id, run_id)
+    if adoption in (Adoption.ADOPTED, Adoption.ALREADY):
+        return config.request_id
+    request = requests.get(config.request_id)
+    if adoption is Adoption.ENDED and context.run.parent_run_id is not None:
+        retry = requests.create_running(
+            table_id=request.table_id,
+            kind=RequestKind(request.kind),
+            selection=request.selection,
+            budget=request.budget,
+            run_id=run_id,
+            retry_of=request.id,
+        )
+        context.log.info(
+            f"re-execution: request {request.id} ended {request.status}; "
+            f"this run records its work as {retry} (retry of {request.id})"
+        )
+        return retry
+    if adoption is Adoption.ENDED:
+        raise GlazeError(
+            f"request {request.id} already ended {request.status}: enqueue a new request"
+        )
+    raise GlazeError(f"request {request.id} is already running under run {request.run_id}")
+
+
+def tag_run(context: OpExecutionContext, tags: dict[str, str]) -> None:
+    """Tags on the run whatever launched it (the Launchpad, the CLI, a re-execution)."""
+    context.instance.add_run_tags(context.run_id, tags)
 
 
 @op(
@@ -108,29 +212,43 @@ def detect_entities(
 ) -> Iterator[Output | DynamicOutput]:
     started = time.time()
     store = glaze_db.store()
-    with failure_recorded(store, config.request_id):
-        try:
-            selection = config.selection()
-            settings = config.settings()
-            kind = config.request_kind()
-        except ValueError as error:
-            raise GlazeError(f"invalid enrich_table config: {error}") from error
+    requests = RequestRepository(store)
+    try:
+        selection = config.selection()
+        settings = config.settings()
+        kind = config.request_kind()
+    except (ValueError, GlazeError) as error:
+        message = f"invalid enrich_table config: {error}"
+        if config.request_id is not None:
+            reject_request(store, config.request_id, message, progress)
+        raise Failure(description=message, allow_retries=False) from None
+    try:
         target = engine.resolve_target(store, config.table_id, selection)
-        request_id = engine.start_job(
+        request_id = adopt_request(context, requests, config, target, selection, settings, kind)
+    except GlazeError as error:
+        if config.request_id is not None:
+            reject_request(store, config.request_id, str(error), progress)
+        raise Failure(description=str(error), allow_retries=False) from None
+    tag_run(
+        context,
+        {"glaze/table": target.table_id, "glaze/request": request_id, "glaze/kind": kind.value},
+    )
+    with (
+        request_closed_on_error(store, request_id, progress, target.table_id),
+        RequestWatch(requests, request_id) as watch,
+    ):
+        detection = engine.detect_entities(
             store,
             target,
-            selection,
-            settings,
-            kind=kind,
-            request_id=config.request_id,
-            run_id=context.run_id,
+            page_size=settings.page_size,
+            watch=watch,
+            # Only a job that writes cells holds rows `running` (estimate, pre_enrich write none).
+            request_id=request_id if kind is RequestKind.ENRICH else None,
         )
-    with failure_recorded(store, request_id):
-        detection = engine.detect_entities(store, target, page_size=settings.page_size)
         chunks = engine.plan_chunks(
             detection.entities, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
         )
-        store.update_request(
+        requests.record_counters(
             request_id,
             entities=len(detection.entities),
             cells_total=detection.cells_total,
@@ -153,28 +271,30 @@ def detect_entities(
             f"{len(detection.entities)} unique entities in {len(chunks)} chunks "
             f"({detection.cells_without_identifier} cells have no identifier)"
         )
-        yield Output(
-            JobPlan(
-                request_id=request_id,
-                kind=kind,
-                target=target,
-                settings=settings,
-                rows_read=detection.rows_read,
-                entities=len(detection.entities),
-                cells_total=detection.cells_total,
-                cells_without_identifier=detection.cells_without_identifier,
-                chunks=len(chunks),
-                started=started,
-            ),
-            "plan",
-        )
-        for index, chunk in enumerate(chunks):
-            yield DynamicOutput(chunk, mapping_key=f"chunk_{index}", output_name="chunks")
+    yield Output(
+        JobPlan(
+            request_id=request_id,
+            kind=kind,
+            target=target,
+            settings=settings,
+            rows_read=detection.rows_read,
+            entities=len(detection.entities),
+            cells_total=detection.cells_total,
+            cells_without_identifier=detection.cells_without_identifier,
+            chunks=len(chunks),
+            started=started,
+        ),
+        "plan",
+    )
+    for index, chunk in enumerate(chunks):
+        yield DynamicOutput(chunk, mapping_key=f"chunk_{index}", output_name="chunks")
 
 
 @op(
     ins={"plan": In(JobPlan), "chunk": In(list[EntityRequest])},
-    retry_policy=RetryPolicy(max_retries=1, delay=1.0),
+    # Retries what is worth retrying (a lost database connection, a crashed worker thread);
+    # a cancel, a Terminate or bad input fails with retries refused (request_closed_on_error).
+    retry_policy=RetryPolicy(max_retries=ENRICH_RETRIES, delay=1.0),
     description="Enrich one chunk of entities through the provider waterfall, concurrently.",
 )
 def enrich_entities(
@@ -183,26 +303,67 @@ def enrich_entities(
     chunk: list[EntityRequest],
     glaze_db: GlazeDatabase,
     providers: EnrichmentProviders,
+    progress: ProgressChannel,
 ) -> ChunkResult:
     store = glaze_db.store()
-    with failure_recorded(store, plan.request_id), providers.sharing(store) as sharing:
-        result = engine.enrich_chunk(
+    requests = RequestRepository(store)
+    table_id = plan.target.table_id
+    with (
+        request_closed_on_error(
             store,
             plan.request_id,
-            chunk,
-            providers.providers(),
-            plan.settings,
-            cache=sharing.cache,
-            flight=sharing.flight,
-            dry_run=plan.kind is RequestKind.ESTIMATE,
-        )
+            progress,
+            table_id,
+            retryable=context.retry_number < ENRICH_RETRIES,
+        ),
+        RequestWatch(requests, plan.request_id) as watch,
+        progress.publisher() as publisher,
+    ):
+        watch.raise_if_closed()  # closed under the job: nothing more to do
+        if watch.stop_reason is not None:  # cancelled before this chunk started
+            context.log.info(f"{len(chunk)} entities not enriched: {watch.stop_reason}")
+            return engine.stopped_chunk(chunk, watch.stop_reason)
+        reported = [0]
+
+        def advanced(done: int) -> None:
+            delta, reported[0] = done - reported[0], done
+            total_done = requests.advance(plan.request_id, entities_done=delta)
+            publisher.publish(
+                "progress",
+                plan.request_id,
+                table_id,
+                phase="enriching",
+                entities_done=min(total_done, plan.entities),
+                entities=plan.entities,
+                progress=percent(total_done, plan.entities) * ENRICH_SHARE // 100,
+            )
+
+        with providers.sharing(store) as sharing:
+            result = engine.enrich_chunk(
+                store,
+                plan.request_id,
+                chunk,
+                providers.providers(),
+                plan.settings,
+                cache=sharing.cache,
+                flight=sharing.flight,
+                dry_run=plan.kind is RequestKind.ESTIMATE,
+                watch=watch,
+                on_progress=advanced,
+            )
+        watch.raise_if_closed()
     stats = result.stats
     context.log.info(
         f"{len(chunk)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
         f"cache hits {stats.cache_hits} ({stats.shared_hits} from concurrent runs, via "
         f"{sharing.backend}), errors {dict(stats.errors)}"
+        + (f"; stopped: {result.stopped}" if result.stopped else "")
     )
     return result
+
+
+# Share of the progress bar for enrichment; writing the rows fills the rest.
+ENRICH_SHARE = 90
 
 
 @op(
@@ -216,14 +377,21 @@ def apply_results(
     progress: ProgressChannel,
 ) -> AppliedJob:
     store = glaze_db.store()
+    requests = RequestRepository(store)
     outcomes, stats = engine.merge_chunks(results)
+    stopped = next((r.stopped for r in results if r.stopped), None)
     if plan.kind is not RequestKind.ENRICH:
         # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
-        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results))
+        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results), stopped)
     last_log = [time.monotonic()]
     table_id = plan.target.table_id
 
-    with progress.publisher() as publisher:
+    with (
+        progress.publisher() as publisher,
+        request_closed_on_error(store, plan.request_id, progress, table_id),
+        RequestWatch(requests, plan.request_id) as watch,
+    ):
+        stopped = stopped or watch.stop_reason
 
         def page_written(summary: ApplySummary) -> None:
             answered = summary.cells[CellStatus.DONE] + summary.cells[CellStatus.NOT_FOUND]
@@ -231,6 +399,7 @@ def apply_results(
                 "progress",
                 plan.request_id,
                 table_id,
+                phase="writing",
                 rows_written=summary.rows_written,
                 rows_total=plan.rows_read,
                 cells_total=plan.cells_total,
@@ -238,26 +407,29 @@ def apply_results(
                 cells_not_found=summary.cells[CellStatus.NOT_FOUND],
                 cells_failed=summary.cells[CellStatus.FAILED],
                 cells_skipped=summary.cells[CellStatus.SKIPPED],
-                progress=percent(answered, plan.cells_total),
+                progress=ENRICH_SHARE
+                + percent(summary.rows_read, plan.rows_read) * (100 - ENRICH_SHARE) // 100,
+                answered=answered,
             )
             if time.monotonic() - last_log[0] >= 5:
                 last_log[0] = time.monotonic()
                 context.log.info(f"applied {summary.rows_read}/{plan.rows_read} rows")
 
-        with failure_recorded(store, plan.request_id):
-            summary = engine.apply_results(
-                store,
-                plan.request_id,
-                plan.target,
-                outcomes,
-                page_size=plan.settings.page_size,
-                progress=page_written,
-            )
+        summary = engine.apply_results(
+            store,
+            plan.request_id,
+            plan.target,
+            outcomes,
+            page_size=plan.settings.page_size,
+            progress=page_written,
+            watch=watch,
+            cancelled=stopped is not None,
+        )
     context.log.info(
         f"wrote {summary.rows_written} rows ({dict(summary.cells)}) "
         f"with {summary.statements} statements in {summary.seconds:.2f}s"
     )
-    return AppliedJob(summary, stats, sum(r.seconds for r in results))
+    return AppliedJob(summary, stats, sum(r.seconds for r in results), stopped)
 
 
 @op(description="Close the request with its terminal status and report the job's figures.")
@@ -269,9 +441,11 @@ def close_job(
     progress: ProgressChannel,
 ) -> Iterator[AssetMaterialization | Output]:
     store = glaze_db.store()
+    requests = RequestRepository(store)
     summary, stats = applied.summary, applied.stats
-    with failure_recorded(store, plan.request_id):
-        status = engine.finish_job(
+    table_id = plan.target.table_id
+    with request_closed_on_error(store, plan.request_id, progress, table_id):
+        written = engine.finish_job(
             store,
             plan.request_id,
             entities=plan.entities,
@@ -280,7 +454,16 @@ def close_job(
             kind=plan.kind,
             detection_cells=plan.cells_total,
             cells_without_identifier=plan.cells_without_identifier,
+            cancelled=applied.stopped,
         )
+    request = requests.get(plan.request_id)
+    status = RequestStatus(request.status)
+    if written is None:
+        context.log.warning(
+            f"request {plan.request_id} had already ended {status.value} ({request.error}); "
+            "left as it was"
+        )
+    spend = requests.spend(plan.request_id)
     metadata = {
         "request_id": plan.request_id,
         "kind": plan.kind.value,
@@ -290,38 +473,45 @@ def close_job(
         "entities": plan.entities,
         "cells": MetadataValue.json(dict(summary.cells)),
         "cache_hits": stats.cache_hits,
-        "provider_calls": MetadataValue.json(dict(stats.calls)),
+        "provider_calls": MetadataValue.json(spend.calls or dict(stats.calls)),
         "provider_errors": MetadataValue.json(dict(stats.errors)),
-        "cost": round(sum(stats.cost.values()), 6),
-        "cost_by_provider": MetadataValue.json({k: round(v, 6) for k, v in stats.cost.items()}),
+        "cost": spend.cost if spend.calls else round(sum(stats.cost.values()), 6),
+        "cost_by_provider": MetadataValue.json(
+            spend.cost_by_provider or {k: round(v, 6) for k, v in stats.cost.items()}
+        ),
         "apply_statements": summary.statements,
         "duration_s": round(time.time() - plan.started, 3),
     }
     if plan.kind is RequestKind.ENRICH:
-        yield AssetMaterialization(
-            asset_key=ENRICHED_TABLE, partition=plan.target.table_id, metadata=metadata
-        )
-    if plan.kind is not RequestKind.ESTIMATE and sum(stats.calls.values()):
+        yield AssetMaterialization(asset_key=ENRICHED_TABLE, partition=table_id, metadata=metadata)
+    if plan.kind is not RequestKind.ESTIMATE and spend.calls:
         yield AssetMaterialization(
             asset_key=ENTITY_CACHE,
             metadata={
-                "answers_bought": sum(stats.calls.values()),
+                "answers_bought": sum(spend.calls.values()),
                 "request_id": plan.request_id,
                 "kind": plan.kind.value,
             },
         )
+    # The outcome on the run itself: a tag to filter runs by in the UI, and a warning line for
+    # anything short of full success (a green run can still hold a partial request).
+    tag_run(context, {"glaze/outcome": status.value})
+    ending = f"request {plan.request_id} ended {status.value}"
+    if status is RequestStatus.SUCCEEDED:
+        context.log.info(ending)
+    else:
+        context.log.warning(f"{ending}: {request.error or 'see its cells'}")
     with progress.publisher() as publisher:
         publisher.publish(
             "finished",
             plan.request_id,
-            plan.target.table_id,
+            table_id,
             status=status.value,
             rows_written=summary.rows_written,
             cells=dict(summary.cells),
-            cost=metadata["cost"],
+            cost=request.cost,
             progress=100,
         )
-    context.log.info(f"request {plan.request_id} ended {status.value}")
     yield Output(status.value)
 
 

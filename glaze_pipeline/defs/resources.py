@@ -7,10 +7,16 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from glaze_pipeline.core.answers import AnswerSharing, open_answer_sharing
-from glaze_pipeline.core.progress import ProgressPublisher, open_progress
+from glaze_pipeline.core.progress import (
+    ProgressPublisher,
+    open_progress,
+    request_channel,
+    resolve_prefix,
+    table_channel,
+)
 from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.registry import load_providers
-from glaze_pipeline.core.settings import database_url, redis_url
+from glaze_pipeline.core.settings import database_url, pre_enrich_budget, redis_url
 from glaze_pipeline.core.store import Store
 
 
@@ -71,14 +77,43 @@ class EnrichmentProviders(ConfigurableResource):
 
 
 class ProgressChannel(ConfigurableResource):
-    """Live progress on Redis pub/sub (`redis_url`, else GLAZE_REDIS_URL; none: silent)."""
+    """Live progress on Redis pub/sub (`redis_url`, else GLAZE_REDIS_URL; none: silent).
+
+    Channels are `<prefix>:request:<id>` and `<prefix>:table:<id>`; `prefix`, else
+    GLAZE_PROGRESS_PREFIX when a publisher opens, else `glaze` on Redis db 0 and `glaze:db<N>`
+    on db N (pub/sub is server-wide: environments on one server must not hear each other).
+    """
 
     redis_url: str | None = None
+    prefix: str | None = None
+
+    def resolved_prefix(self) -> str:
+        return resolve_prefix(redis_url(self.redis_url), self.prefix)
+
+    def request_channel(self, request_id: str) -> str:
+        """Where a subscriber hears one request's events."""
+        return request_channel(self.resolved_prefix(), request_id)
+
+    def table_channel(self, table_id: str) -> str:
+        """Where a subscriber hears the events of every request on one table."""
+        return table_channel(self.resolved_prefix(), table_id)
 
     @contextmanager
     def publisher(self) -> Iterator[ProgressPublisher]:
-        publisher = open_progress(redis_url(self.redis_url))
+        publisher = open_progress(redis_url(self.redis_url), self.prefix)
         try:
             yield publisher
         finally:
             publisher.close()
+
+
+class PreEnrichment(ConfigurableResource):
+    """The pre-enrich schedule's budget cap per table, in provider cost units.
+
+    `budget`, else GLAZE_PRE_ENRICH_BUDGET read when the schedule is evaluated, else 100.
+    """
+
+    budget: float | None = None
+
+    def resolved_budget(self) -> float:
+        return pre_enrich_budget(self.budget)

@@ -26,41 +26,31 @@ from dagster import (
     schedule,
     sensor,
 )
+from dagster._core.storage.tags import RUN_KEY_TAG  # "dagster/run_key", not re-exported
 
 from glaze_pipeline.core import queue
-from glaze_pipeline.core.models import RequestKind
-from glaze_pipeline.core.store import GlazeError, Store, utcnow
-from glaze_pipeline.defs.assets import TABLE_PARTITIONS
+from glaze_pipeline.core.models import RequestKind, RequestStatus
+from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import GlazeDatabase
+from glaze_pipeline.defs.resources import GlazeDatabase, PreEnrichment, ProgressChannel
 
 # run_failure_sensor passes Dagster's own beta `owners` parameter: not ours to act on.
 warnings.filterwarnings("ignore", message="Parameter `owners`", category=BetaWarning)
 
 CLAIMS_PER_TICK = 25
 STALE_AFTER_ENV = "GLAZE_STALE_AFTER_SECONDS"
-PRE_ENRICH_BUDGET_ENV = "GLAZE_PRE_ENRICH_BUDGET"
 
 
-def request_runs(claimed: list[queue.ClaimedRequest], store: Store) -> tuple[list[RunRequest], int]:
-    """Run requests for claimed requests; invalid ones end `failed` here, never launched."""
-    runs: list[RunRequest] = []
-    rejected = 0
-    for request in claimed:
-        try:
-            config = queue.launch_config(store, request)
-        except GlazeError as error:
-            queue.reject(store, request.id, str(error))
-            rejected += 1
-            continue
-        runs.append(
-            RunRequest(
-                run_key=request.id,
-                run_config={"ops": {"detect_entities": {"config": config}}},
-                tags=queue.run_tags(request),
-            )
+def request_runs(launchable: list[queue.Launchable]) -> list[RunRequest]:
+    """One RunRequest per valid claimed request; its id is the run key (never launched twice)."""
+    return [
+        RunRequest(
+            run_key=item.request.id,
+            run_config={"ops": {"detect_entities": {"config": item.config}}},
+            tags=item.tags,
         )
-    return runs, rejected
+        for item in launchable
+    ]
 
 
 @sensor(
@@ -69,16 +59,26 @@ def request_runs(claimed: list[queue.ClaimedRequest], store: Store) -> tuple[lis
     default_status=DefaultSensorStatus.RUNNING,
     description="Claims queued enrichment_requests (priority order) and launches enrich_table.",
 )
-def enrichment_queue_sensor(context: SensorEvaluationContext, glaze_db: GlazeDatabase):
-    with glaze_db.open_store() as store:
-        claimed = queue.claim(store, limit=CLAIMS_PER_TICK)
-        if not claimed:
-            return SkipReason("no queued requests")
-        runs, rejected = request_runs(claimed, store)
-    context.log.info(f"claimed {len(claimed)} requests: {len(runs)} launched, {rejected} rejected")
-    if not runs:
-        return SensorResult(skip_reason=SkipReason(f"{rejected} invalid requests ended failed"))
-    return SensorResult(run_requests=runs)
+def enrichment_queue_sensor(
+    context: SensorEvaluationContext, glaze_db: GlazeDatabase, progress: ProgressChannel
+):
+    with glaze_db.open_store() as store, progress.publisher() as publisher:
+        launchable, rejected = queue.claim_launchable(
+            store, limit=CLAIMS_PER_TICK, publisher=publisher
+        )
+    for request_id, reason in rejected:
+        context.log.warning(f"request {request_id} rejected: {reason}")
+    if not launchable and not rejected:
+        return SkipReason("no queued requests")
+    context.log.info(
+        f"claimed {len(launchable) + len(rejected)} requests: {len(launchable)} launched, "
+        f"{len(rejected)} rejected"
+    )
+    if not launchable:
+        return SensorResult(
+            skip_reason=SkipReason(f"{len(rejected)} invalid requests ended failed")
+        )
+    return SensorResult(run_requests=request_runs(launchable))
 
 
 def _request_id(store: Store, run_id: str, tags: dict[str, str]) -> str | None:
@@ -88,37 +88,58 @@ def _request_id(store: Store, run_id: str, tags: dict[str, str]) -> str | None:
 @run_failure_sensor(
     monitored_jobs=[enrich_table],
     default_status=DefaultSensorStatus.RUNNING,
-    description="A failed enrich_table run ends its request `failed` with the reason.",
+    description="A failed enrich_table run ends its request `failed` with the reason, lets go "
+    "of its rows and announces it.",
 )
-def request_on_run_failure(context: RunFailureSensorContext, glaze_db: GlazeDatabase) -> None:
+def request_on_run_failure(
+    context: RunFailureSensorContext, glaze_db: GlazeDatabase, progress: ProgressChannel
+) -> None:
     run = context.dagster_run
-    with glaze_db.open_store() as store:
+    with glaze_db.open_store() as store, progress.publisher() as publisher:
         request_id = _request_id(store, run.run_id, dict(run.tags))
         if request_id is not None:
             message = context.failure_event.message or "the run failed"
-            queue.mark_failed(store, request_id, f"run {run.run_id} failed: {message}")
+            queue.close_for_run(
+                store,
+                request_id,
+                RequestStatus.FAILED,
+                f"run {run.run_id} failed: {message}",
+                publisher,
+            )
 
 
 @run_status_sensor(
     run_status=DagsterRunStatus.CANCELED,
     monitored_jobs=[enrich_table],
     default_status=DefaultSensorStatus.RUNNING,
-    description="A cancelled enrich_table run ends its request `cancelled`.",
+    description="A cancelled enrich_table run ends its request `cancelled`, lets go of its rows "
+    "and announces it.",
 )
-def request_on_run_canceled(context: RunStatusSensorContext, glaze_db: GlazeDatabase) -> None:
+def request_on_run_canceled(
+    context: RunStatusSensorContext, glaze_db: GlazeDatabase, progress: ProgressChannel
+) -> None:
     run = context.dagster_run
-    with glaze_db.open_store() as store:
+    with glaze_db.open_store() as store, progress.publisher() as publisher:
         request_id = _request_id(store, run.run_id, dict(run.tags))
         if request_id is not None:
-            queue.mark_cancelled(store, request_id, f"run {run.run_id} was cancelled")
+            queue.close_for_run(
+                store,
+                request_id,
+                RequestStatus.CANCELLED,
+                f"run {run.run_id} was cancelled",
+                publisher,
+            )
 
 
 @sensor(
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Cancels flagged requests, fails requests whose run died, re-queues lost claims.",
+    description="Cancels flagged requests, fails requests whose run died, re-queues lost claims, "
+    "lets go of rows an ended request still holds; announces every ending it records.",
 )
-def request_reconciler(context: SensorEvaluationContext, glaze_db: GlazeDatabase):
+def request_reconciler(
+    context: SensorEvaluationContext, glaze_db: GlazeDatabase, progress: ProgressChannel
+):
     instance = context.instance
     stale_after = timedelta(seconds=float(os.environ.get(STALE_AFTER_ENV, "300")))
 
@@ -139,7 +160,7 @@ def request_reconciler(context: SensorEvaluationContext, glaze_db: GlazeDatabase
         if run is not None and not run.is_finished:
             instance.report_run_failed(run, reason)
 
-    with glaze_db.open_store() as store:
+    with glaze_db.open_store() as store, progress.publisher() as publisher:
         actions = queue.reconcile(
             store,
             find_run=find_run,
@@ -147,50 +168,84 @@ def request_reconciler(context: SensorEvaluationContext, glaze_db: GlazeDatabase
             report_dead_run=report_dead_run,
             now=utcnow(),
             stale_after=stale_after,
+            publisher=publisher,
         )
     for action in actions:
         context.log.info(action)
     return SkipReason("; ".join(actions) if actions else "every open request is consistent")
 
 
+PRE_ENRICH_LOOKBACK = timedelta(hours=1)
+
+
+def pre_enrich_run_key(table_id: str) -> str:
+    return f"pre_enrich:{table_id}"
+
+
+def pre_enrich_run(table_id: str, budget: float) -> RunRequest:
+    """One low-priority `pre_enrich` run over the whole table; the job records its own request."""
+    return RunRequest(
+        run_key=pre_enrich_run_key(table_id),
+        run_config={
+            "ops": {
+                "detect_entities": {
+                    "config": {
+                        "table_id": table_id,
+                        "whole_table": True,
+                        "kind": RequestKind.PRE_ENRICH.value,
+                        "budget": budget,
+                    }
+                }
+            }
+        },
+        tags={
+            "glaze/table": table_id,
+            "glaze/kind": RequestKind.PRE_ENRICH.value,
+            # Below every user run in a QueuedRunCoordinator (default 0), like its queue priority.
+            "dagster/priority": str(queue.PRIORITY_PRE_ENRICH),
+        },
+    )
+
+
 @schedule(
     cron_schedule="*/5 * * * *",
     job=enrich_table,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Queues low-priority pre_enrich requests for newly uploaded tables.",
+    # Off until someone turns it on: a fresh `dagster dev` buys nothing nobody asked for.
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Pre-enriches tables uploaded in the last hour into the entity cache, once each.",
 )
-def pre_enrich_schedule(context: ScheduleEvaluationContext, glaze_db: GlazeDatabase):
-    """Warm the entity cache for tables uploaded since the last tick, so a later click is instant.
+def pre_enrich_schedule(
+    context: ScheduleEvaluationContext, glaze_db: GlazeDatabase, pre_enrichment: PreEnrichment
+):
+    """Warm the entity cache for newly uploaded tables, so a later click is instant.
 
-    The requests go through the queue like any other (priority below user requests, a budget
-    cap, idempotency key `pre_enrich` so each table is pre-enriched once).
+    Evaluation only reads (the app's tables, the instance's runs) and returns run requests: the
+    UI's "Preview tick result" spends nothing, and the job registers the table's partition and
+    records its request when it runs. Dagster dedupes a schedule's run keys only within one tick,
+    so a table that already has a run keyed `pre_enrich:<table>` is left out: pre-enriched once.
     """
-    since = context.scheduled_execution_time - timedelta(minutes=10)
-    budget = float(os.environ.get(PRE_ENRICH_BUDGET_ENV, "100"))
+    since = context.scheduled_execution_time - PRE_ENRICH_LOOKBACK
     with glaze_db.open_store() as store:
         table_ids = store.tables_created_since(since)
-        if not table_ids:
-            return SkipReason(f"no table uploaded since {since:%Y-%m-%d %H:%M}")
-        new_partitions = [
-            t
-            for t in table_ids
-            if not context.instance.has_dynamic_partition(TABLE_PARTITIONS.name, t)
-        ]
-        if new_partitions:
-            context.instance.add_dynamic_partitions(TABLE_PARTITIONS.name, new_partitions)
-        for table_id in table_ids:
-            queue.enqueue(
-                store,
-                table_id,
-                {"whole_table": True},
-                kind=RequestKind.PRE_ENRICH,
-                budget=budget,
-                priority=queue.PRIORITY_PRE_ENRICH,
-                idempotency_key="pre_enrich",
-            )
-    return SkipReason(
-        f"queued pre_enrich for {len(table_ids)} tables; the queue sensor launches them"
-    )
+    if not table_ids:
+        return SkipReason(f"no table uploaded since {since:%Y-%m-%d %H:%M %Z}")
+    run_keys = [pre_enrich_run_key(table_id) for table_id in table_ids]
+    launched = {
+        run.tags[RUN_KEY_TAG]
+        for run in context.instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: run_keys}))
+    }
+    budget = pre_enrichment.resolved_budget()
+    runs = [
+        pre_enrich_run(table_id, budget)
+        for table_id, run_key in zip(table_ids, run_keys, strict=True)
+        if run_key not in launched
+    ]
+    if not runs:
+        return SkipReason(
+            f"every table uploaded since {since:%Y-%m-%d %H:%M %Z} ({len(table_ids)}) "
+            "already has its pre_enrich run"
+        )
+    return runs
 
 
 GLAZE_SENSORS = [
