@@ -139,6 +139,16 @@ def kill_mid_way(
     time.sleep(0.3)  # lookups sent just before the kill reach the mock's counter
 
 
+def assert_on_record(calls: dict[str, int], cost: float, mock: MockProviderServer) -> None:
+    """A killed worker's record never falls short of the vendor's bill: each lookup is journalled
+    before it is sent. A kill between the journal's commit and the send can leave at most one
+    intent per concurrent lookup (4) on record that never reached the vendor, counted charged."""
+    billed = mock.stats()["vendors"]["cheap"]
+    journalled = calls["cheap_company"]
+    assert billed["requests"] <= journalled <= billed["requests"] + 4, (calls, billed)
+    assert cost == pytest.approx(journalled * billed["cost"] / billed["requests"])
+
+
 def empty_app_tables(url: str) -> None:
     store = Store(url)
     with store.engine.begin() as connection:
@@ -259,10 +269,8 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
         assert request.status == "failed"
         assert "no heartbeat" in request.error and "worker died" in request.error
         # Spend never lost: every call the killed worker sent is on its record, the ones in
-        # flight at the kill included (journalled before they left), and it is what was billed.
-        billed = mock.stats()["vendors"]["cheap"]
-        assert request.provider_calls == {"cheap_company": billed["requests"]}
-        assert request.cost == pytest.approx(billed["cost"])
+        # flight at the kill included (journalled before they left).
+        assert_on_record(request.provider_calls, request.cost, mock)
         run = instance.get_run_by_id(request.run_id)
         assert run is not None and run.status.value == "FAILURE"  # Dagster is told too
 
@@ -296,12 +304,11 @@ def test_on_the_sqlite_default_a_sigkilled_run_keeps_what_it_bought(
         kept = connection.execute(
             text("SELECT count(*) FROM entity_cache WHERE provider = 'cheap_company'")
         ).scalar()
-    # Every call sent is on record (journalled before it left), none settled after the kill.
+    # Every call sent is on record (journalled before it left).
     from glaze_pipeline.core.requests import RequestRepository
 
     spend = RequestRepository(store).spend(request_id)
-    assert spend.calls == {"cheap_company": billed["requests"]}
-    assert spend.cost == pytest.approx(billed["cost"])
+    assert_on_record(spend.calls, spend.cost, mock)
     # Answers reach the cache within a second of arriving: at most a second's worth (about 40
     # at 4 x 100 ms) plus those in flight are lost, where before every one of them was.
     assert billed["requests"] - 45 <= kept <= billed["requests"]
