@@ -15,8 +15,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.settings import glaze_home
-from glaze_pipeline.core.store import GlazeError, Store
+from glaze_pipeline.core.store import Store
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance

@@ -8,18 +8,17 @@ from sqlalchemy import func, select
 from glaze_pipeline.core import engine
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
-from glaze_pipeline.core.models import CellRef, EntityType, Selection
-from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
-from glaze_pipeline.core.schema import EnrichmentRequest
-from glaze_pipeline.core.seed import seed_generated
-from glaze_pipeline.core.store import (
-    ColumnDef,
+from glaze_pipeline.core.errors import (
     InvalidSelectionError,
-    Store,
     UnknownColumnError,
     UnknownRowError,
     UnknownTableError,
 )
+from glaze_pipeline.core.models import CellRef, EntityType, Selection
+from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
+from glaze_pipeline.core.schema import EnrichmentRequest
+from glaze_pipeline.core.seed import seed_generated
+from glaze_pipeline.core.store import ColumnDef, Store
 
 COMPANY_COLUMNS = ("industry", "employee_count", "revenue")
 

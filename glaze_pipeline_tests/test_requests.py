@@ -6,9 +6,10 @@ from collections.abc import Mapping
 import pytest
 
 from glaze_pipeline.core import queue
+from glaze_pipeline.core.errors import UnknownRequestError
 from glaze_pipeline.core.models import RequestStatus
 from glaze_pipeline.core.requests import Adoption, RequestRepository, SpendDelta
-from glaze_pipeline.core.store import Store, UnknownRequestError
+from glaze_pipeline.core.store import Store
 
 
 def running(store: Store, *, budget: float | None = None) -> tuple[RequestRepository, str]:

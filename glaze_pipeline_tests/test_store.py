@@ -4,15 +4,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from glaze_pipeline.core.errors import GlazeError, UnknownRowError, UnknownTableError
 from glaze_pipeline.core.schema import Base
-from glaze_pipeline.core.store import (
-    ColumnDef,
-    GlazeError,
-    RowPatch,
-    Store,
-    UnknownRowError,
-    UnknownTableError,
-)
+from glaze_pipeline.core.store import ColumnDef, RowPatch, Store
 
 
 def make_table(store: Store, rows: int = 5) -> tuple[str, list[str]]:

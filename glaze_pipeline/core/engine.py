@@ -28,6 +28,7 @@ from glaze_pipeline.core.detection import (
     IdentifierColumns,
     targets_for_row,
 )
+from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError, UnknownColumnError
 from glaze_pipeline.core.estimate import DryRunProvider, ReadOnlyCache, estimate_report
 from glaze_pipeline.core.models import (
     CellStatus,
@@ -45,14 +46,7 @@ from glaze_pipeline.core.requests import Beat, RequestRepository
 from glaze_pipeline.core.singleflight import Flight
 from glaze_pipeline.core.spend import SpendJournal
 from glaze_pipeline.core.status import aggregate_row
-from glaze_pipeline.core.store import (
-    GlazeError,
-    InvalidSelectionError,
-    RowPatch,
-    RowRecord,
-    Store,
-    UnknownColumnError,
-)
+from glaze_pipeline.core.store import RowPatch, RowRecord, Store
 from glaze_pipeline.core.waterfall import CANCELLED, DEFAULT_THRESHOLD, Waterfall, WaterfallStats
 
 log = logging.getLogger(__name__)

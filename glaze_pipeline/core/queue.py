@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from glaze_pipeline.core.engine import JobSettings, JobTarget, resolve_target
+from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError
 from glaze_pipeline.core.models import RequestKind, RequestStatus, RowStatus, Selection
 from glaze_pipeline.core.progress import ProgressPublisher, publish_finished
 from glaze_pipeline.core.requests import (
@@ -27,7 +28,7 @@ from glaze_pipeline.core.requests import (
     ClaimedRequest,
     RequestRepository,
 )
-from glaze_pipeline.core.store import GlazeError, InvalidSelectionError, Store
+from glaze_pipeline.core.store import Store
 
 __all__ = [
     "PRIORITY_DEFAULT",

@@ -26,6 +26,7 @@ from sqlalchemy import Connection, and_, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from glaze_pipeline.core.errors import UnknownRequestError
 from glaze_pipeline.core.models import (
     TERMINAL_REQUEST_STATUSES,
     RequestKind,
@@ -34,14 +35,7 @@ from glaze_pipeline.core.models import (
     Selection,
 )
 from glaze_pipeline.core.schema import EnrichmentRequest, RequestSpend, RequestTransition
-from glaze_pipeline.core.store import (
-    REQUEST_DEFAULTS,
-    Store,
-    UnknownRequestError,
-    lenient_json_loads,
-    new_id,
-    utcnow,
-)
+from glaze_pipeline.core.store import REQUEST_DEFAULTS, Store, lenient_json_loads, new_id, utcnow
 
 QUEUED = RequestStatus.QUEUED
 LAUNCHED = RequestStatus.LAUNCHED

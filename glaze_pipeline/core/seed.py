@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from glaze_pipeline.core.store import ColumnDef, GlazeError, Store, TableInfo
+from glaze_pipeline.core.errors import GlazeError
+from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
 
 LEADS_TABLE_ID = "tbl_leads"
 LEADS_INPUT_KEYS = ("name", "email", "company", "website")

@@ -35,6 +35,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from glaze_pipeline.core.detection import ColumnSpec
+from glaze_pipeline.core.errors import (
+    GlazeError,
+    UnknownColumnError,
+    UnknownRequestError,
+    UnknownRowError,
+    UnknownTableError,
+)
 from glaze_pipeline.core.fields import column_field, parse_field
 from glaze_pipeline.core.models import RowStatus
 from glaze_pipeline.core.schema import (
@@ -47,30 +54,6 @@ from glaze_pipeline.core.settings import database_url
 from glaze_pipeline.core.status import aggregate_row
 
 ID_CHUNK = 5000  # ids per IN (...) list (SQLite allows 32,766 parameters)
-
-
-class GlazeError(Exception):
-    """Base of the engine's own errors: bad input named clearly, raised before any write."""
-
-
-class UnknownTableError(GlazeError):
-    pass
-
-
-class UnknownColumnError(GlazeError):
-    pass
-
-
-class UnknownRowError(GlazeError):
-    pass
-
-
-class UnknownRequestError(GlazeError):
-    pass
-
-
-class InvalidSelectionError(GlazeError):
-    pass
 
 
 def new_id(prefix: str) -> str:

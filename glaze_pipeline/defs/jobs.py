@@ -36,6 +36,7 @@ from glaze_pipeline.core.engine import (
     JobTarget,
     RequestWatch,
 )
+from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityRequest,
@@ -45,7 +46,7 @@ from glaze_pipeline.core.models import (
 )
 from glaze_pipeline.core.progress import percent
 from glaze_pipeline.core.requests import Adoption, RequestRepository
-from glaze_pipeline.core.store import GlazeError, Store
+from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS
 from glaze_pipeline.defs.config import EnrichTableConfig
