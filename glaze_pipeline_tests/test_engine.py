@@ -49,7 +49,7 @@ def run(
     outcomes, stats = engine.merge_chunks(results)
     before = store.statements
     summary = engine.apply_results(
-        store, request_id, target, outcomes, page_size=settings.page_size
+        store, request_id, target, outcomes, page_size=settings.page_size, read=detection.read
     )
     apply_statements = store.statements - before
     engine.finish_job(
@@ -58,8 +58,8 @@ def run(
     return request_id, summary, apply_statements
 
 
-def grid(table: Any, *keys: str) -> Selection:
-    return Selection(column_ids=[table.column_by_key(k).id for k in keys])
+def grid(table: Any, *keys: str, overwrite: bool = False) -> Selection:
+    return Selection(column_ids=[table.column_by_key(k).id for k in keys], overwrite=overwrite)
 
 
 def test_thousand_rows_hundred_companies_one_call_each_and_few_statements(store: Store) -> None:
@@ -77,8 +77,10 @@ def test_thousand_rows_hundred_companies_one_call_each_and_few_statements(store:
     assert (request.status, request.entities, request.cells_done) == ("succeeded", 100, 3000)
     assert request.provider_calls == {"fake_company": 100}
 
-    second = FakeProvider(EntityType.COMPANY)
-    second_id, _, _ = run(store, table.id, grid(table, *COMPANY_COLUMNS), [second])
+    second = FakeProvider(EntityType.COMPANY)  # a refresh: the cells hold the first answers
+    second_id, _, _ = run(
+        store, table.id, grid(table, *COMPANY_COLUMNS, overwrite=True), [second]
+    )
     assert second.total_calls == 0
     assert store.get_request(second_id).cache_hits == 100
 
@@ -247,7 +249,8 @@ def test_rerun_after_filling_an_identifier_column_buys_nothing(store: Store) -> 
     assert first.total_calls == 20
     assert all(r.data["linkedin"] for r in store.rows_in_order(table.id))
     second = FakeProvider(EntityType.PERSON)
-    request_id, summary, _ = run(store, table.id, selection, [second])
+    refresh = grid(table, "title", "linkedin", overwrite=True)
+    request_id, summary, _ = run(store, table.id, refresh, [second])
     assert second.total_calls == 0
     assert store.get_request(request_id).cache_hits == 20
     assert summary.cells == {"done": 40}

@@ -67,7 +67,19 @@ def test_job_on_thousand_rows(store: Store) -> None:
         assert meta["entities"] == 100
         assert instance.has_dynamic_partition("glaze_tables", table.id)
 
-        second = run_job(store, {"table_id": table.id, "column_ids": columns}, instance)
+        # The same grid again: every cell now holds a value, so each is kept, nothing bought.
+        again = run_job(store, {"table_id": table.id, "column_ids": columns}, instance)
+        [kept] = materializations(again, ENRICHED_TABLE)
+        assert kept.metadata["cells_kept"].value == 3000
+        assert (kept.metadata["entities"].value, kept.metadata["rows_written"].value) == (0, 0)
+        again_id = again.output_for_node("detect_entities", "plan").request_id
+        assert store.get_request(again_id).status == "succeeded"
+        assert "3000 kept" in store.get_request(again_id).error
+
+        # A refresh (overwrite): every company is looked up again, all from the cache.
+        second = run_job(
+            store, {"table_id": table.id, "column_ids": columns, "overwrite": True}, instance
+        )
         [mat2] = materializations(second, ENRICHED_TABLE)
         assert mat2.metadata["provider_calls"].value == {}
         assert mat2.metadata["cache_hits"].value == 100

@@ -68,13 +68,41 @@ def test_patch_merges_json_and_keeps_other_keys_in_one_statement(store: Store) -
             for i in ids
         ]
     )
-    assert written == 3
+    assert written == set(ids)
     assert store.statements - before == 1
     row = store.get_row(ids[0])
     assert row.data == {"website": "c0.com", "notes": "edited by a user", "industry": "Tech"}
     assert row.meta == {"industry": {"status": "done"}}
     assert (row.status, row.confidence) == ("done", 0.9)
     assert row.last_run_at is not None
+
+
+def test_patch_is_a_compare_and_set_on_the_cells_it_read(store: Store) -> None:
+    """A patch writes only where its cells still hold what the job read: an edit made between
+    the job's read and its write wins, on both databases, in the same one statement."""
+    _table_id, ids = make_table(store, rows=4)
+    store.edit_cell(ids[1], "industry", "Typed by a user")  # was empty when the job read it
+    store.edit_cell(ids[2], "industry", "Old value")
+    store.edit_cell(ids[3], "industry", "")  # "" and missing are both empty
+    done = {"industry": {"status": "done"}}
+
+    def patch(row_id: str, expect: object) -> RowPatch:
+        return RowPatch(row_id, {"industry": "Tech"}, done, "done", 0.9, None, {"industry": expect})
+
+    written = store.apply_patches(
+        [patch(ids[0], None), patch(ids[1], None), patch(ids[2], "Old value"), patch(ids[3], None)]
+    )
+    assert written == {ids[0], ids[2], ids[3]}
+    assert store.get_row(ids[1]).data["industry"] == "Typed by a user"
+    assert store.get_row(ids[1]).meta == {}  # no claim of a value it did not write
+    assert store.get_row(ids[2]).data["industry"] == "Tech"
+    # An expectation of a value that has since changed: not written.
+    store.edit_cell(ids[2], "industry", "Edited again")
+    assert store.apply_patches([patch(ids[2], "Tech")]) == set()
+    assert store.get_row(ids[2]).data["industry"] == "Edited again"
+    # Numbers and unicode compare as JSON values.
+    store.edit_cell(ids[0], "industry", {"n": 1, "s": "Société"})
+    assert store.apply_patches([patch(ids[0], {"n": 1, "s": "Société"})]) == {ids[0]}
 
 
 def test_user_edit_does_not_touch_status(store: Store) -> None:

@@ -9,12 +9,14 @@ so memory grows with unique entities, not with cells.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,7 @@ from glaze_pipeline.core.detection import (
 )
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError, UnknownColumnError
 from glaze_pipeline.core.estimate import DryRunProvider, ReadOnlyCache, estimate_report
+from glaze_pipeline.core.limits import check_budget
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityOutcome,
@@ -165,8 +168,7 @@ class JobSettings:
     budget_block_calls: int = 20
 
     def __post_init__(self) -> None:
-        if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 0):
-            raise InvalidSelectionError(f"budget must be a number >= 0, got {self.budget}")
+        check_budget(self.budget)
         for name in ("chunk_size", "max_chunks", "concurrency", "page_size"):
             if getattr(self, name) < 1:
                 raise InvalidSelectionError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -183,20 +185,55 @@ class JobTarget:
     identifiers: IdentifierColumns
     row_ids: tuple[str, ...] | None = None  # None: every row of the table
     cells: dict[str, frozenset[str]] | None = None  # explicit cells: row id -> column ids
-    only_empty: bool = False  # whole table: fill empty cells only, never overwrite input
+    only_empty: bool = False  # whole table: fill empty cells only, and count only those
+    overwrite: bool = False  # replace cells that hold a value (a grid or cells, when asked)
 
     def columns_for(self, row: RowRecord) -> list[ColumnSpec]:
+        """The row's cells this job fills (see `split`)."""
+        return self.split(row)[0]
+
+    def split(self, row: RowRecord) -> tuple[list[ColumnSpec], list[ColumnSpec]]:
+        """The row's requested cells as (to fill, kept).
+
+        A cell that holds a value is the user's and is kept, unless the request says
+        `overwrite`: enrichment never replaces what someone typed (an input column such as a
+        name or an email included) without being asked to. A whole-table job asked for the
+        empty cells only, so it keeps nothing it would have to report.
+        """
         if self.cells is not None:
             wanted = self.cells.get(row.id, frozenset())
-            return [column for column in self.columns if column.id in wanted]
-        if self.only_empty:
-            return [c for c in self.columns if row.data.get(c.key) in (None, "")]
-        return list(self.columns)
+            asked = [column for column in self.columns if column.id in wanted]
+        else:
+            asked = list(self.columns)
+        if self.overwrite:
+            return asked, []
+        fill = [c for c in asked if is_empty(row.data.get(c.key))]
+        if len(fill) == len(asked):
+            return fill, []
+        kept = [] if self.only_empty else [c for c in asked if not is_empty(row.data.get(c.key))]
+        return fill, kept
 
     def page_row_ids(self) -> list[str] | None:
         if self.cells is not None:
             return list(self.cells)
         return list(self.row_ids) if self.row_ids is not None else None
+
+
+def is_empty(value: Any) -> bool:
+    """A cell the engine may fill: missing, JSON null or "" (the same test the holds make)."""
+    return value is None or value == ""
+
+
+def cell_digest(value: Any) -> int:
+    """A 64-bit fingerprint of a cell's value: what an overwriting job remembers of a cell it
+    read, to leave it alone if someone changes it before the job writes (8 bytes, not the
+    value: a job may read a million cells)."""
+    encoded = json.dumps(value, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "big")
+
+
+def cell_ref(row_id: str, key: str) -> str:
+    return f"{row_id}\x1f{key}"
 
 
 def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarget:
@@ -241,10 +278,11 @@ def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarg
             columns,
             identifiers,
             cells={row_id: frozenset(ids) for row_id, ids in cells.items()},
+            overwrite=selection.overwrite,
         )
     columns = wanted(selection.column_ids)
     row_ids = tuple(dict.fromkeys(selection.row_ids)) if selection.row_ids else None
-    return JobTarget(table_id, columns, identifiers, row_ids=row_ids)
+    return JobTarget(table_id, columns, identifiers, row_ids=row_ids, overwrite=selection.overwrite)
 
 
 def start_job(
@@ -269,9 +307,13 @@ def start_job(
 @dataclass
 class Detection:
     entities: list[EntityRequest]
-    cells_total: int
+    cells_total: int  # asked for, the kept ones included
     cells_without_identifier: int
     rows_read: int
+    cells_kept: int = 0  # asked for, but they hold a value and the request did not overwrite
+    # An overwriting job's fingerprints of the non-empty cells it read (`cell_ref` -> digest):
+    # a cell changed before the job writes it is then kept. Empty for any other job.
+    read: dict[str, int] = field(default_factory=dict)
 
 
 def detect_entities(
@@ -288,6 +330,8 @@ def detect_entities(
     that writes cells), each page's rows with a cell to fill are held `running` by it: one
     statement per page; rows with nothing to fill are left as they are."""
     index = EntityIndex()
+    kept = 0
+    read: dict[str, int] = {}
     for page in store.iter_row_pages(
         target.table_id, row_ids=target.page_row_ids(), page_size=page_size, with_meta=False
     ):
@@ -296,11 +340,16 @@ def detect_entities(
         index.rows_read += len(page)
         to_fill: list[str] = []
         for row in page:
-            cell_targets = targets_for_row(
-                row.id, row.data, target.columns_for(row), target.identifiers
-            )
+            fill, keep = target.split(row)
+            kept += len(keep)
+            cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
             if cell_targets:
                 to_fill.append(row.id)
+                if target.overwrite:
+                    for column in fill:
+                        value = row.data.get(column.key)
+                        if not is_empty(value):
+                            read[cell_ref(row.id, column.key)] = cell_digest(value)
             index.add(cell_targets)
         if request_id is not None:
             store.hold_rows(target.table_id, request_id, RowStatus.RUNNING, row_ids=to_fill)
@@ -310,9 +359,11 @@ def detect_entities(
     ]
     return Detection(
         entities=entities,
-        cells_total=index.cells_total,
+        cells_total=index.cells_total + kept,
         cells_without_identifier=index.cells_without_identifier,
         rows_read=index.rows_read,
+        cells_kept=kept,
+        read=read,
     )
 
 
@@ -486,6 +537,8 @@ class ApplySummary:
     rows_read: int = 0
     rows_written: int = 0
     cells: Counter[str] = field(default_factory=Counter)
+    # Of the skipped cells, those left alone because they hold a value (the user's).
+    kept: int = 0
     statements: int = 0
     seconds: float = 0.0
 
@@ -520,11 +573,17 @@ def apply_results(
     progress: ProgressCallback | None = None,
     watch: RequestWatch | None = None,
     cancelled: bool = False,
+    read: Mapping[str, int] | None = None,
 ) -> ApplySummary:
     """Write every selected cell's outcome: one read and one JSON-merge UPDATE per page of rows.
 
     The rows written are let go of by this request in the same statement (their status is
     the patch's); rows it skips stay held until `finish_job` (or whatever ends it) lets go.
+
+    A cell is written only if it still holds what the job read: empty, or for an overwriting
+    job the value it fingerprinted at detection (`read`, `Detection.read`). The check is made on the page read
+    and again inside the UPDATE (compare-and-set), so an edit made at any time before the
+    write wins: its row is read again and the edited cell is kept (counted skipped, `kept`).
 
     With a `watch`, its beats carry the counters so far, and a request closed under the job
     stops it between pages (every row is then either fully written by this job or untouched).
@@ -537,23 +596,105 @@ def apply_results(
     if watch is not None:
         watch.progress = lambda: progress_counters(summary)
     missing = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED if cancelled else ROW_CHANGED)
+    writer = _CellWriter(target, outcomes, request_id, missing, read)
     for page in store.iter_row_pages(
         target.table_id, row_ids=target.page_row_ids(), page_size=page_size
     ):
         if watch is not None:
             watch.raise_if_closed()
         summary.rows_read += len(page)
-        patches = []
-        for row in page:
-            patch = _row_patch(row, target, outcomes, request_id, summary.cells, missing)
-            if patch is not None:
-                patches.append(patch)
-        summary.rows_written += store.apply_patches(patches, request_id=request_id)
+        rows = list(page)
+        for _attempt in range(WRITE_ATTEMPTS):
+            patches = [writer.patch(row) for row in rows]
+            written = store.apply_patches(
+                [p.write for p in patches if p.write], request_id=request_id
+            )
+            changed = [p.row_id for p in patches if p.write and p.row_id not in written]
+            for patch in patches:
+                if patch.row_id not in changed:
+                    summary.cells.update(patch.counts)
+                    summary.kept += patch.kept
+            summary.rows_written += len(written)
+            if not changed:
+                break
+            # Someone wrote one of these rows between the read and the write: read them again.
+            rows = store.rows_by_id(changed)
+        else:
+            summary.cells[CellStatus.SKIPPED] += sum(len(p.write.meta) for p in patches if p.write)
         if progress is not None:
             progress(summary)
     summary.statements = store.statements - before
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# How often a page's rows are read again when an edit beats the write (each time, only the
+# rows that changed): an edit loop faster than this can only cost its cells, counted skipped.
+WRITE_ATTEMPTS = 3
+KEPT = "kept: the cell holds a value (ask with overwrite to replace it)"
+
+
+@dataclass
+class _RowWrite:
+    row_id: str
+    write: RowPatch | None
+    counts: Counter[str]
+    kept: int
+
+
+@dataclass
+class _CellWriter:
+    """Turns one row and the job's outcomes into its patch and what it counts."""
+
+    target: JobTarget
+    outcomes: Outcomes
+    request_id: str
+    missing: FieldOutcome
+    read: Mapping[str, int] | None  # None: no fingerprints (compare with the page read only)
+
+    def patch(self, row: RowRecord) -> _RowWrite:
+        fill, kept = self.target.split(row)
+        if self.target.overwrite and self.read is not None:
+            changed = [c for c in fill if not self._as_read(row, c.key)]
+            fill = [c for c in fill if c not in changed]
+            kept = kept + changed
+        counts: Counter[str] = Counter({CellStatus.SKIPPED.value: len(kept)} if kept else {})
+        cell_targets = targets_for_row(row.id, row.data, fill, self.target.identifiers)
+        data: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
+        expect: dict[str, Any] = {}
+        for cell in cell_targets:
+            assert cell.column.field is not None
+            if cell.entity is None:
+                outcome = FieldOutcome(CellStatus.FAILED, error=NO_IDENTIFIER)
+            else:
+                found = self.outcomes.get(cell.entity.id, {}).get(cell.column.field.name)
+                # None: the row's identifiers changed after detection, or the job was
+                # cancelled before it reached this entity: either way it has no answer for it.
+                outcome = found or self.missing
+            counts[outcome.status.value] += 1
+            if outcome.error == CANCELLED:
+                # A cell the cancelled job never reached is left as it was (its row goes back
+                # to the status it had); the request counts it `skipped: cancelled`.
+                continue
+            key = cell.column.key
+            meta[key] = cell_meta(outcome, self.request_id)
+            expect[key] = row.data.get(key)  # what it holds now (None: empty)
+            if outcome.status is CellStatus.DONE and outcome.value is not None:
+                data[key] = outcome.value.value
+        if not meta:
+            return _RowWrite(row.id, None, counts, len(kept))
+        status, confidence, error = aggregate_row({**row.meta, **meta})
+        write = RowPatch(row.id, data, meta, status.value, confidence, error, expect)
+        return _RowWrite(row.id, write, counts, len(kept))
+
+    def _as_read(self, row: RowRecord, key: str) -> bool:
+        """The cell still holds what detection read (empty, or the fingerprinted value)."""
+        value = row.data.get(key)
+        remembered = self.read.get(cell_ref(row.id, key)) if self.read else None
+        if remembered is None:
+            return is_empty(value)
+        return not is_empty(value) and cell_digest(value) == remembered
 
 
 def progress_counters(summary: ApplySummary) -> dict[str, int]:
@@ -566,42 +707,6 @@ def progress_counters(summary: ApplySummary) -> dict[str, int]:
     }
 
 
-def _row_patch(
-    row: RowRecord,
-    target: JobTarget,
-    outcomes: Outcomes,
-    request_id: str,
-    counts: Counter[str],
-    missing: FieldOutcome,
-) -> RowPatch | None:
-    cell_targets = targets_for_row(row.id, row.data, target.columns_for(row), target.identifiers)
-    if not cell_targets:
-        return None
-    data: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
-    for cell in cell_targets:
-        assert cell.column.field is not None
-        if cell.entity is None:
-            outcome = FieldOutcome(CellStatus.FAILED, error=NO_IDENTIFIER)
-        else:
-            found = outcomes.get(cell.entity.id, {}).get(cell.column.field.name)
-            # None: the row's identifiers changed after detection, or the job was cancelled
-            # before it reached this entity: either way this job has no answer for it.
-            outcome = found or missing
-        counts[outcome.status.value] += 1
-        if outcome.error == CANCELLED:
-            # A cell the cancelled job never reached is left as it was (its row goes back to
-            # the status it had); the request counts it `skipped: cancelled`.
-            continue
-        meta[cell.column.key] = cell_meta(outcome, request_id)
-        if outcome.status is CellStatus.DONE and outcome.value is not None:
-            data[cell.column.key] = outcome.value.value
-    if not meta:
-        return None
-    status, confidence, error = aggregate_row({**row.meta, **meta})
-    return RowPatch(row.id, data, meta, status.value, confidence, error)
-
-
 def merge_chunks(results: Iterable[ChunkResult]) -> tuple[Outcomes, WaterfallStats]:
     outcomes: Outcomes = {}
     stats = WaterfallStats()
@@ -611,10 +716,11 @@ def merge_chunks(results: Iterable[ChunkResult]) -> tuple[Outcomes, WaterfallSta
     return outcomes, stats
 
 
-def final_status(cells: Counter[str]) -> RequestStatus:
-    """succeeded: every cell answered (a value or a clear "not found"); failed: nothing did."""
+def final_status(cells: Counter[str], kept: int = 0) -> RequestStatus:
+    """succeeded: every cell answered (a value or a clear "not found") or kept as the user
+    left it; failed: nothing did."""
     answered = cells[CellStatus.DONE] + cells[CellStatus.NOT_FOUND]
-    unanswered = cells[CellStatus.FAILED] + cells[CellStatus.SKIPPED]
+    unanswered = cells[CellStatus.FAILED] + cells[CellStatus.SKIPPED] - kept
     if unanswered == 0:
         return RequestStatus.SUCCEEDED
     if answered == 0 and cells[CellStatus.SKIPPED] == 0:
@@ -671,7 +777,7 @@ def finish_job(
             status = RequestStatus.CANCELLED if written else None
         else:
             status = (
-                final_status(summary.cells)
+                final_status(summary.cells, summary.kept)
                 if kind is RequestKind.ENRICH
                 else RequestStatus.SUCCEEDED
             )
@@ -679,8 +785,10 @@ def finish_job(
             if status is not RequestStatus.SUCCEEDED:
                 error = (
                     f"{summary.cells[CellStatus.FAILED]} cells failed, "
-                    f"{summary.cells[CellStatus.SKIPPED]} skipped"
+                    f"{summary.cells[CellStatus.SKIPPED] - summary.kept} skipped"
                 )
+            if summary.kept:
+                error = ", ".join(filter(None, [error, f"{summary.kept} {KEPT}"]))
             if not requests.finish(request_id, status, error=error, counters=counters):
                 status = None
     store.release_rows(request_id)

@@ -99,6 +99,9 @@ class Selection(BaseModel):
     row_ids: list[str] = Field(default_factory=list)
     cells: list[CellRef] = Field(default_factory=list)
     whole_table: bool = False
+    # A cell that holds a value is the user's: it is kept unless the request says overwrite
+    # (a grid or explicit cells only; a whole-table job fills empty cells, always).
+    overwrite: bool = False
 
     @model_validator(mode="after")
     def _one_shape(self) -> Selection:
@@ -110,6 +113,10 @@ class Selection(BaseModel):
             )
         if self.row_ids and not self.column_ids:
             raise ValueError("row_ids needs column_ids (grid selection)")
+        if self.overwrite and self.whole_table:
+            raise ValueError(
+                "overwrite needs column_ids or cells: a whole-table job fills empty cells only"
+            )
         return self
 
     @property

@@ -27,6 +27,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from glaze_pipeline.core.errors import UnknownRequestError
+from glaze_pipeline.core.limits import (
+    MAX_ID,
+    MAX_IDEMPOTENCY_KEY,
+    check_budget,
+    check_priority,
+    check_text,
+)
 from glaze_pipeline.core.models import (
     TERMINAL_REQUEST_STATUSES,
     RequestKind,
@@ -152,6 +159,10 @@ class RequestRepository:
         """
         if isinstance(selection, Selection):
             selection = selection.model_dump(mode="json")
+        budget = check_budget(budget)
+        priority = check_priority(priority)
+        check_text("idempotency key", idempotency_key, MAX_IDEMPOTENCY_KEY, required=False)
+        check_text("table id", table_id, MAX_ID)
         now = utcnow()
         values = {
             **REQUEST_DEFAULTS,

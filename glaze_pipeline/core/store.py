@@ -37,12 +37,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from glaze_pipeline.core.detection import ColumnSpec
 from glaze_pipeline.core.errors import (
     GlazeError,
+    InputError,
     UnknownColumnError,
     UnknownRequestError,
     UnknownRowError,
     UnknownTableError,
 )
 from glaze_pipeline.core.fields import column_field, parse_field
+from glaze_pipeline.core.limits import (
+    MAX_COLUMN_KEY,
+    MAX_COLUMN_LABEL,
+    MAX_ID,
+    MAX_TABLE_NAME,
+    check_text,
+)
 from glaze_pipeline.core.models import RowStatus
 from glaze_pipeline.core.schema import (
     EnrichmentRequest,
@@ -122,7 +130,11 @@ class RowRecord:
 
 @dataclass(frozen=True, slots=True)
 class RowPatch:
-    """What one job writes to one row: JSON keys to merge, and the row's new aggregate status."""
+    """What one job writes to one row: JSON keys to merge, and the row's new aggregate status.
+
+    `expect` (key -> value, None for an empty cell) is what those cells held when the job read
+    the row: the write is made only if every one still does (compare-and-set), else the row is
+    left untouched and is not among the ids `Store.apply_patches` returns."""
 
     id: str
     data: dict[str, Any]
@@ -130,6 +142,7 @@ class RowPatch:
     status: str
     confidence: float | None
     error: str | None
+    expect: dict[str, Any] | None = None
 
 
 class Store:
@@ -171,6 +184,14 @@ class Store:
         description: str | None = None,
         table_id: str | None = None,
     ) -> TableInfo:
+        check_text("table name", name, MAX_TABLE_NAME)
+        check_text("table id", table_id, MAX_ID, required=False)
+        for column in columns:
+            check_text("column key", column.key, MAX_COLUMN_KEY)
+            check_text(
+                f"label of column {column.key!r}", column.label, MAX_COLUMN_LABEL, required=False
+            )
+            check_text(f"id of column {column.key!r}", column.id, MAX_ID, required=False)
         keys = [column.key for column in columns]
         if len(set(keys)) != len(keys):
             raise GlazeError(f"duplicate column keys in {keys}")
@@ -251,31 +272,117 @@ class Store:
                     GlazeRow.table_id == table_id
                 )
             )
-        position = int(start if start is not None else -1) + 1
-        given = iter(ids) if ids is not None else None
         inserted: list[str] = []
-        batch: list[dict[str, Any]] = []
         with self.engine.begin() as connection:
-            for data in rows:
-                row_id = next(given) if given is not None else new_id("row")
-                inserted.append(row_id)
-                batch.append(
-                    {
-                        "id": row_id,
-                        "table_id": table_id,
-                        "position": position,
-                        "data": dict(data),
-                        "meta": {},
-                        "status": "idle",
-                    }
-                )
-                position += 1
-                if len(batch) >= batch_size:
-                    connection.execute(insert(GlazeRow), batch)
-                    batch = []
-            if batch:
-                connection.execute(insert(GlazeRow), batch)
+            self._insert_row_batches(
+                connection,
+                table_id,
+                rows,
+                position=int(start if start is not None else -1) + 1,
+                batch_size=batch_size,
+                ids=ids,
+                inserted=inserted,
+            )
         return inserted
+
+    def import_table(
+        self,
+        name: str,
+        columns: Sequence[ColumnDef],
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        description: str | None = None,
+        batch_size: int = 5000,
+    ) -> tuple[TableInfo, int]:
+        """Create a table, its columns and all its rows in ONE transaction: the table and its
+        row count. If `rows` raises (a file that turns out bad at row 15,001), nothing is left.
+
+        `rows` is consumed lazily, one batch in memory at a time. On SQLite the write lock is
+        held for the whole import, so other writers queue (busy_timeout) until it commits.
+        """
+        keys = [column.key for column in columns]
+        if len(set(keys)) != len(keys):
+            raise InputError(f"duplicate column keys in {keys}")
+        # The same limits on both databases: Postgres refuses a longer value, SQLite keeps it.
+        limits = (
+            ("table name", [name], GlazeTable.__table__.c.name),
+            ("column key", keys, GlazeColumn.__table__.c.key),
+            ("column label", [c.label for c in columns], GlazeColumn.__table__.c.label),
+        )
+        for what, values, schema_column in limits:
+            length = getattr(schema_column.type, "length", None)
+            for value in values:
+                if length is not None and len(value) > length:
+                    raise InputError(
+                        f"{what} {value[:40]!r} is {len(value)} characters (at most {length})"
+                    )
+        for column in columns:
+            if column.field:
+                parse_field(column.field)
+        table_id = new_id("tbl")
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(GlazeTable), [{"id": table_id, "name": name, "description": description}]
+            )
+            if columns:
+                connection.execute(
+                    insert(GlazeColumn),
+                    [
+                        {
+                            "id": column.id or new_id("col"),
+                            "table_id": table_id,
+                            "key": column.key,
+                            "label": column.label or column.key,
+                            "data_type": column.data_type,
+                            "field": column.field,
+                            "position": position,
+                        }
+                        for position, column in enumerate(columns)
+                    ],
+                )
+            count = self._insert_row_batches(
+                connection, table_id, rows, position=0, batch_size=batch_size
+            )
+        return self.get_table(table_id), count
+
+    def _insert_row_batches(
+        self,
+        connection: Connection,
+        table_id: str,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        position: int,
+        batch_size: int,
+        ids: Iterable[str] | None = None,
+        inserted: list[str] | None = None,
+    ) -> int:
+        """Insert rows from `position` on, one statement per batch, in the caller's
+        transaction; returns how many. Ids are recorded in `inserted` only when asked: an
+        import of millions of rows does not keep them all."""
+        given = iter(ids) if ids is not None else None
+        batch: list[dict[str, Any]] = []
+        count = 0
+        for data in rows:
+            row_id = next(given) if given is not None else new_id("row")
+            if inserted is not None:
+                inserted.append(row_id)
+            batch.append(
+                {
+                    "id": row_id,
+                    "table_id": table_id,
+                    "position": position + count,
+                    "data": dict(data),
+                    "meta": {},
+                    "status": "idle",
+                }
+            )
+            count += 1
+            if len(batch) >= batch_size:
+                connection.execute(insert(GlazeRow), batch)
+                batch = []
+        if batch:
+            connection.execute(insert(GlazeRow), batch)
+        return count
 
     def iter_row_pages(
         self,
@@ -342,6 +449,20 @@ class Store:
                 for r in connection.execute(query)
             ]
 
+    def rows_by_id(self, row_ids: Sequence[str]) -> list[RowRecord]:
+        """These rows as they are now (a missing id is left out)."""
+        found: list[RowRecord] = []
+        with self.engine.connect() as connection:
+            for ids in chunked(row_ids, ID_CHUNK):
+                query = select(GlazeRow.id, GlazeRow.data, GlazeRow.meta, GlazeRow.status).where(
+                    GlazeRow.id.in_(ids)
+                )
+                found.extend(
+                    RowRecord(r.id, r.data or {}, r.meta or {}, r.status)
+                    for r in connection.execute(query)
+                )
+        return found
+
     def get_row(self, row_id: str) -> GlazeRow:
         with self.session() as session:
             row = session.get(GlazeRow, row_id)
@@ -359,8 +480,11 @@ class Store:
         *,
         edits: Mapping[str, Mapping[str, Any]] | None = None,
         request_id: str | None = None,
-    ) -> int:
-        """Merge a batch of row patches in ONE statement; returns rows updated.
+    ) -> set[str]:
+        """Merge a batch of row patches in ONE statement; returns the ids of the rows updated.
+
+        A patch whose `expect` no longer holds (a cell changed since the job read it) is not
+        applied, and its id is not returned: the caller reads the row again.
 
         `request_id` is the job writing: a row it holds is let go (its status is the patch's);
         a row another request holds keeps that hold and its status (`queued` / `running`) until
@@ -377,13 +501,14 @@ class Store:
                 "confidence": p.confidence,
                 "error": p.error,
                 "stamp": 1,
+                **({"expect": p.expect} if p.expect else {}),
             }
             for p in patches
         ]
         for row_id, data in (edits or {}).items():
             payload.append({"id": row_id, "data": dict(data), "meta": {}, "stamp": 0})
         if not payload:
-            return 0
+            return set()
         statement = _PATCH_SQL[self.dialect]
         with self.engine.begin() as connection:
             result = connection.execute(
@@ -394,7 +519,7 @@ class Store:
                     "request": request_id,
                 },
             )
-        return int(result.rowcount or 0)
+            return {str(row_id) for row_id in result.scalars()}
 
     # -- row lifecycle: holds -------------------------------------------------------------
 
@@ -552,6 +677,8 @@ REQUEST_DEFAULTS: dict[str, Any] = {
 # `stamp` = 1: an engine write (status, confidence, error, last_run_at set); 0: a user edit.
 # An engine write lets go of the rows its request (`:request`) holds and sets their status; a
 # row held by another request keeps that hold's status (it lets go of the row itself later).
+# `expect` makes the write a compare-and-set: every key in it must still hold that value (JSON
+# null: the cell is empty, i.e. missing, null or ""), else the row is not written nor returned.
 _PATCH_SQL = {
     "postgresql": """
         UPDATE rows AS r SET
@@ -569,8 +696,14 @@ _PATCH_SQL = {
                                ELSE r.last_run_at END
         FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS v(
             id text, data jsonb, meta jsonb, status text, confidence double precision,
-            error text, stamp int)
+            error text, stamp int, expect jsonb)
         WHERE r.id = v.id
+          AND NOT EXISTS (
+              SELECT 1 FROM jsonb_each(v.expect) AS e(key, value)
+              WHERE CASE WHEN e.value = 'null'::jsonb
+                         THEN COALESCE(r.data ->> e.key, '') <> ''
+                         ELSE (r.data -> e.key) IS DISTINCT FROM e.value END)
+        RETURNING r.id
     """,
     "sqlite": """
         UPDATE rows SET
@@ -587,10 +720,20 @@ _PATCH_SQL = {
         FROM (
             SELECT value ->> '$.id' AS id, value -> '$.data' AS data, value -> '$.meta' AS meta,
                    value ->> '$.status' AS status, value ->> '$.confidence' AS confidence,
-                   value ->> '$.error' AS error, value ->> '$.stamp' AS stamp
+                   value ->> '$.error' AS error, value ->> '$.stamp' AS stamp,
+                   value -> '$.expect' AS expect
             FROM json_each(:payload)
         ) AS v
         WHERE rows.id = v.id
+          AND NOT EXISTS (
+              SELECT 1 FROM json_each(v.expect) AS e
+              LEFT JOIN json_each(rows.data) AS d ON d.key = e.key
+              WHERE CASE WHEN e.type = 'null'
+                         THEN d.key IS NOT NULL AND d.type <> 'null'
+                              AND NOT (d.type = 'text' AND d.value = '')
+                         ELSE d.key IS NULL OR d.type IS NOT e.type
+                              OR d.value IS NOT e.value END)
+        RETURNING rows.id
     """,
 }
 

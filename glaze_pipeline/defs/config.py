@@ -38,6 +38,11 @@ class EnrichTableConfig(Config):
     row_ids: list[str] = Field(default=[], description="Grid: the rows (empty = all rows).")
     cells: list[CellConfig] = Field(default=[], description="Explicit cells to fill.")
     whole_table: bool = Field(default=False, description="Fill every empty enrichable cell.")
+    overwrite: bool = Field(
+        default=False,
+        description="Grid or cells: also replace cells that hold a value (by default a cell "
+        "someone filled is kept).",
+    )
     budget: float | None = Field(default=None, description="Max spend; none = unlimited.")
     chunk_size: int = Field(default=500, description="Min entities per enrich step.")
     max_chunks: int = Field(default=16, description="Max enrich steps (fan-out width).")
@@ -59,6 +64,7 @@ class EnrichTableConfig(Config):
             row_ids=self.row_ids,
             cells=[CellRef(row_id=c.row_id, column_id=c.column_id) for c in self.cells],
             whole_table=self.whole_table,
+            overwrite=self.overwrite,
         )
 
     def request_kind(self) -> RequestKind:

@@ -8,7 +8,7 @@ would buy overhead, not speed.
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dagster import (
     AssetMaterialization,
@@ -67,6 +67,9 @@ class JobPlan:
     cells_without_identifier: int
     chunks: int
     started: float
+    # An overwriting job's fingerprints of the cells it read (empty otherwise): see
+    # `engine.apply_results`.
+    read: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,7 @@ def detect_entities(
             cells_without_identifier=detection.cells_without_identifier,
             chunks=len(chunks),
             started=started,
+            read=detection.read,
         ),
         "plan",
     )
@@ -425,6 +429,7 @@ def apply_results(
             progress=page_written,
             watch=watch,
             cancelled=stopped is not None,
+            read=plan.read,
         )
     context.log.info(
         f"wrote {summary.rows_written} rows ({dict(summary.cells)}) "
@@ -473,6 +478,7 @@ def close_job(
         "rows_written": summary.rows_written,
         "entities": plan.entities,
         "cells": MetadataValue.json(dict(summary.cells)),
+        "cells_kept": summary.kept,
         "cache_hits": stats.cache_hits,
         "provider_calls": MetadataValue.json(spend.calls or dict(stats.calls)),
         "provider_errors": MetadataValue.json(dict(stats.errors)),
