@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -37,6 +38,7 @@ NAMING = {
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
 }
 
 
@@ -116,6 +118,11 @@ class EnrichmentRequest(Base):
     __table_args__ = (
         UniqueConstraint("table_id", "idempotency_key"),
         Index("ix_enrichment_requests_claim", "status", "priority", "created_at"),
+        # Migration 0006 (with, on SQLite only, length checks Postgres's VARCHAR makes).
+        CheckConstraint("budget IS NULL OR (budget >= 0 AND budget <= 1e12)", name="budget_valid"),
+        CheckConstraint("priority BETWEEN -1000000 AND 1000000", name="priority_range"),
+        CheckConstraint("budget_reserved >= 0", name="budget_reserved_valid"),
+        CheckConstraint("cost >= 0", name="cost_valid"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -3,10 +3,9 @@ out of range, and (on SQLite, which does not enforce VARCHAR lengths) names, key
 than Postgres allows, so both databases accept and refuse the same values.
 
 Postgres compares NaN as greater than every number, so `budget <= 1e12` refuses NaN and
-infinity there; SQLite stores NaN as NULL (no budget), which the engine refuses to read as a
-number anyway. Rows written before this revision are left as they were (Postgres: NOT VALID;
-SQLite: open requests with a bad budget or priority are failed first, since the table is copied
-under the new checks).
+infinity there (SQLite stores a NaN as NULL). Rows written before this revision must pass too:
+an open request with a bad budget or priority is failed first (it could never have run), and an
+ended one keeps its history but not the impossible number.
 
 Revision ID: 0006
 Revises: 0005
@@ -45,17 +44,9 @@ SQLITE_LENGTHS = {
 
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
-        for name, condition in REQUEST_CHECKS.items():
-            op.execute(
-                f"ALTER TABLE enrichment_requests ADD CONSTRAINT ck_enrichment_requests_{name} "
-                f"CHECK ({condition}) NOT VALID"
-            )
-        return
-    # SQLite: the table is rebuilt with the checks, so every row must pass them. A request
-    # still open with a value the engine would refuse is failed (it could never run); an ended
-    # one keeps its history and loses only the impossible number.
+    # Every row must pass the checks (SQLite copies the table under them; Postgres validates
+    # them). A request still open with a value the engine would refuse is failed (it could
+    # never run); an ended one keeps its history and loses only the impossible number.
     op.execute(
         f"""
         UPDATE enrichment_requests
@@ -66,15 +57,15 @@ def upgrade() -> None:
         """
     )
     op.execute(f"UPDATE enrichment_requests SET budget = NULL WHERE NOT ({BUDGET})")
-    op.execute(
-        "UPDATE enrichment_requests SET priority = max(-1000000, min(1000000, priority)) "
-        f"WHERE NOT ({PRIORITY})"
-    )
+    op.execute(f"UPDATE enrichment_requests SET priority = 0 WHERE NOT ({PRIORITY})")
+    if op.get_bind().dialect.name == "postgresql":
+        for name, condition in REQUEST_CHECKS.items():
+            op.create_check_constraint(
+                f"ck_enrichment_requests_{name}", "enrichment_requests", sa.text(condition)
+            )
+        return
     checks = {
-        "enrichment_requests": {
-            **REQUEST_CHECKS,
-            **SQLITE_LENGTHS["enrichment_requests"],
-        },
+        "enrichment_requests": {**REQUEST_CHECKS, **SQLITE_LENGTHS["enrichment_requests"]},
         "columns": SQLITE_LENGTHS["columns"],
     }
     for table, conditions in checks.items():
@@ -87,9 +78,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         for name in REQUEST_CHECKS:
-            op.execute(
-                f"ALTER TABLE enrichment_requests DROP CONSTRAINT ck_enrichment_requests_{name}"
-            )
+            op.drop_constraint(f"ck_enrichment_requests_{name}", "enrichment_requests", "check")
         return
     tables = {
         "enrichment_requests": [*REQUEST_CHECKS, *SQLITE_LENGTHS["enrichment_requests"]],
