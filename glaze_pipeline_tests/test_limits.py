@@ -16,7 +16,7 @@ from glaze_pipeline.core.errors import InputError, InvalidSelectionError
 from glaze_pipeline.core.models import Selection
 from glaze_pipeline.core.queue import claim_launchable
 from glaze_pipeline.core.requests import RequestRepository
-from glaze_pipeline.core.seed import seed_leads
+from glaze_pipeline.core.seed import seed_generated, seed_leads
 from glaze_pipeline.core.store import ColumnDef, Store, normalize_url
 from glaze_pipeline_tests.conftest import PG_BASE_URL
 
@@ -180,3 +180,15 @@ def test_migration_0006_keeps_every_row_and_fails_only_open_requests_it_refuses(
             with admin.connect() as connection:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
+
+
+@pytest.mark.parametrize(
+    ("rows", "companies", "people"), [(-1, 10, None), (10, 0, None), (10, 2, 0)]
+)
+def test_a_generated_table_with_bad_counts_is_refused_before_anything_is_written(
+    store: Store, rows: int, companies: int, people: int | None
+) -> None:
+    """Before: `glaze seed --rows -1` left an empty table behind."""
+    with pytest.raises(InvalidSelectionError, match="rows must be >= 0"):
+        seed_generated(store, rows=rows, unique_companies=companies, unique_people=people)
+    assert store.list_tables() == []

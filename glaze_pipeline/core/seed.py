@@ -1,15 +1,11 @@
-"""Sample data: seed 001's Leads table, generated tables of any size, and CSV import."""
+"""Sample data: seed 001's Leads table and generated tables of any size (CSV: core/importer.py)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from glaze_pipeline.core.errors import GlazeError
+from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
 
 LEADS_TABLE_ID = "tbl_leads"
@@ -135,44 +131,19 @@ def seed_generated(
     unique_people: int | None = None,
     name: str | None = None,
 ) -> TableInfo:
-    """A generated table: inputs name/email/company/website, 3 company + 2 person targets."""
+    """A generated table: inputs name/email/company/website, 3 company + 2 person targets.
+
+    Bad counts are refused before anything is written (before: `--rows -1` left an empty table).
+    """
+    if rows < 0 or unique_companies < 1 or (unique_people is not None and unique_people < 1):
+        raise InvalidSelectionError(
+            "rows must be >= 0, unique_companies and unique_people >= 1; got "
+            f"rows={rows}, unique_companies={unique_companies}, unique_people={unique_people}"
+        )
     keys = ("name", "email", "company", "website", *GENERATED_COMPANY_KEYS, *GENERATED_PERSON_KEYS)
     table = store.create_table(
         name or f"Generated {rows} rows / {unique_companies} companies",
         [ColumnDef(key) for key in keys],
     )
     store.insert_rows(table.id, generated_rows(rows, unique_companies, unique_people=unique_people))
-    return table
-
-
-def column_key(header: str) -> str:
-    key = re.sub(r"[^0-9a-zA-Z]+", "_", header.strip()).strip("_").lower()
-    return key or "column"
-
-
-def import_csv(
-    store: Store, path: Path, *, name: str | None = None, chunk_rows: int = 10_000
-) -> TableInfo:
-    """Import a CSV (header row = columns) as a new table, streaming it in chunks."""
-    if not path.exists():
-        raise GlazeError(f"no such CSV file: {path}")
-    reader = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=chunk_rows)
-    table: TableInfo | None = None
-    keys: list[str] = []
-    for frame in reader:
-        if table is None:
-            keys = [column_key(str(header)) for header in frame.columns]
-            if len(set(keys)) != len(keys):
-                raise GlazeError(f"CSV headers collide once normalised: {keys}")
-            table = store.create_table(
-                name or path.stem,
-                [
-                    ColumnDef(key, str(header))
-                    for key, header in zip(keys, frame.columns, strict=True)
-                ],
-            )
-        frame.columns = keys
-        store.insert_rows(table.id, frame.to_dict(orient="records"))
-    if table is None:
-        raise GlazeError(f"CSV file {path} has no header row")
     return table
