@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import pytest
 
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.models import EntityKey, EntityOutcome, EntityRequest, EntityType
@@ -99,3 +105,116 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+# --- loopback servers and names of a test's own --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a LoopbackSite answers on one path."""
+
+    status: int = 200
+    body: str = ""
+    headers: Mapping[str, str] = field(
+        default_factory=lambda: {"Content-Type": "text/html; charset=utf-8"}
+    )
+
+
+class LoopbackSite:
+    """A tiny HTTP server of the test's own on one loopback address, counting what it serves.
+
+    `pages` by path (a path ending in `*` matches any path with that start), else `default`.
+    `requests` lists every (path, headers) it received, so a test can show that a refused
+    target was never even contacted.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        port: int = 0,
+        pages: Mapping[str, Page] | None = None,
+        default: Page | None = None,
+    ) -> None:
+        self.host = host
+        self.pages = dict(pages or {})
+        self.default = default or Page(404, "no such page")
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                site.requests.append((self.path, dict(self.headers.items())))
+                page = site.page(self.path)
+                body = page.body.encode("utf-8")
+                self.send_response(page.status)
+                for name, value in page.headers.items():
+                    self.send_header(name, value.replace("{port}", str(site.port)))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+        self._server = Server((host, port), Handler)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    def page(self, path: str) -> Page:
+        for pattern, page in self.pages.items():
+            if path == pattern or (pattern.endswith("*") and path.startswith(pattern[:-1])):
+                return page
+        return self.default
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __enter__(self) -> LoopbackSite:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self.close()
+        self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Release the socket (a site that was never started needs only this)."""
+        self._server.server_close()
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, names: Mapping[str, Any]) -> list[str]:
+    """Resolve made-up names without a DNS server: `socket.getaddrinfo` answers `names` (a name
+    to an address, a list of them, or a callable giving one per call), the real resolver
+    everything else. Returns the log of the made-up names asked, in order."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in names:
+            return real(host, port, *args, **kwargs)
+        asked.append(name)
+        found = names[name]
+        found = found() if callable(found) else found
+        addresses = [found] if isinstance(found, str) else list(found)
+        number = int(port or 0)
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, number, 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, number))
+            for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked

@@ -745,7 +745,8 @@ def test_no_request_leaves_the_machine(
 
     # The seed vendors, the website provider and the waterfall, as a job would run them.
     providers = load_providers(Path(__file__).resolve().parent.parent / "seed/providers.mock.yaml")
-    providers.append(WebsiteProvider(WebsiteConfig(url_template=f"{mock.url}/site/{{domain}}/")))
+    site = WebsiteConfig(url_template=f"{mock.url}/site/{{domain}}/", allow_private_networks=True)
+    providers.append(WebsiteProvider(site))
     requests = [
         EntityRequest(company(f"egress{i}.com"), frozenset({"name", "industry", "phone"}))
         for i in range(5)

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from glaze_pipeline.core import engine, queue
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
+from glaze_pipeline.core.errors import InvalidSelectionError
 from glaze_pipeline.core.models import EntityType, Selection
 from glaze_pipeline.core.providers.fake import FakeProvider
 from glaze_pipeline.core.requests import Adoption, RequestRepository
@@ -83,7 +84,8 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
     table = seed_generated(store, rows=5, unique_companies=2)
     good = queue.enqueue(store, table.id, columns(table, "industry"), budget=10)
     unknown_table = queue.enqueue(store, "tbl_nope", {"whole_table": True})
-    negative = queue.enqueue(store, table.id, columns(table, "industry"), budget=-1)
+    with pytest.raises(InvalidSelectionError, match="budget must be a number >= 0"):
+        queue.enqueue(store, table.id, columns(table, "industry"), budget=-1)  # refused at once
     bad_shape = queue.enqueue(store, table.id, {"column_ids": [], "cells": []})
     unknown_column = queue.enqueue(store, table.id, {"column_ids": ["col_nope"]})
     resources = {"glaze_db": GlazeDatabase(url=store.url), "progress": ProgressChannel()}
@@ -99,12 +101,9 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
         with build_sensor_context(instance=instance, resources=resources) as context:
             again = enrichment_queue_sensor(context)
         assert isinstance(again, SkipReason) and "no queued requests" in str(again.skip_message)
-    reasons = {
-        r: store.get_request(r) for r in (unknown_table, negative, bad_shape, unknown_column)
-    }
+    reasons = {r: store.get_request(r) for r in (unknown_table, bad_shape, unknown_column)}
     assert all(r.status == "failed" for r in reasons.values())
     assert "unknown table 'tbl_nope'" in reasons[unknown_table].error
-    assert "budget must be a number >= 0" in reasons[negative].error
     assert "invalid selection" in reasons[bad_shape].error
     assert "col_nope" in reasons[unknown_column].error
     assert store.get_request(good).status == "launched"

@@ -46,8 +46,15 @@ def mock(mock_server: MockProviderServer) -> MockProviderServer:
 
 
 def website(mock: MockProviderServer, **overrides: object) -> WebsiteProvider:
+    """The website provider on the mock's loopback homepages: the development setting on (the
+    SSRF guard refuses loopback otherwise; see test_ssrf.py)."""
     http = {**FAST_HTTP, "max_redirects": 5, "max_body_bytes": 256 * 1024}
-    config = {"url_template": f"{mock.url}/site/{{domain}}/", "http": http, **overrides}
+    config = {
+        "url_template": f"{mock.url}/site/{{domain}}/",
+        "http": http,
+        "allow_private_networks": True,
+        **overrides,
+    }
     return WebsiteProvider(WebsiteConfig.model_validate(config))
 
 

@@ -45,6 +45,7 @@ from glaze_pipeline.core.models import (
 )
 from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.http import provider_session
+from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.requests import Beat, RequestRepository
 from glaze_pipeline.core.singleflight import Flight
 from glaze_pipeline.core.spend import SpendJournal
@@ -558,7 +559,7 @@ def cell_meta(outcome: FieldOutcome, request_id: str) -> dict[str, Any]:
         "confidence": round(value.confidence, 4) if value else None,
         "source": value.source if value else None,
         "fetched_at": value.fetched_at.isoformat() if value else None,
-        "error": outcome.error,
+        "error": redact(outcome.error) if outcome.error else None,
         "request_id": request_id,
     }
 

@@ -41,6 +41,7 @@ from glaze_pipeline.core.models import (
     RowStatus,
     Selection,
 )
+from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.schema import EnrichmentRequest, RequestSpend, RequestTransition
 from glaze_pipeline.core.store import REQUEST_DEFAULTS, Store, lenient_json_loads, new_id, utcnow
 
@@ -674,7 +675,8 @@ def _status_in(statuses: Iterable[RequestStatus]) -> Any:
 
 
 def _clip(reason: str | None) -> str | None:
-    return None if reason is None else reason[:ERROR_LIMIT]
+    """A reason as stored on the request and in its history: no secret, bounded length."""
+    return None if reason is None else redact(reason)[:ERROR_LIMIT]
 
 
 def _named_rows(selection: Mapping[str, Any]) -> list[str]:

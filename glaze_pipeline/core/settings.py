@@ -6,11 +6,16 @@ import math
 import os
 from pathlib import Path
 
+from glaze_pipeline.core.errors import ConfigError
+
 DATABASE_URL_ENV = "GLAZE_DATABASE_URL"
 REDIS_URL_ENV = "GLAZE_REDIS_URL"
 HOME_ENV = "GLAZE_HOME"
 PRE_ENRICH_BUDGET_ENV = "GLAZE_PRE_ENRICH_BUDGET"
 DEFAULT_PRE_ENRICH_BUDGET = 100.0
+ALLOW_PRIVATE_NETWORKS_ENV = "GLAZE_ALLOW_PRIVATE_NETWORKS"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def glaze_home() -> Path:
@@ -51,3 +56,20 @@ def pre_enrich_budget(explicit: float | None = None) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{source} must be a non-negative number, not {value!r}")
     return value
+
+
+def allow_private_networks() -> bool:
+    """Whether providers that fetch user-given hosts may reach loopback and private addresses.
+
+    Off unless `GLAZE_ALLOW_PRIVATE_NETWORKS` says 1/true/yes/on: a development setting (the
+    mock server, tests), never for a server that enriches other people's data. Any other
+    value raises, naming the variable: a typo must not open the internal network silently.
+    """
+    raw = os.environ.get(ALLOW_PRIVATE_NETWORKS_ENV, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(
+        f"{ALLOW_PRIVATE_NETWORKS_ENV} must be 1/true/yes/on or 0/false/no/off, not {raw!r}"
+    )

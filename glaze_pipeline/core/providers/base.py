@@ -4,6 +4,9 @@ A provider answers for one entity type. Its errors form a small hierarchy so tha
 can tell "this entity does not exist there" (not found: try the next provider, charge only if the
 vendor charges misses) from "the provider could not answer" (rate limited, transient, bad
 response, fatal: record the error, try the next provider, charge nothing).
+
+Every message is redacted when the error is made (see `core.redact`): whatever text a provider
+wraps (an httpx error, a vendor's body), no configured secret reaches a cell or a log.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from glaze_pipeline.core.models import EntityKey, EntityType
+from glaze_pipeline.core.redact import redact
 
 
 class ProviderError(Exception):
     """Base of every error a provider raises; `provider` names who raised it."""
 
     def __init__(self, message: str, *, provider: str = "") -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.provider = provider
 
 
@@ -45,6 +49,16 @@ class BadResponse(ProviderError):
 
 class FatalProviderError(ProviderError):
     """Misconfiguration or refusal (401/403, bad request): retrying will not help."""
+
+
+class AddressRefused(FatalProviderError):
+    """The target resolves to an address that is not public (loopback, private, link-local,
+    metadata, ...): refused before connecting, on the first request or a redirect.
+
+    Fatal, not "not found": the provider did not answer, and asking again will not help. The
+    circuit breaker does not count it, since it says nothing about the provider's health (a
+    sheet full of internal domains must not switch the provider off for everyone).
+    """
 
 
 class ProviderUnavailable(ProviderError):

@@ -9,11 +9,15 @@ provider error hierarchy the waterfall acts on:
   then `TransientProviderError`;
 - invalid JSON, a body over `max_body_bytes` (aborted while streaming), an unexpected redirect
   -> `BadResponse`;
+- with an `EgressGuard` (providers that fetch URLs built from user data), a host that is not
+  public, on the first request or any redirect hop -> `AddressRefused`, before connecting;
 - after `breaker_threshold` consecutive failed lookups the circuit opens: calls raise
   `ProviderUnavailable` at once, without I/O, until `breaker_cooldown_s` has passed; then one
   probe is let through (half-open) and its outcome closes or re-opens the circuit.
 
 Provider calls are lookups (reads), so retrying a POST batch lookup is as safe as a GET.
+Every error message is redacted (see `core.redact`): credentials sent in headers never come
+back in an error, a log line or a cell.
 
 Event loops: the engine runs each chunk under its own `asyncio.run`, while providers live for
 the whole job. So nothing loop-bound (the `httpx.AsyncClient`, the concurrency semaphore) is
@@ -33,6 +37,7 @@ import math
 import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections import Counter
@@ -42,10 +47,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
+import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.providers.base import (
+    AddressRefused,
     BadResponse,
     EntityNotFound,
     FatalProviderError,
@@ -54,12 +62,17 @@ from glaze_pipeline.core.providers.base import (
     RateLimited,
     TransientProviderError,
 )
+from glaze_pipeline.core.providers.egress import EgressGuard, GuardedNetworkBackend
+from glaze_pipeline.core.redact import clean_secret, redact
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "GlazeBot/0.1 (+https://glaze.dev/bot)"
 NOT_FOUND_STATUSES = frozenset({404, 410})
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# How much of a rejecting vendor's body goes into the error ("invalid API key", "unknown
+# parameter"): enough to act on, too little to carry a payload.
+ERROR_DETAIL_CHARS = 200
 
 
 class HttpSettings(BaseModel):
@@ -219,6 +232,10 @@ class CircuitBreaker:
             yield
         except EntityNotFound:
             self._settle(probe, failed=False)
+            raise
+        except AddressRefused:
+            # Refused before any I/O: says nothing about the provider's health.
+            self._abandon(probe)
             raise
         except ProviderError as error:
             self._settle(probe, failed=True, error=error)
@@ -414,10 +431,17 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     loop's worth: the client that owns it closes it with the loop.
     """
 
-    def __init__(self, connections: int, *, per_pool: int, verify: Any) -> None:
+    def __init__(
+        self,
+        connections: int,
+        *,
+        per_pool: int,
+        verify: Any,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
         count = max(1, math.ceil(connections / per_pool))
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits, verify=verify) for _ in range(count)]
+        self._pools = [pool_transport(limits, verify, network_backend) for _ in range(count)]
         self._busy = [0] * count
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -435,6 +459,32 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for pool in self._pools:
             await pool.aclose()
+
+
+def pool_transport(
+    limits: httpx.Limits, verify: Any, network_backend: httpcore.AsyncNetworkBackend | None
+) -> httpx.AsyncHTTPTransport:
+    """httpx's transport, its connections opened by `network_backend` when one is given.
+
+    httpx takes no network backend; its connection pool (httpcore) does. So the pool is made
+    again with the same settings httpx gives it, plus the backend. Should a future httpx keep
+    its pool elsewhere, this fails loudly rather than leave a guarded client unguarded.
+    """
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
+    if network_backend is None:
+        return transport
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        raise RuntimeError("this httpx version keeps no httpcore pool: cannot guard its network")
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=verify
+        if isinstance(verify, ssl.SSLContext)
+        else httpx.create_ssl_context(verify),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=network_backend,
+    )
+    return transport
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -470,10 +520,16 @@ class ProviderClient:
         *,
         base_url: str = "",
         transport: httpx.AsyncBaseTransport | None = None,
+        egress: EgressGuard | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
+        """`egress` guards every connection (see `egress.EgressGuard`); an explicit
+        `transport` (tests) cannot be guarded, so the two do not go together."""
+        if egress is not None and transport is not None:
+            raise ValueError("a guarded client opens its own connections: give no transport")
         self.provider = provider
+        self.egress = egress
         self.settings = settings or HttpSettings()
         self.base_url = base_url
         self.stats = HttpStats()
@@ -514,7 +570,7 @@ class ProviderClient:
                 ),
                 follow_redirects=False,
                 trust_env=self.settings.trust_env,
-                transport=self._transport or self._sharded_transport(),
+                transport=self._transport or self._default_transport(),
             )
             closer = _close_with_loop(client)
             resources = _LoopResources(
@@ -524,13 +580,32 @@ class ProviderClient:
         await anext(closer)  # registers it with the loop's shutdown
         return resources
 
-    def _sharded_transport(self) -> httpx.AsyncBaseTransport | None:
-        per_pool = self.settings.connections_per_pool
-        if per_pool <= 0 or per_pool >= self.settings.max_concurrency or self.settings.trust_env:
-            return None  # one pool (and, with trust_env, httpx's proxy handling)
+    def _default_transport(self) -> httpx.AsyncBaseTransport | None:
+        """Sharded pools where they help; every connection through the guard when there is one.
+
+        A guarded client ignores environment proxies (`trust_env`): a proxy would resolve the
+        host where the guard cannot check it.
+        """
+        settings = self.settings
+        backend = GuardedNetworkBackend(self.egress) if self.egress is not None else None
+        per_pool = settings.connections_per_pool
+        sharded = 0 < per_pool < settings.max_concurrency
+        if backend is None and (not sharded or settings.trust_env):
+            return None  # httpx's own: one pool (and, with trust_env, its proxy handling)
         if self._tls is None:
             self._tls = httpx.create_ssl_context()
-        return ShardedTransport(self.settings.max_concurrency, per_pool=per_pool, verify=self._tls)
+        if sharded:
+            return ShardedTransport(
+                settings.max_concurrency,
+                per_pool=per_pool,
+                verify=self._tls,
+                network_backend=backend,
+            )
+        limits = httpx.Limits(
+            max_connections=settings.max_concurrency,
+            max_keepalive_connections=settings.max_concurrency,
+        )
+        return pool_transport(limits, self._tls, backend)
 
     async def aclose(self) -> None:
         """Close this loop's client and its connections; the next call opens a new one."""
@@ -600,7 +675,7 @@ class ProviderClient:
                     "provider %s: %s failed (%s), attempt %d of %d",
                     self.provider,
                     where,
-                    retry.description,
+                    redact(retry.description),
                     attempt + 1,
                     attempts,
                 )
@@ -637,11 +712,18 @@ class ProviderClient:
         json_body: Any,
         headers: Mapping[str, str] | None,
     ) -> HttpResponse:
-        request = client.build_request(
-            method, url, params=params, json=json_body, headers=dict(headers or {})
-        )
-        for _hop in range(self.settings.max_redirects + 1):
-            response = await self._send(client, request)
+        try:
+            request = client.build_request(
+                method, url, params=params, json=json_body, headers=dict(headers or {})
+            )
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
+            # A URL or header httpx cannot encode (UnicodeEncodeError is a ValueError).
+            raise FatalProviderError(
+                f"{self.provider}: cannot build {method} {_path(url)}: {_describe(error)}",
+                provider=self.provider,
+            ) from None
+        for hop in range(self.settings.max_redirects + 1):
+            response = await self._send(client, request, hop=hop)
             try:
                 status = response.status_code
                 self.stats.count(str(status))
@@ -653,7 +735,7 @@ class ProviderClient:
                 if response.next_request is not None and 300 <= status < 400:
                     request = _redirect(request, response.next_request, headers)
                     continue
-                self._raise_for_status(response)
+                self._raise_for_status(response, await self._error_detail(response))
             finally:
                 await response.aclose()
         raise BadResponse(
@@ -662,11 +744,19 @@ class ProviderClient:
             provider=self.provider,
         )
 
-    async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    async def _send(
+        self, client: httpx.AsyncClient, request: httpx.Request, *, hop: int = 0
+    ) -> httpx.Response:
         where = f"{request.method} {request.url.path}"
         self.stats.count_attempt()
         try:
             return await client.send(request, stream=True)
+        except AddressRefused as error:
+            self.stats.count("refused")
+            after = f" (after {hop} redirect{'s' if hop > 1 else ''})" if hop else ""
+            raise AddressRefused(
+                f"{self.provider}: {error}{after}", provider=self.provider
+            ) from None
         except httpx.TimeoutException as error:
             self.stats.count("timeout")
             raise _Retry("timeout", f"timed out ({type(error).__name__})") from None
@@ -717,9 +807,30 @@ class ProviderClient:
             raise _Retry("connection_error", f"body cut off ({_describe(error)})") from None
         return b"".join(chunks)
 
-    def _raise_for_status(self, response: httpx.Response) -> None:
+    async def _error_detail(self, response: httpx.Response) -> str:
+        """The start of a rejecting (4xx) vendor's body, one line, for the error message.
+
+        Only for refusals a person acts on (401, 400, 422, ...): not for not-found, retried or
+        redirect statuses. It may echo what was sent, the key included: ProviderError redacts.
+        """
+        status = response.status_code
+        if not 400 <= status < 500 or status in NOT_FOUND_STATUSES | RETRYABLE_STATUSES:
+            return ""
+        read = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                read += chunk
+                if len(read) >= 4 * ERROR_DETAIL_CHARS:
+                    break
+        except httpx.HTTPError:
+            pass  # the detail is a courtesy: the status says what matters
+        text = " ".join(bytes(read).decode("utf-8", errors="replace").split())
+        return text[:ERROR_DETAIL_CHARS] + ("..." if len(text) > ERROR_DETAIL_CHARS else "")
+
+    def _raise_for_status(self, response: httpx.Response, detail: str = "") -> None:
         status = response.status_code
         where = f"{response.request.method} {response.request.url.path}"
+        said = f": {detail}" if detail else ""
         if status in NOT_FOUND_STATUSES:
             raise EntityNotFound(
                 f"{self.provider}: not found (HTTP {status})", provider=self.provider
@@ -731,7 +842,7 @@ class ProviderClient:
             raise _Retry(str(status), f"HTTP {status}")
         if status in (401, 403):
             raise FatalProviderError(
-                f"{self.provider}: refused (HTTP {status}); check its API key ({where})",
+                f"{self.provider}: refused (HTTP {status}); check its API key ({where}){said}",
                 provider=self.provider,
             )
         if 300 <= status < 400:
@@ -740,7 +851,8 @@ class ProviderClient:
                 provider=self.provider,
             )
         raise FatalProviderError(
-            f"{self.provider}: request rejected (HTTP {status}) ({where})", provider=self.provider
+            f"{self.provider}: request rejected (HTTP {status}) ({where}){said}",
+            provider=self.provider,
         )
 
 
@@ -835,14 +947,29 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def read_secret(env_var: str, *, provider: str) -> str:
-    """An API key from the environment, read at call time; a missing one is fatal."""
-    value = os.environ.get(env_var, "")
-    if not value:
+    """An API key from the environment, read at call time: checked, stripped, registered for
+    redaction. A missing or unusable one is fatal for this provider (its message names the
+    variable, never the value); `load_secret` reports the same at load time."""
+    try:
+        value = load_secret(env_var, provider=provider)
+    except ConfigError as error:
+        raise FatalProviderError(str(error), provider=provider) from None
+    if value is None:
         raise FatalProviderError(
             f"{provider}: API key missing: set the environment variable {env_var}",
             provider=provider,
         )
     return value
+
+
+def load_secret(env_var: str, *, provider: str) -> str | None:
+    """The key in `env_var` as it can be sent (see `redact.clean_secret`), None when unset.
+
+    Raises ConfigError for a key that cannot be sent (a control or non-ASCII character).
+    """
+    raw = os.environ.get(env_var, "")
+    value = clean_secret(raw, provider=provider, env_var=env_var) if raw else ""
+    return value or None
 
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -875,8 +1002,16 @@ def _redirect(
 
 
 def _path(url: str) -> str:
-    """The path of a URL, without host or query: safe to show (queries can hold PII)."""
-    return httpx.URL(url).path if "://" in url else url.split("?", 1)[0]
+    """The path of a URL, without host or query: safe to show (queries can hold PII).
+
+    Never raises: it names the URL in error messages, including "this URL is invalid".
+    """
+    if "://" in url:
+        try:
+            return httpx.URL(url).path
+        except httpx.InvalidURL:
+            url = "/" + url.split("://", 1)[1].partition("/")[2]
+    return url.split("?", 1)[0].split("#", 1)[0]
 
 
 def _charset(content_type: str) -> str | None:

@@ -5,6 +5,10 @@ The entry says how to ask (a request template per kind of entity key, e.g.
 environment variable that holds the key, read at call time), and where each catalogue field
 sits in the answer (dotted paths). Every answer is validated into a typed record at the edge:
 a payload that does not fit is a `BadResponse`, never a crash and never half-trusted data.
+
+The vendor's host is the operator's `base_url`, trusted as configuration: no SSRF guard here.
+User data reaches only the path (each value percent-encoded, `/`, `?`, `#` and `@` included, so
+it cannot leave the path or name another host), the query and the JSON body.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from glaze_pipeline.core.providers.http import (
     HttpSettings,
     ProviderClient,
     UnsupportedLookup,
+    load_secret,
     read_secret,
 )
 
@@ -228,6 +233,10 @@ class JsonApiProvider(HttpBackedProvider):
     config: JsonApiConfig
 
     def __init__(self, config: JsonApiConfig, *, http: ProviderClient | None = None) -> None:
+        """Built from config; a key already in the environment is checked now (ConfigError
+        naming the variable when it cannot be sent), and read again at each call."""
+        if config.auth is not None:
+            load_secret(config.auth.env, provider=config.name)
         self.config = config
         self.http = http or ProviderClient(config.name, config.http, base_url=config.base_url)
         self._record = RECORDS[config.entity_type]

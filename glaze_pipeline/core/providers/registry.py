@@ -5,7 +5,8 @@ the bundled `glaze_pipeline/providers.yaml`. Each entry has a `kind`: `fake` (th
 seed-001 provider), `json_api` (any JSON vendor, see `json_api.JsonApiConfig`) or `website`
 (company homepages). `${VAR}` / `${VAR:-default}` in URLs are filled from the environment when
 the file is loaded, so one file serves a laptop, CI and the benchmark. API keys never go in the
-file: an entry names the environment variable that holds its key.
+file: an entry names the environment variable that holds its key; a key that is set is
+checked when the providers are built (a ConfigError naming the variable, never the value).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityType
 from glaze_pipeline.core.providers.base import Provider
@@ -32,8 +34,11 @@ PROVIDERS_FILE_ENV = "GLAZE_PROVIDERS_FILE"
 _URL_KEYS = ("base_url", "url_template")
 
 
-class ProviderConfigError(ValueError):
-    """The providers file is missing, unreadable or invalid; the message says where and why."""
+class ProviderConfigError(ConfigError, ValueError):
+    """The providers file is missing, unreadable or invalid; the message says where and why.
+
+    A ConfigError, so the CLI prints it as one line; still a ValueError for older callers.
+    """
 
 
 class FakeConfig(BaseModel):

@@ -4,6 +4,12 @@ It fetches `<scheme>://<domain>/` (bounded redirects, bounded body, a clear user
 reads the name, description, LinkedIn page and phone number from the HTML with the standard
 library's parser. It costs nothing, so the waterfall asks it first; its answers are weaker than
 a vendor's (`confidence` 0.6 by default), so a paid provider can still improve on them.
+
+The host it fetches comes from a user's cell, so every connection, redirects included, goes
+through the SSRF guard (`egress.EgressGuard`): a domain that resolves to a loopback, private,
+link-local or metadata address ends the lookup with `AddressRefused` before anything is sent,
+and the cell fails with that reason. `allow_private_networks` (or the environment's
+`GLAZE_ALLOW_PRIVATE_NETWORKS=1`) lets loopback through for the mock server and tests only.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.base import ProviderAnswer
+from glaze_pipeline.core.providers.egress import EgressGuard
 from glaze_pipeline.core.providers.http import (
     HttpBackedProvider,
     HttpSettings,
     ProviderClient,
     UnsupportedLookup,
 )
+from glaze_pipeline.core.settings import allow_private_networks
 
 WEBSITE_FIELDS = frozenset({"name", "description", "linkedin_url", "phone"})
 _DOMAIN_RE = re.compile(
@@ -62,6 +70,9 @@ class WebsiteConfig(BaseModel):
     # Exact homepage URLs for some domains (tests and demos point these at loopback).
     site_urls: dict[str, str] = Field(default_factory=dict)
     confidence: float = Field(default=0.6, ge=0, le=1)
+    # Development only: reach loopback and private addresses (the mock server). Off, any host
+    # that is not public is refused, on the first request and on every redirect.
+    allow_private_networks: bool = False
     http: HttpSettings = Field(default_factory=_website_http)
     enabled: bool = True
 
@@ -177,9 +188,15 @@ class WebsiteProvider(HttpBackedProvider):
     charges_misses = False
     entity_type = EntityType.COMPANY
 
-    def __init__(self, config: WebsiteConfig | None = None) -> None:
+    def __init__(
+        self, config: WebsiteConfig | None = None, *, egress: EgressGuard | None = None
+    ) -> None:
+        """`egress` replaces the guard the config asks for (tests resolve made-up names)."""
         self.config = config or WebsiteConfig()
-        self.http = ProviderClient(self.config.name, self.config.http)
+        self.egress = egress or EgressGuard(
+            allow_private=self.config.allow_private_networks or allow_private_networks()
+        )
+        self.http = ProviderClient(self.config.name, self.config.http, egress=self.egress)
 
     def __repr__(self) -> str:
         return f"WebsiteProvider(name={self.name!r})"
