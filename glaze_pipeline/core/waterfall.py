@@ -12,7 +12,15 @@ from typing import Any
 
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
-from glaze_pipeline.core.detection import linkedin_slug, normalize_domain, normalize_email
+from glaze_pipeline.core.detection import (
+    NAME_KEY_STRENGTH,
+    company_domain,
+    linkedin_slug,
+    normalize_company_name,
+    normalize_email,
+    normalize_person_name,
+    work_email_domain,
+)
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityKey,
@@ -117,12 +125,18 @@ class _Progress:
 
 
 def alias_keys(key: EntityKey, values: Mapping[str, Any]) -> list[EntityKey]:
-    """Other strong keys of the same entity that its answer reveals.
+    """The other keys of the same entity that its answer reveals.
 
-    A person found by email whose answer carries a LinkedIn URL is the person keyed by that
-    slug; a company's answer gives its domain. Caching the answer under those keys too means a
-    later job that identifies the entity the other way (say, by the LinkedIn column an earlier
-    job filled) buys nothing again. Only from strong keys: a name match is not proof enough.
+    A person found by name + company (or by email) whose answer carries a LinkedIn URL is the
+    person keyed by that slug; a company found by name is the company keyed by the domain and
+    LinkedIn page its answer gives. Caching the answer under those keys too means a later job
+    that identifies the entity the other way (say, by the LinkedIn column an earlier job
+    filled) buys nothing again. From any key, weak ones included: whichever key found it, the
+    answer is the provider's record of one entity, and that record's own LinkedIn URL, email
+    and domain are that entity's keys (read through them, its values are trusted as much as a
+    lookup by them would be). The person's name with the domain of their email, or with their
+    employer's name, is a (weak) key too: so a person first known by name and company name is
+    found again once a run has filled the company's website.
     """
     aliases: list[EntityKey] = []
     if key.type is EntityType.PERSON:
@@ -132,11 +146,33 @@ def alias_keys(key: EntityKey, values: Mapping[str, Any]) -> list[EntityKey]:
         email = normalize_email(values.get("email"))
         if email:
             aliases.append(EntityKey(EntityType.PERSON, "email", email))
+        # The name as the row gave it (a name + company key's) and as the provider gives it,
+        # with the company as a row may give it next time: the domain of the person's email
+        # (a later run that filled the website keys the company by domain) or its name.
+        names = [normalize_person_name(values.get("full_name"))]
+        if key.kind == "name_company":
+            names.insert(0, key.value.partition("|")[0])
+        companies = (work_email_domain(email), normalize_company_name(values.get("company")))
+        for name in dict.fromkeys(names):
+            for company in companies:
+                if name and company:
+                    aliases.append(
+                        EntityKey(
+                            EntityType.PERSON,
+                            "name_company",
+                            f"{name}|{company}",
+                            NAME_KEY_STRENGTH,
+                        )
+                    )
     else:
-        domain = normalize_domain(values.get("domain"))
+        domain = company_domain(values.get("domain"))
         if domain:
             aliases.append(EntityKey(EntityType.COMPANY, "domain", domain))
-    return [alias for alias in aliases if alias != key]
+        page = linkedin_slug(values.get("linkedin_url"), kind="company")
+        if page:
+            aliases.append(EntityKey(EntityType.COMPANY, "linkedin", page))
+    unique = {alias.id: alias for alias in aliases if alias.id != key.id}
+    return list(unique.values())
 
 
 def _supports(provider: Provider, key: EntityKey) -> bool:
@@ -300,7 +336,7 @@ class Waterfall:
             fetched_at=datetime.now(UTC),
         )
         self._new_answers[(key.id, provider.name)] = answer
-        if answer.found and key.strength >= 1.0:
+        if answer.found:  # written with the chunk's answers: no call, no charge, no budget
             for alias in alias_keys(key, answer.values):
                 self._new_answers.setdefault((alias.id, provider.name), answer)
         return answer
