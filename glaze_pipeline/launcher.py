@@ -29,14 +29,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from glaze_pipeline.core import queue
+from glaze_pipeline.core.errors import ConfigError, ServiceUnavailableError
 from glaze_pipeline.core.requests import RequestRepository
+from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.store import Store
 
 log = logging.getLogger(__name__)
@@ -181,7 +184,7 @@ class Launcher:
                 stop.wait(delay)
                 delay = min(delay * 2, self.retry_max_s)
 
-    def _wakeups(self, stop: threading.Event) -> Iterator[None]:
+    def _wakeups(self, stop: threading.Event) -> Generator[None, None, None]:
         """Yield whenever something may be waiting: at once (the catch-up), then on each NOTIFY
         (Postgres) and every `poll_s`, until `stop` is set."""
         if self.store.dialect != "postgresql":
@@ -217,9 +220,27 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def check_database(store: Store) -> None:
+    """At start: the database must answer and hold the queue, else the launcher stops at once.
+
+    Once running, a lost database is waited out (`Launcher.serve`); at start, an outage or a
+    database never migrated is a mistake to report, not to retry forever. Raises what the
+    driver raises; the CLI names it in one line.
+    """
+    with store.engine.connect() as connection:
+        connection.execute(select(EnrichmentRequest.id).limit(1)).all()
+
+
 def graphql_launch(graphql_url: str) -> RunStarter:
-    """Start runs through Dagster's GraphQL API (no limit here: Dagster queues them)."""
+    """Start runs through Dagster's GraphQL API (no limit here: Dagster queues them).
+
+    Dagster must answer and serve `enrich_table` now: a wrong URL or a webserver that is down
+    is a ServiceUnavailableError, a webserver whose loaded code has no such job a ConfigError,
+    before anything is claimed. A code location still loading (or failing to) is only logged:
+    it may be ready by the first launch, and a launch it cannot serve is refused per request."""
     from glaze_pipeline.graphql_client import (
+        ENRICH_JOB,
+        CodeLocationError,
         DagsterGraphQLClient,
         GraphQLTransportError,
         JobNotFoundError,
@@ -227,6 +248,19 @@ def graphql_launch(graphql_url: str) -> RunStarter:
     )
 
     client = DagsterGraphQLClient(graphql_url)
+    try:
+        client.locate_job(ENRICH_JOB)
+    except GraphQLTransportError as error:
+        client.close()
+        reason = error.__cause__ or error  # httpx's own words ("[Errno 111] Connection refused")
+        raise ServiceUnavailableError(
+            f"cannot reach Dagster's GraphQL API at {graphql_url}: {reason}"
+        ) from error
+    except JobNotFoundError as error:
+        client.close()
+        raise ConfigError(f"Dagster at {graphql_url} cannot run {ENRICH_JOB}: {error}") from error
+    except CodeLocationError as error:
+        log.warning("launcher: %s; launching anyway", _one_line(error))
 
     def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
         try:

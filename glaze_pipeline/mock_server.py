@@ -675,13 +675,20 @@ def _uvicorn_config(app: Starlette, host: str, port: int, *, log_level: str) -> 
 
 
 def serve(
-    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, config: MockConfig | None = None
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    config: MockConfig | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Run the mock in the foreground until interrupted (`glaze mock-providers`)."""
+    """Run the mock in the foreground until interrupted (`glaze mock-providers`).
+
+    `sock`: a socket the caller already bound to host:port, so that a port in use was
+    reported by the caller before anything started."""
     state = MockState(config or MockConfig())
     server = uvicorn.Server(_uvicorn_config(create_app(state=state), host, port, log_level="info"))
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
         state.wake_sleepers()
 

@@ -78,9 +78,7 @@ def test_thousand_rows_hundred_companies_one_call_each_and_few_statements(store:
     assert request.provider_calls == {"fake_company": 100}
 
     second = FakeProvider(EntityType.COMPANY)  # a refresh: the cells hold the first answers
-    second_id, _, _ = run(
-        store, table.id, grid(table, *COMPANY_COLUMNS, overwrite=True), [second]
-    )
+    second_id, _, _ = run(store, table.id, grid(table, *COMPANY_COLUMNS, overwrite=True), [second])
     assert second.total_calls == 0
     assert store.get_request(second_id).cache_hits == 100
 

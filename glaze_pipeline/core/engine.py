@@ -782,14 +782,14 @@ def finish_job(
                 if kind is RequestKind.ENRICH
                 else RequestStatus.SUCCEEDED
             )
-            error = None
-            if status is not RequestStatus.SUCCEEDED:
-                error = (
-                    f"{summary.cells[CellStatus.FAILED]} cells failed, "
-                    f"{summary.cells[CellStatus.SKIPPED] - summary.kept} skipped"
-                )
-            if summary.kept:
-                error = ", ".join(filter(None, [error, f"{summary.kept} {KEPT}"]))
+            failed = summary.cells[CellStatus.FAILED]
+            skipped = summary.cells[CellStatus.SKIPPED] - summary.kept
+            parts = [
+                f"{failed} cells failed" if failed else "",
+                f"{skipped} skipped" if skipped else "",
+                f"{summary.kept} {KEPT}" if summary.kept else "",
+            ]
+            error = ", ".join(part for part in parts if part) or None
             if not requests.finish(request_id, status, error=error, counters=counters):
                 status = None
     store.release_rows(request_id)

@@ -6,7 +6,8 @@ and `entity_cache` when it bought new answers, with the figures a user wants as 
 
 from dagster import AssetKey, AssetSpec, DynamicPartitionsDefinition
 
-TABLE_PARTITIONS = DynamicPartitionsDefinition(name="glaze_tables")
+TABLE_PARTITIONS_NAME = "glaze_tables"
+TABLE_PARTITIONS = DynamicPartitionsDefinition(name=TABLE_PARTITIONS_NAME)
 
 TABLE_ROWS = AssetKey(["glaze", "table_rows"])
 ENTITY_CACHE = AssetKey(["glaze", "entity_cache"])

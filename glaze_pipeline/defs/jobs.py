@@ -48,7 +48,7 @@ from glaze_pipeline.core.progress import percent
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
-from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS
+from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
 from glaze_pipeline.defs.config import EnrichTableConfig
 from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
 
@@ -139,12 +139,12 @@ def reject_request(store: Store, request_id: str, reason: str, progress: Progres
 
 def ensure_table_partition(instance: DagsterInstance, table_id: str) -> None:
     """Register the table's partition of the assets; concurrent runs may race to do it."""
-    if instance.has_dynamic_partition(TABLE_PARTITIONS.name, table_id):
+    if instance.has_dynamic_partition(TABLE_PARTITIONS_NAME, table_id):
         return
     try:
-        instance.add_dynamic_partitions(TABLE_PARTITIONS.name, [table_id])
+        instance.add_dynamic_partitions(TABLE_PARTITIONS_NAME, [table_id])
     except Exception:
-        if not instance.has_dynamic_partition(TABLE_PARTITIONS.name, table_id):
+        if not instance.has_dynamic_partition(TABLE_PARTITIONS_NAME, table_id):
             raise  # not a lost race: a real storage error
 
 
