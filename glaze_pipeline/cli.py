@@ -382,6 +382,20 @@ def _selection(
     return selection
 
 
+@cli.command("set-field")
+@click.argument("table_id")
+@click.argument("column")
+@click.argument("field")
+@click.pass_context
+def set_field(ctx: click.Context, table_id: str, column: str, field: str) -> None:
+    """Say which field a COLUMN (key or id) means, e.g. `company.industry`; `-` to infer it from
+    the key again. Inference is deliberately strict: an unknown key maps to no field."""
+    store = _store(ctx)
+    info = store.get_table(table_id)
+    store.set_column_field(table_id, _column_id(info, column), None if field == "-" else field)
+    _print_table_ids(table_id, store)
+
+
 @cli.command()
 @selection_options
 @click.option("--chunk-size", type=POSITIVE, default=500, show_default=True)

@@ -680,3 +680,23 @@ def test_fuzz_counts() -> None:
     """Run after the two fuzz tests (file order): says how many inputs they tried."""
     print(f"fuzz inputs tried: {FUZZ_TRIED}")
     assert all(count > 0 for count in FUZZ_TRIED.values()), FUZZ_TRIED
+
+
+def test_a_column_that_maps_to_no_field_can_be_given_one(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`carrier` maps to no field (inference never guesses); `set-field` says what it means,
+    `-` goes back to inference, and an unknown field or column is one line naming it."""
+    table = store.create_table("Shipments", [ColumnDef("website"), ColumnDef("carrier")])
+    db = ("--database-url", store.url)
+    refused = glaze(capsys, *db, "enrich", table.id, "--columns", "carrier")
+    assert refused.code == 2 and "map to no enrichment field: 'carrier'" in refused.one_error_line()
+    given = glaze(capsys, *db, "set-field", table.id, "carrier", "company.industry")
+    assert given.code == 0 and "company.industry" in given.out
+    assert store.get_table(table.id).column_by_key("carrier").field == "company.industry"
+    bad = glaze(capsys, *db, "set-field", table.id, "carrier", "company.nope")
+    assert bad.code == 2 and "unknown field 'company.nope'" in bad.one_error_line()
+    missing = glaze(capsys, *db, "set-field", table.id, "nope", "company.industry")
+    assert missing.code == 2 and "no column with key 'nope'" in missing.one_error_line()
+    assert glaze(capsys, *db, "set-field", table.id, "carrier", "-").code == 0
+    assert store.get_table(table.id).column_by_key("carrier").field is None

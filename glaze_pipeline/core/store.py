@@ -30,6 +30,7 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -215,6 +216,22 @@ class Store:
                 for position, column in enumerate(columns)
             )
         return self.get_table(table_id)
+
+    def set_column_field(self, table_id: str, column_id: str, field: str | None) -> ColumnInfo:
+        """Say which catalogue field a column means (`company.industry`); None: infer it from
+        the column's key again. An unknown field is refused naming the catalogue's fields."""
+        if field is not None:
+            parse_field(field)
+        with self.engine.begin() as connection:
+            updated = connection.execute(
+                update(GlazeColumn)
+                .where(GlazeColumn.table_id == table_id, GlazeColumn.id == column_id)
+                .values(field=field)
+            ).rowcount
+        if not updated:
+            self.get_table(table_id)  # names an unknown table
+            raise UnknownColumnError(f"unknown column id in table {table_id}: {column_id}")
+        return self.get_table(table_id).column_by_id()[column_id]
 
     def get_table(self, table_id: str) -> TableInfo:
         with self.session() as session:
