@@ -316,6 +316,8 @@ def render_table(store: Store, table_id: str, *, limit: int = 50, with_meta: boo
                 status = display_text(cell_meta.get("status"), 20)
                 source = display_text(cell_meta.get("source"), 30) or "-"
                 cell.append(f" [{status}:{source}]", style="dim")
+                if cell_meta.get("error"):  # why it failed, was skipped or not found
+                    cell.append(f" {display_text(cell_meta.get('error'), 60)}", style="dim")
             cells.append(cell)
         grid.add_row(*cells, Text(row.status), _row_confidence(row.meta))
     return grid
