@@ -13,7 +13,6 @@ subprocesses of the installed `glaze` script.
 from __future__ import annotations
 
 import contextlib
-import gc
 import http.server
 import io
 import json
@@ -28,6 +27,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance
@@ -610,32 +610,33 @@ def test_cancel_on_an_ended_request_changes_nothing(
 
 
 def test_the_cli_closes_the_store_it_opens(
-    pg_store: Store, capsys: pytest.CaptureFixture[str]
+    pg_store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Postgres shows it: no connection of the command is left open once it returns (the
-    garbage collector is held off, so only an explicit dispose can close it)."""
+    """Every store a command opens is disposed when it returns, error or not, so no Postgres
+    connection of the command is left open (counting the server's connections instead was
+    racy: other threads of the test process connect too)."""
+    opened: list[Store] = []
+    disposed: list[Store] = []
+    original_init, original_dispose = Store.__init__, Store.dispose
 
-    def connections() -> int:
-        with pg_store.engine.connect() as connection:
-            return int(
-                connection.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    )
-                )
-                or 0
-            )
+    def tracked_init(self: Store, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def tracked_dispose(self: Store) -> None:
+        disposed.append(self)
+        original_dispose(self)
 
     seed_leads(pg_store)
-    before = connections()
-    gc.disable()
-    try:
-        for args in (("tables",), ("show", "tbl_leads"), ("show", "tbl_nope")):
-            glaze(capsys, "--database-url", pg_store.url, *args)
-            assert connections() == before, args
-    finally:
-        gc.enable()
+    monkeypatch.setattr(Store, "__init__", tracked_init)
+    monkeypatch.setattr(Store, "dispose", tracked_dispose)
+    for args in (("tables",), ("show", "tbl_leads"), ("show", "tbl_nope")):
+        opened.clear()
+        disposed.clear()
+        glaze(capsys, "--database-url", pg_store.url, *args)
+        assert opened, args
+        assert all(any(d is o for d in disposed) for o in opened), args
+        assert all(o.engine.pool.checkedout() == 0 for o in opened), args
 
 
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
