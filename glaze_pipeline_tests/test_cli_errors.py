@@ -17,7 +17,6 @@ import http.server
 import io
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -35,15 +34,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from glaze_pipeline.bench.stack import free_port
+from glaze_pipeline.bench.stack import free_port, fresh_postgres
 from glaze_pipeline.cli import display_text, main, one_line, run_enrich_job
 from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.seed import seed_leads
-from glaze_pipeline.core.store import ColumnDef, Store, normalize_url
+from glaze_pipeline.core.store import ColumnDef, Store
 
 BIN = Path(sys.executable).parent
 GLAZE_ENV = (
@@ -122,15 +121,8 @@ def down_postgres_url() -> str:
 @pytest.fixture
 def empty_postgres(postgres_url: str) -> Iterator[str]:
     """A Postgres database that exists but was never migrated."""
-    base = make_url(normalize_url(postgres_url))
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    name = f"glaze_empty_{secrets.token_hex(4)}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres(postgres_url, migrate=False) as url:
+        yield url
 
 
 # --- ids that name nothing ---------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Numbers and lengths: every edge refuses the same values on both databases, with a message
 that names the problem, and the database refuses them too when someone writes SQL directly."""
 
+import contextlib
 import json
 import math
-import secrets
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
+from glaze_pipeline.bench.stack import fresh_postgres
 from glaze_pipeline.core import migrate
 from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
@@ -17,8 +18,7 @@ from glaze_pipeline.core.models import Selection
 from glaze_pipeline.core.queue import claim_launchable
 from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.seed import seed_generated, seed_leads
-from glaze_pipeline.core.store import ColumnDef, Store, normalize_url
-from glaze_pipeline_tests.conftest import PG_BASE_URL
+from glaze_pipeline.core.store import ColumnDef, Store
 
 
 def grid(store: Store) -> Selection:
@@ -138,20 +138,17 @@ def test_names_keys_and_labels_are_limited_alike_on_both_databases(store: Store)
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 def test_migration_0006_keeps_every_row_and_fails_only_open_requests_it_refuses(
-    dialect: str, tmp_path: Path
+    dialect: str, tmp_path: Path, postgres_url: str
 ) -> None:
     """The checks arrive on databases that already hold data: nothing is lost (SQLite rebuilds
     the request and column tables to add them)."""
-    if dialect == "sqlite":
-        url, admin = f"sqlite:///{tmp_path / 'old.db'}", None
-    else:
-        name = f"glaze_mig_{secrets.token_hex(4)}"
-        admin = create_engine(normalize_url(PG_BASE_URL), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        url = normalize_url(PG_BASE_URL).rsplit("/", 1)[0] + f"/{name}"
-    store = Store(url)
-    try:
+    with contextlib.ExitStack() as stack:
+        if dialect == "sqlite":
+            url = f"sqlite:///{tmp_path / 'old.db'}"
+        else:
+            url = stack.enter_context(fresh_postgres(postgres_url, migrate=False))
+        store = Store(url)
+        stack.callback(store.dispose)
         migrate.upgrade(store.engine, "0005")
         seed_leads(store)
         with store.engine.begin() as connection:
@@ -174,12 +171,6 @@ def test_migration_0006_keeps_every_row_and_fails_only_open_requests_it_refuses(
         assert store.get_request("req_done").budget == 10
         migrate.downgrade(store.engine, "0005")
         migrate.upgrade(store.engine, "head")
-    finally:
-        store.dispose()
-        if admin is not None:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
 
 
 @pytest.mark.parametrize(

@@ -35,17 +35,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def fresh_postgres(base_url: str) -> Iterator[str]:
-    """A throwaway, migrated Postgres database on the server of `base_url`."""
+def fresh_postgres(base_url: str, *, migrate: bool = True) -> Iterator[str]:
+    """A throwaway Postgres database on the server of `base_url`, migrated unless `migrate` is
+    false, dropped on exit."""
     base = make_url(normalize_url(base_url))
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    name = f"glaze_bench_{secrets.token_hex(4)}"
+    name = f"glaze_tmp_{secrets.token_hex(4)}"
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.set(database=name).render_as_string(hide_password=False)
-    store = Store(url)
-    store.upgrade()
-    store.dispose()
+    if migrate:
+        store = Store(url)
+        store.upgrade()
+        store.dispose()
     try:
         yield url
     finally:
