@@ -37,22 +37,16 @@ from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from glaze_pipeline.core.errors import CsvImportError
 from glaze_pipeline.core.fields import UnknownFieldError, parse_field
-from glaze_pipeline.core.schema import GlazeColumn, GlazeTable
+from glaze_pipeline.core.limits import MAX_COLUMN_KEY, MAX_COLUMN_LABEL, MAX_TABLE_NAME
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
 
-
-def _length(column: Any) -> int:
-    return int(column.type.length)
-
-
-# The schema's limits, read from it so they cannot drift: the same on both databases.
-KEY_MAX = _length(GlazeColumn.__table__.c.key)
-LABEL_MAX = _length(GlazeColumn.__table__.c.label)
-NAME_MAX = _length(GlazeTable.__table__.c.name)
+# The schema's limits: the same on both databases.
+KEY_MAX = MAX_COLUMN_KEY
+LABEL_MAX = MAX_COLUMN_LABEL
+NAME_MAX = MAX_TABLE_NAME
 
 READ_CHUNK = 1 << 20  # bytes decoded at a time
 # A physical line longer than this is refused: a file with no line breaks (binary, or a

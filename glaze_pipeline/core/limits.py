@@ -8,12 +8,19 @@ import math
 from typing import Any
 
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
+from glaze_pipeline.core.schema import EnrichmentRequest, GlazeColumn, GlazeTable
 
-MAX_TABLE_NAME = 200
-MAX_COLUMN_KEY = 100
-MAX_COLUMN_LABEL = 200
-MAX_ID = 40  # table, column, row and request ids
-MAX_IDEMPOTENCY_KEY = 200
+
+def _length(column: Any) -> int:
+    return int(column.type.length)
+
+
+# Read from the schema, so they cannot drift from what Postgres enforces.
+MAX_TABLE_NAME = _length(GlazeTable.__table__.c.name)
+MAX_COLUMN_KEY = _length(GlazeColumn.__table__.c.key)
+MAX_COLUMN_LABEL = _length(GlazeColumn.__table__.c.label)
+MAX_ID = _length(GlazeTable.__table__.c.id)  # table, column, row and request ids
+MAX_IDEMPOTENCY_KEY = _length(EnrichmentRequest.__table__.c.idempotency_key)
 MIN_PRIORITY, MAX_PRIORITY = -1_000_000, 1_000_000
 # A budget is a number of credits; anything above this is a typo (or infinity), not a budget.
 MAX_BUDGET = 1e12

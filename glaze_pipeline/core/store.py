@@ -37,7 +37,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from glaze_pipeline.core.detection import ColumnSpec
 from glaze_pipeline.core.errors import (
-    GlazeError,
     InputError,
     UnknownColumnError,
     UnknownRequestError,
@@ -63,6 +62,25 @@ from glaze_pipeline.core.settings import database_url
 from glaze_pipeline.core.status import aggregate_row
 
 ID_CHUNK = 5000  # ids per IN (...) list (SQLite allows 32,766 parameters)
+
+
+def _check_definition(name: str, columns: Sequence[ColumnDef], table_id: str | None = None) -> None:
+    """A new table's name, ids, keys, labels and fields, checked before anything is written:
+    the same limits on both databases (Postgres refuses a longer value, SQLite keeps it)."""
+    check_text("table name", name, MAX_TABLE_NAME)
+    check_text("table id", table_id, MAX_ID, required=False)
+    for column in columns:
+        check_text("column key", column.key, MAX_COLUMN_KEY)
+        check_text(
+            f"label of column {column.key!r}", column.label, MAX_COLUMN_LABEL, required=False
+        )
+        check_text(f"id of column {column.key!r}", column.id, MAX_ID, required=False)
+    keys = [column.key for column in columns]
+    if len(set(keys)) != len(keys):
+        raise InputError(f"duplicate column keys in {keys}")
+    for column in columns:
+        if column.field:
+            parse_field(column.field)
 
 
 def new_id(prefix: str) -> str:
@@ -185,20 +203,7 @@ class Store:
         description: str | None = None,
         table_id: str | None = None,
     ) -> TableInfo:
-        check_text("table name", name, MAX_TABLE_NAME)
-        check_text("table id", table_id, MAX_ID, required=False)
-        for column in columns:
-            check_text("column key", column.key, MAX_COLUMN_KEY)
-            check_text(
-                f"label of column {column.key!r}", column.label, MAX_COLUMN_LABEL, required=False
-            )
-            check_text(f"id of column {column.key!r}", column.id, MAX_ID, required=False)
-        keys = [column.key for column in columns]
-        if len(set(keys)) != len(keys):
-            raise GlazeError(f"duplicate column keys in {keys}")
-        for column in columns:
-            if column.field:
-                parse_field(column.field)
+        _check_definition(name, columns, table_id)
         table_id = table_id or new_id("tbl")
         with self.session() as session, session.begin():
             session.add(GlazeTable(id=table_id, name=name, description=description))
@@ -317,25 +322,7 @@ class Store:
         `rows` is consumed lazily, one batch in memory at a time. On SQLite the write lock is
         held for the whole import, so other writers queue (busy_timeout) until it commits.
         """
-        keys = [column.key for column in columns]
-        if len(set(keys)) != len(keys):
-            raise InputError(f"duplicate column keys in {keys}")
-        # The same limits on both databases: Postgres refuses a longer value, SQLite keeps it.
-        limits = (
-            ("table name", [name], GlazeTable.__table__.c.name),
-            ("column key", keys, GlazeColumn.__table__.c.key),
-            ("column label", [c.label for c in columns], GlazeColumn.__table__.c.label),
-        )
-        for what, values, schema_column in limits:
-            length = getattr(schema_column.type, "length", None)
-            for value in values:
-                if length is not None and len(value) > length:
-                    raise InputError(
-                        f"{what} {value[:40]!r} is {len(value)} characters (at most {length})"
-                    )
-        for column in columns:
-            if column.field:
-                parse_field(column.field)
+        _check_definition(name, columns)
         table_id = new_id("tbl")
         with self.engine.begin() as connection:
             connection.execute(
