@@ -100,9 +100,14 @@ def test_patch_is_a_compare_and_set_on_the_cells_it_read(store: Store) -> None:
     store.edit_cell(ids[2], "industry", "Edited again")
     assert store.apply_patches([patch(ids[2], "Tech")]) == set()
     assert store.get_row(ids[2]).data["industry"] == "Edited again"
-    # Numbers and unicode compare as JSON values.
+    # Numbers, unicode and objects compare as JSON values; "1" is not 1.
     store.edit_cell(ids[0], "industry", {"n": 1, "s": "Société"})
     assert store.apply_patches([patch(ids[0], {"n": 1, "s": "Société"})]) == {ids[0]}
+    store.edit_cell(ids[1], "industry", "Société Générale")
+    store.edit_cell(ids[2], "industry", 1)
+    assert store.apply_patches(
+        [patch(ids[1], "Société Générale"), patch(ids[2], "1"), patch(ids[3], 1.5)]
+    ) == {ids[1]}
 
 
 def test_user_edit_does_not_touch_status(store: Store) -> None:

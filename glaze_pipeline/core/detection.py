@@ -322,7 +322,9 @@ def _bounded(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else str(value)
     if len(text) > 4 * limit:
         return ""
-    text = unicodedata.normalize("NFKC", text).strip()
+    if not text.isascii():  # ASCII is already NFKC; the check is C-fast, normalising is not
+        text = unicodedata.normalize("NFKC", text)
+    text = text.strip()
     if len(text) > limit or (len(text) <= _PLACEHOLDER_MAX and text.casefold() in PLACEHOLDERS):
         return ""
     return text
