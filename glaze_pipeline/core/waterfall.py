@@ -317,8 +317,11 @@ class Waterfall:
             charged = provider.charges_misses
         except ProviderError as error:
             self.stats.errors[provider.name] += 1
+            said = str(error)  # HTTP providers name themselves already
+            if not said.startswith(f"{provider.name}: "):
+                said = f"{provider.name}: {said}"
             for name in asked:
-                progress.errors.setdefault(name, []).append(f"{provider.name}: {error}")
+                progress.errors.setdefault(name, []).append(said)
             return None
         finally:
             # Anything but a charged answer gives the reservation back, crashes included.
