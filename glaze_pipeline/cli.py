@@ -812,6 +812,46 @@ def launcher(ctx: click.Context, graphql_url: str | None, max_runs: int, poll: f
         starter.close()
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--no-launcher",
+    is_flag=True,
+    help="Serve the API only (the queue sensor or a separate `glaze launcher` runs the jobs).",
+)
+@click.option(
+    "--max-runs",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="The launcher's forked runs at once.",
+)
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, no_launcher: bool, max_runs: int) -> None:
+    """Serve the HTTP API and the grid page, with the push launcher beside it.
+
+    Without an API key (GLAZE_API_KEYS or GLAZE_API_KEYS_FILE) it is open and listens on
+    loopback only; with keys it prints a one-time sign-in link for the page.
+    """
+    from glaze_pipeline.api.server import ServeOptions
+    from glaze_pipeline.api.server import serve as run_server
+
+    database_url = ctx.obj.get("database_url")
+    if not no_launcher:
+        _check_run_services()
+        if not os.environ.get("DAGSTER_HOME"):  # the launcher's runs open DagsterInstance.get()
+            os.environ["DAGSTER_HOME"] = str(default_dagster_home())
+    options = ServeOptions(
+        host=host,
+        port=port,
+        launcher=not no_launcher,
+        max_runs=max_runs,
+        database_url=database_url,
+    )
+    run_server(options, announce=console.print)
+
+
 @cli.command("mock-providers")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -151,8 +151,12 @@ class RequestRepository:
         budget: float | None = None,
         priority: int = PRIORITY_DEFAULT,
         idempotency_key: str | None = None,
+        cells_total: int = 0,
     ) -> str:
         """Queue a request as the app would; the same idempotency key yields the same request.
+
+        `cells_total` is how many cells were asked for, when the caller counted them (the API
+        answers it as `totalTasks` at once); detection records its own count when the job runs.
 
         An `enrich` request naming its rows (a grid with `row_ids`, or cells) holds them
         `queued` in the same transaction: one statement, whatever the number of rows. A
@@ -175,6 +179,7 @@ class RequestRepository:
             "priority": priority,
             "idempotency_key": idempotency_key,
             "status": QUEUED.value,
+            "cells_total": max(0, int(cells_total)),
             "created_at": now,
             "updated_at": now,
         }
@@ -515,6 +520,24 @@ class RequestRepository:
 
     def get(self, request_id: str) -> EnrichmentRequest:
         return self.store.get_request(request_id)
+
+    def for_table(
+        self, table_id: str, *, offset: int = 0, limit: int = 20
+    ) -> tuple[list[EnrichmentRequest], int]:
+        """A page of a table's requests, newest first, and how many it has."""
+        query = (
+            select(EnrichmentRequest)
+            .where(EnrichmentRequest.table_id == table_id)
+            .order_by(EnrichmentRequest.created_at.desc(), EnrichmentRequest.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        count = select(func.count()).where(EnrichmentRequest.table_id == table_id)
+        with self.store.session() as session:
+            requests = list(session.scalars(query))
+            total = int(session.scalar(count) or 0)
+            session.expunge_all()
+        return requests, total
 
     def transitions(self, request_id: str) -> list[tuple[str | None, str]]:
         """(from, to) of every status change of a request, oldest first."""

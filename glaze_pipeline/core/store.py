@@ -33,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from glaze_pipeline.core.detection import ColumnSpec
@@ -115,6 +116,7 @@ class ColumnInfo:
     label: str
     field: str | None
     position: int
+    data_type: str = "text"
 
     def spec(self) -> ColumnSpec:
         return ColumnSpec(self.id, self.key, column_field(self.key, self.field))
@@ -137,6 +139,31 @@ class TableInfo:
 
     def specs(self) -> list[ColumnSpec]:
         return [column.spec() for column in self.columns]
+
+
+@dataclass(frozen=True, slots=True)
+class TableRecord:
+    """A table as a list shows it."""
+
+    id: str
+    name: str
+    description: str | None
+    row_count: int
+    created_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class FullRow:
+    """A row with everything the app shows: values, per-cell meta, status and provenance."""
+
+    id: str
+    position: int
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    status: str
+    confidence: float | None
+    error: str | None
+    last_run_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +278,9 @@ class Store:
         return TableInfo(
             table.id,
             table.name,
-            tuple(ColumnInfo(c.id, c.key, c.label, c.field, c.position) for c in columns),
+            tuple(
+                ColumnInfo(c.id, c.key, c.label, c.field, c.position, c.data_type) for c in columns
+            ),
         )
 
     def list_tables(self) -> list[tuple[str, str, int]]:
@@ -268,6 +297,107 @@ class Store:
         )
         with self.engine.connect() as connection:
             return [(r[0], r[1], int(r[2])) for r in connection.execute(query)]
+
+    def table_records(
+        self, *, offset: int = 0, limit: int = 100, table_id: str | None = None
+    ) -> tuple[list[TableRecord], int]:
+        """A page of tables (newest first) with their row counts, and how many there are.
+        With `table_id`, that table only (UnknownTableError when it does not exist)."""
+        counts = (
+            select(func.count())
+            .where(GlazeRow.table_id == GlazeTable.id)
+            .correlate(GlazeTable)
+            .scalar_subquery()
+        )
+        query = select(
+            GlazeTable.id,
+            GlazeTable.name,
+            GlazeTable.description,
+            counts,
+            GlazeTable.created_at,
+        )
+        if table_id is not None:
+            query = query.where(GlazeTable.id == table_id)
+        query = (
+            query.order_by(GlazeTable.created_at.desc(), GlazeTable.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            records = [
+                TableRecord(r[0], r[1], r[2], int(r[3]), r[4]) for r in connection.execute(query)
+            ]
+            if table_id is not None:
+                if not records:
+                    raise UnknownTableError(f"unknown table {table_id!r}")
+                return records, 1
+            total = int(connection.scalar(select(func.count()).select_from(GlazeTable)) or 0)
+        return records, total
+
+    def add_column(self, table_id: str, column: ColumnDef) -> ColumnInfo:
+        """Add a column at the end of a table; a key the table already has is refused."""
+        info = self.get_table(table_id)
+        _check_definition(info.name, [*(ColumnDef(c.key) for c in info.columns), column])
+        column_id = column.id or new_id("col")
+        position = max((c.position for c in info.columns), default=-1) + 1
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    insert(GlazeColumn).values(
+                        id=column_id,
+                        table_id=table_id,
+                        key=column.key,
+                        label=column.label or column.key,
+                        data_type=column.data_type,
+                        field=column.field,
+                        position=position,
+                    )
+                )
+        except IntegrityError as error:  # a concurrent add of the same key
+            raise InputError(f"table {table_id} already has a column {column.key!r}") from error
+        return self.get_table(table_id).column_by_id()[column_id]
+
+    def row_page(self, table_id: str, *, offset: int, limit: int) -> list[FullRow]:
+        """Rows by position (then id), for display; the table must exist (the caller checks)."""
+        query = (
+            select(GlazeRow)
+            .where(GlazeRow.table_id == table_id)
+            .order_by(GlazeRow.position, GlazeRow.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return [_full_row(row) for row in session.scalars(query)]
+
+    def full_row(self, table_id: str, row_id: str) -> FullRow:
+        with self.session() as session:
+            row = session.get(GlazeRow, row_id)
+            if row is None or row.table_id != table_id:
+                raise UnknownRowError(f"unknown row id in table {table_id}: {row_id}")
+            return _full_row(row)
+
+    def count_rows(self, table_id: str) -> int:
+        with self.engine.connect() as connection:
+            return int(
+                connection.scalar(
+                    select(func.count()).select_from(GlazeRow).where(GlazeRow.table_id == table_id)
+                )
+                or 0
+            )
+
+    def job_cells(
+        self, table_id: str, request_id: str, *, row_ids: Sequence[str] | None = None
+    ) -> Iterator[tuple[RowRecord, str, dict[str, Any]]]:
+        """Every cell a job wrote: (row, column key, the cell's meta), rows in id order.
+
+        There is no per-cell task table: a written cell's `meta` names its request. A cell
+        the job never wrote (kept, or never reached by a cancelled job) is not among them."""
+        pages = self.iter_row_pages(table_id, row_ids=row_ids) if row_ids else None
+        for page in pages or self.iter_row_pages(table_id):
+            for row in sorted(page, key=lambda r: r.id):
+                for key, cell in row.meta.items():
+                    if isinstance(cell, dict) and cell.get("request_id") == request_id:
+                        yield row, key, cell
 
     def tables_created_since(self, since: datetime | None) -> list[str]:
         query = select(GlazeTable.id).order_by(GlazeTable.created_at)
@@ -851,6 +981,19 @@ def _json_paths(keys: Sequence[str], dialect: str) -> list[str] | None:
     if any('"' in key for key in keys):
         return None
     return [f'$."{key}"' for key in keys]
+
+
+def _full_row(row: GlazeRow) -> FullRow:
+    return FullRow(
+        row.id,
+        row.position,
+        row.data or {},
+        row.meta or {},
+        row.status,
+        row.confidence,
+        row.error,
+        row.last_run_at,
+    )
 
 
 def lenient_json_loads(value: str) -> Any:

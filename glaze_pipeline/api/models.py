@@ -1,0 +1,216 @@
+"""The API's JSON, as seed 001/002's TypeScript app sends and reads it: camelCase on the wire.
+
+Bodies are strict (`extra="forbid"`): a misspelt field is a 422 naming it, not a silently
+ignored option. Response models are the OpenAPI schema the app (and schemathesis) work from.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic.alias_generators import to_camel
+
+from glaze_pipeline.core.limits import MAX_BUDGET, MAX_IDEMPOTENCY_KEY
+
+T = TypeVar("T")
+
+
+def _utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with its offset: SQLite hands back naive times (stored as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_utc, return_type=str)]
+
+MAX_SELECTED = 100_000  # ids in one request body: a bigger selection is a whole-table job
+
+
+class Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class CamelIn(Camel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Page(Camel, Generic[T]):
+    items: list[T]
+    page: int
+    limit: int
+    total: int
+
+
+class CellId(CamelIn):
+    row_id: str = Field(min_length=1, max_length=40)
+    column_id: str = Field(min_length=1, max_length=40)
+
+
+class EnrichBody(CamelIn):
+    """Which cells (seed 001's grid or explicit mode, or the whole table) and on what terms."""
+
+    column_ids: list[str] = Field(default_factory=list, max_length=1000)
+    row_ids: list[str] = Field(default_factory=list, max_length=MAX_SELECTED)
+    cell_ids: list[CellId] = Field(default_factory=list, max_length=MAX_SELECTED)
+    whole_table: bool = False
+    budget: float | None = Field(default=None, ge=0, le=MAX_BUDGET, allow_inf_nan=False)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> EnrichBody:
+        shapes = [bool(self.column_ids), bool(self.cell_ids), self.whole_table]
+        if sum(shapes) != 1:
+            raise ValueError(
+                "give exactly one of: columnIds (with optional rowIds), cellIds, or "
+                "wholeTable: true"
+            )
+        if self.row_ids and not self.column_ids:
+            raise ValueError("rowIds needs columnIds (grid mode)")
+        if self.overwrite and self.whole_table:
+            raise ValueError("overwrite needs columnIds or cellIds: wholeTable fills empty cells")
+        return self
+
+    def selection(self) -> dict[str, Any]:
+        """The engine's selection (`core.models.Selection`'s fields)."""
+        if self.whole_table:
+            return {"whole_table": True}
+        if self.cell_ids:
+            chosen: dict[str, Any] = {
+                "cells": [{"row_id": c.row_id, "column_id": c.column_id} for c in self.cell_ids]
+            }
+        else:
+            chosen = {"column_ids": list(self.column_ids), "row_ids": list(self.row_ids)}
+        if self.overwrite:
+            chosen["overwrite"] = True
+        return chosen
+
+
+class EnrichResponse(Camel):
+    job_id: str
+    table_id: str
+    status: str
+    total_tasks: int
+    message: str
+    run_id: str | None = None
+    public_access_token: str
+    token_expires_at: Timestamp
+
+
+class Estimate(Camel):
+    unique_entities: int = 0
+    cells: int = 0
+    cells_without_identifier: int = 0
+    cache_hits: int = 0
+    expected_provider_calls: dict[str, int] = Field(default_factory=dict)
+    expected_cost_by_provider: dict[str, float] = Field(default_factory=dict)
+    expected_cost: float = 0.0
+
+
+JobPhase = Literal["queued", "enriching", "writing", "done"]
+SeedStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+class JobOut(Camel):
+    """One job (one enrichment request): seed 001's job view plus the engine's detail."""
+
+    job_id: str
+    table_id: str
+    kind: str
+    status: SeedStatus
+    state: str = Field(
+        description="The engine's status: queued, launched, running, succeeded, "
+        "partial, failed or cancelled (see the README for the mapping)."
+    )
+    cancel_requested: bool
+    phase: JobPhase
+    progress: int = Field(ge=0, le=100)
+    total_tasks: int
+    done_tasks: int
+    not_found_tasks: int
+    failed_tasks: int
+    skipped_tasks: int
+    entities: int
+    entities_done: int
+    cache_hits: int
+    rows_total: int
+    rows_written: int
+    cost: float
+    budget: float | None
+    cost_by_provider: dict[str, float]
+    provider_calls: dict[str, int]
+    run_id: str | None
+    created_at: Timestamp | None
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
+    error: str | None
+    estimate: Estimate | None = None
+    # seed 002's names for the entity-first view
+    entity_count: int
+    processed_count: int
+    public_access_token: str | None = None
+    token_expires_at: Timestamp | None = None
+
+
+class TaskOut(Camel):
+    """One cell of a job, read from its row's `meta` (there is no per-cell task table)."""
+
+    row_id: str
+    column_id: str
+    column_key: str
+    status: str
+    value: Any = None
+    confidence: float | None = None
+    source: str | None = None
+    error: str | None = None
+    fetched_at: str | None = None
+
+
+class ColumnOut(Camel):
+    id: str
+    key: str
+    label: str
+    data_type: str
+    field: str | None = Field(description="The catalogue field the column means, if any.")
+    position: int
+
+
+class TableSummary(Camel):
+    id: str
+    name: str
+    description: str | None
+    row_count: int
+    created_at: Timestamp | None
+
+
+class TableOut(TableSummary):
+    columns: list[ColumnOut]
+
+
+class RowOut(Camel):
+    id: str
+    position: int
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    status: str
+    confidence: float | None
+    error: str | None
+    last_run_at: Timestamp | None
+
+
+class ColumnBody(CamelIn):
+    key: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    label: str | None = Field(default=None, min_length=1, max_length=200)
+    data_type: Literal["text", "number", "url", "email", "json"] = "text"
+    field: str | None = Field(default=None, min_length=1, max_length=60)
+
+
+class CellBody(CamelIn):
+    value: Any = Field(description="The new value (null empties the cell).")
+
+
+class Health(Camel):
+    status: Literal["ok"]
