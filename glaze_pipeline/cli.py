@@ -849,7 +849,8 @@ def serve(ctx: click.Context, host: str, port: int, no_launcher: bool, max_runs:
         max_runs=max_runs,
         database_url=database_url,
     )
-    run_server(options, announce=console.print)
+    # soft_wrap: the sign-in link must stay one line, whatever the terminal's width
+    run_server(options, announce=lambda line: console.print(line, soft_wrap=True, markup=False))
 
 
 @cli.command("mock-providers")

@@ -38,7 +38,7 @@ from glaze_pipeline.api.models import (
     TableSummary,
     TaskOut,
 )
-from glaze_pipeline.api.views import job_out
+from glaze_pipeline.api.views import job_out, seed_status
 from glaze_pipeline.core import queue
 from glaze_pipeline.core.engine import resolve_target
 from glaze_pipeline.core.errors import (
@@ -228,9 +228,10 @@ def _api_routes() -> APIRouter:
                     imported = await run_in_threadpool(
                         import_csv, _store(request), path, name=name or stem
                     )
-                except CsvImportError as error:
+                except CsvImportError as error:  # named by the file the user sent
+                    detail = str(error).replace(str(path), repr(upload.filename or "the upload"))
                     raise HTTPException(
-                        status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)
+                        status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail
                     ) from None
         finally:
             await form.close()
@@ -478,7 +479,7 @@ def _enqueue(
     return EnrichResponse(
         job_id=job_id,
         table_id=table_id,
-        status="pending" if job.status == RequestStatus.QUEUED else job.status,
+        status=seed_status(job.status),  # an idempotent replay answers the job as it is now
         total_tasks=job.cells_total,
         message=f"Queued {what} of {job.cells_total} cells",
         run_id=job.run_id,
@@ -502,8 +503,12 @@ def _named_rows(job: EnrichmentRequest) -> list[str] | None:
 
 
 def _job(store: Store, table_id: str, job_id: str) -> EnrichmentRequest:
-    job = RequestRepository(store).get(job_id)
-    if job.table_id != table_id:
+    try:
+        job = RequestRepository(store).get(job_id)
+    except UnknownRequestError:
+        job = None
+    if job is None or job.table_id != table_id:
+        store.get_table(table_id)  # an unknown table is named as such
         raise UnknownRequestError(f"unknown job {job_id!r} in table {table_id}")
     return job
 

@@ -26,6 +26,9 @@ def _utc(moment: datetime) -> str:
 
 Timestamp = Annotated[datetime, PlainSerializer(_utc, return_type=str)]
 
+JobPhase = Literal["queued", "enriching", "writing", "done"]
+SeedStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
 MAX_SELECTED = 100_000  # ids in one request body: a bigger selection is a whole-table job
 
 
@@ -92,7 +95,7 @@ class EnrichBody(CamelIn):
 class EnrichResponse(Camel):
     job_id: str
     table_id: str
-    status: str
+    status: SeedStatus
     total_tasks: int
     message: str
     run_id: str | None = None
@@ -108,10 +111,6 @@ class Estimate(Camel):
     expected_provider_calls: dict[str, int] = Field(default_factory=dict)
     expected_cost_by_provider: dict[str, float] = Field(default_factory=dict)
     expected_cost: float = 0.0
-
-
-JobPhase = Literal["queued", "enriching", "writing", "done"]
-SeedStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 
 
 class JobOut(Camel):
