@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -78,6 +79,19 @@ def log_config() -> dict[str, Any]:
     return config
 
 
+def _die_with_parent() -> None:
+    """In the launcher child (Linux): SIGTERM it when `glaze serve` dies, however it dies.
+
+    uvicorn re-raises the SIGTERM it caught once it has shut down, which ends this process
+    before any `finally` could stop the child; an orphaned launcher would go on claiming."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def launcher_process(options: ServeOptions) -> Iterator[subprocess.Popen[bytes] | None]:
     """`glaze launcher` as a child process for as long as the server runs (or nothing)."""
@@ -93,7 +107,7 @@ def launcher_process(options: ServeOptions) -> Iterator[subprocess.Popen[bytes] 
         "--max-runs",
         str(options.max_runs),
     ]
-    child = subprocess.Popen(command, env=os.environ.copy())
+    child = subprocess.Popen(command, env=os.environ.copy(), preexec_fn=_die_with_parent)
     try:
         yield child
     finally:
