@@ -32,6 +32,7 @@ from glaze_pipeline.api.models import (
     EnrichResponse,
     Health,
     JobOut,
+    JobToken,
     Page,
     RowOut,
     TableOut,
@@ -383,6 +384,18 @@ def _api_routes() -> APIRouter:
                 )
             total += 1
         return Page(items=items, page=page, limit=limit, total=total)
+
+    @router.post(
+        "/tables/{table_id}/enrich/jobs/{job_id}/token",
+        response_model=JobToken,
+        tags=["jobs"],
+    )
+    def job_token(request: Request, table_id: str, job_id: str) -> JobToken:
+        """A new public token for a job (e.g. a page opened while the job runs subscribes)."""
+        _job(_store(request), table_id, job_id)
+        signer: auth.TokenSigner = request.app.state.signer
+        token, expires = signer.issue_job_token(job_id, table_id)
+        return JobToken(job_id=job_id, public_access_token=token, token_expires_at=expires)
 
     @router.post(
         "/tables/{table_id}/enrich/jobs/{job_id}/cancel",

@@ -103,6 +103,12 @@ class EnrichResponse(Camel):
     token_expires_at: Timestamp
 
 
+class JobToken(Camel):
+    job_id: str
+    public_access_token: str
+    token_expires_at: Timestamp
+
+
 class Estimate(Camel):
     unique_entities: int = 0
     cells: int = 0

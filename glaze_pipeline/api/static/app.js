@@ -679,9 +679,19 @@ async function loadJobs({ resume = false } = {}) {
   const page = await api("GET", tablePath("/enrich/jobs?limit=10"));
   $("#jobs tbody").replaceChildren(...page.items.map(renderJob));
   $("#jobs-empty").hidden = page.items.length > 0;
-  // A job still working when the page opens: follow it (polling: a list item has no token).
+  // A job still working when the page opens: follow its stream with a fresh token (polling
+  // when none can be had).
   const working = page.items.find((job) => job.kind === "enrich" && !ENDED.has(job.status));
-  if (resume && working && !grid.job) follow(working.jobId, working.publicAccessToken, working);
+  if (resume && working && !grid.job) {
+    let token = null;
+    try {
+      const issued = await api("POST", tablePath(`/enrich/jobs/${encodeURIComponent(working.jobId)}/token`));
+      token = issued.publicAccessToken;
+    } catch {
+      token = null;
+    }
+    if (!grid.job) follow(working.jobId, token, working);
+  }
 }
 
 function renderJob(job) {
