@@ -10,6 +10,7 @@ anything is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -17,8 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.datastructures import UploadFile
 from starlette.types import Message
@@ -30,6 +33,7 @@ from glaze_pipeline.api.models import (
     ColumnOut,
     EnrichBody,
     EnrichResponse,
+    ErrorOut,
     Health,
     JobOut,
     JobToken,
@@ -96,6 +100,7 @@ def create_app(
             "when the server has keys; a job's `publicAccessToken` reads that job only."
         ),
         lifespan=lifespan,
+        dependencies=[Depends(_plain_path_ids)],
     )
     app.state.store = store
     app.state.settings = settings
@@ -108,21 +113,70 @@ def create_app(
         (ServiceUnavailableError, status.HTTP_503_SERVICE_UNAVAILABLE),
     ):
         app.add_exception_handler(error_type, _error_handler(code))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
 
     app.include_router(_public_routes())
-    app.include_router(_api_routes(), dependencies=[auth.RequireKey])
-    app.include_router(_job_read_routes())
-    app.include_router(_table_route())
+    app.include_router(
+        _api_routes(), dependencies=[auth.RequireKey], responses=_errors(401, 403, 404)
+    )
+    app.include_router(_job_read_routes(), responses=_errors(401, 403, 404))
+    app.include_router(_table_route(), responses=_errors(401, 404))
     app.include_router(realtime.router)
     app.include_router(pages.router)
     return app
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error that quotes what the caller sent
+    (a lone surrogate, say) is still a valid answer, never a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+ERROR_MEANING = {
+    401: "No valid API key, session or token.",
+    403: "A job token used for something it does not grant.",
+    404: "An unknown table, column, row or job id (named in `detail`).",
+    413: "The upload is larger than GLAZE_MAX_UPLOAD_MB.",
+    415: "The upload is not multipart/form-data.",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut, "description": ERROR_MEANING[code]} for code in codes}
+
+
 def _error_handler(code: int) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(_request: Request, error: Exception) -> Response:
-        return JSONResponse({"detail": str(error)}, status_code=code)
+        return AsciiJSONResponse({"detail": str(error)}, status_code=code)
 
     return handle
+
+
+async def _invalid_request(_request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    return AsciiJSONResponse(
+        {"detail": jsonable_encoder(error.errors())},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+async def _http_error(_request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    return AsciiJSONResponse(
+        {"detail": error.detail}, status_code=error.status_code, headers=error.headers
+    )
+
+
+def _plain_path_ids(request: Request) -> None:
+    """An id with a NUL in it cannot exist (Postgres' text cannot even hold one): 404, as
+    any unknown id, before a query is made with it."""
+    for name, value in request.path_params.items():
+        if "\x00" in value:
+            kind = name.removesuffix("_id").replace("_", " ")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown {kind} {value!r}")
 
 
 def _store(request: Request) -> Store:
@@ -183,6 +237,7 @@ def _api_routes() -> APIRouter:
         response_model=TableOut,
         status_code=status.HTTP_201_CREATED,
         tags=["tables"],
+        responses=_errors(413, 415),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -474,6 +529,8 @@ def _enqueue(
             pass  # raises UnknownRowError naming the ids that are not in the table
     if body.cell_ids:
         total = len({(c.row_id, c.column_id) for c in body.cell_ids})
+    elif body.whole_table:  # the empty cells of every mapped column: what the job fills
+        total = store.count_empty_cells(table_id, [c.key for c in target.columns])
     else:
         rows = len(set(body.row_ids)) if body.row_ids else store.count_rows(table_id)
         total = len(target.columns) * rows

@@ -6,10 +6,19 @@ ignored option. Response models are the OpenAPI schema the app (and schemathesis
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from glaze_pipeline.core.limits import MAX_BUDGET, MAX_IDEMPOTENCY_KEY
@@ -28,6 +37,36 @@ Timestamp = Annotated[datetime, PlainSerializer(_utc, return_type=str)]
 
 JobPhase = Literal["queued", "enriching", "writing", "done"]
 SeedStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+def plain_text(text: str) -> str:
+    """Text both databases can store: no NUL (Postgres' text and JSONB refuse it) and no lone
+    surrogate (not UTF-8: it could not even be written into an answer)."""
+    if "\x00" in text:
+        raise ValueError("contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(plain_text)]
+
+
+def storable(value: Any) -> Any:
+    """A cell value as JSON can carry it and a cell can hold it: plain text everywhere (keys
+    too) and finite numbers (Python's JSON reads NaN, Infinity and 1e400; no database does)."""
+    if isinstance(value, str):
+        return plain_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number (not NaN or Infinity)")
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {plain_text(key): storable(item) for key, item in value.items()}
+    return value
+
 
 MAX_SELECTED = 100_000  # ids in one request body: a bigger selection is a whole-table job
 
@@ -48,19 +87,19 @@ class Page(Camel, Generic[T]):
 
 
 class CellId(CamelIn):
-    row_id: str = Field(min_length=1, max_length=40)
-    column_id: str = Field(min_length=1, max_length=40)
+    row_id: Text = Field(min_length=1, max_length=40)
+    column_id: Text = Field(min_length=1, max_length=40)
 
 
 class EnrichBody(CamelIn):
     """Which cells (seed 001's grid or explicit mode, or the whole table) and on what terms."""
 
-    column_ids: list[str] = Field(default_factory=list, max_length=1000)
-    row_ids: list[str] = Field(default_factory=list, max_length=MAX_SELECTED)
+    column_ids: list[Text] = Field(default_factory=list, max_length=1000)
+    row_ids: list[Text] = Field(default_factory=list, max_length=MAX_SELECTED)
     cell_ids: list[CellId] = Field(default_factory=list, max_length=MAX_SELECTED)
     whole_table: bool = False
     budget: float | None = Field(default=None, ge=0, le=MAX_BUDGET, allow_inf_nan=False)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
     overwrite: bool = False
 
     @model_validator(mode="after")
@@ -208,13 +247,24 @@ class RowOut(Camel):
 
 class ColumnBody(CamelIn):
     key: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-    label: str | None = Field(default=None, min_length=1, max_length=200)
+    label: Text | None = Field(default=None, min_length=1, max_length=200)
     data_type: Literal["text", "number", "url", "email", "json"] = "text"
-    field: str | None = Field(default=None, min_length=1, max_length=60)
+    field: Text | None = Field(default=None, min_length=1, max_length=60)
 
 
 class CellBody(CamelIn):
     value: Any = Field(description="The new value (null empties the cell).")
+
+    @field_validator("value")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: one sentence naming the problem (422s from validation list the fields)."""
+
+    detail: str | list[dict[str, Any]]
 
 
 class Health(Camel):

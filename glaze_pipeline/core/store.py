@@ -385,6 +385,28 @@ class Store:
                 or 0
             )
 
+    def count_empty_cells(self, table_id: str, keys: Sequence[str]) -> int:
+        """How many of these columns' cells are empty (missing, null or "") over the table's
+        rows: what a whole-table job will fill. One aggregate query; when a key cannot be
+        looked up exactly (a `"` in it, on SQLite) its every cell is counted."""
+        if not keys:
+            return 0
+        paths = _json_paths(keys, self.dialect)
+        if paths is None:
+            return len(keys) * self.count_rows(table_id)
+        lookup = (
+            "r.data ->> :k{i}" if self.dialect == "postgresql" else "json_extract(r.data, :k{i})"
+        )
+        terms = " + ".join(
+            f"(CASE WHEN COALESCE(CAST({lookup.format(i=i)} AS TEXT), '') = '' THEN 1 ELSE 0 END)"
+            for i in range(len(paths))
+        )
+        params: dict[str, Any] = {f"k{i}": path for i, path in enumerate(paths)}
+        params["table"] = table_id
+        statement = text(f"SELECT COALESCE(SUM({terms}), 0) FROM rows r WHERE r.table_id = :table")
+        with self.engine.connect() as connection:
+            return int(connection.scalar(statement, params) or 0)
+
     def job_cells(
         self, table_id: str, request_id: str, *, row_ids: Sequence[str] | None = None
     ) -> Iterator[tuple[RowRecord, str, dict[str, Any]]]:
