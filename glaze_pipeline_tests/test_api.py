@@ -1153,3 +1153,25 @@ def test_serve_without_key_refuses_public_host(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "GLAZE_API_KEYS" in done.stderr + done.stdout
+
+
+def test_fresh_token_for_a_job_needs_a_key(locked: Server, two_jobs: dict[str, Any]) -> None:
+    """A page opened while a job runs asks for a token to follow it; only full access may."""
+    mine, another = two_jobs["mine"], two_jobs["another"]
+    path = f"{job_path(mine['jobId'])}/token"
+    with anonymous(locked) as client:
+        assert client.post(path).status_code == 401
+        refused = client.post(
+            path, headers={"Authorization": f"Bearer {mine['publicAccessToken']}"}
+        )
+        assert refused.status_code == 403  # a token cannot mint tokens, not even its own job's
+    with locked.client() as keyed:
+        issued = keyed.post(path)
+        assert issued.status_code == 200, issued.text
+        assert keyed.post(f"{job_path('req_nope')}/token").status_code == 404
+    token = issued.json()["publicAccessToken"]
+    claims = jwt.decode(token, TEST_TOKEN_SECRET, algorithms=["HS256"])
+    assert (claims["sub"], claims["tbl"]) == (mine["jobId"], LEADS)
+    with anonymous(locked) as client:
+        assert client.get(job_path(mine["jobId"]), params={"token": token}).status_code == 200
+        assert client.get(job_path(another["jobId"]), params={"token": token}).status_code == 403
