@@ -12,6 +12,7 @@ traceback. click's own usage errors keep click's message and exit 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -948,6 +949,34 @@ def bench_launch(requests: int, postgres_url: str, output: Path) -> None:
             grid.add_row(path, stage, *(f"{figures[k]:.2f}" for k in ("min", "median", "max")))
     console.print(grid)
     console.print(f"written to {output}")
+
+
+@bench.command("api-latency")
+@click.option("--jobs", type=POSITIVE, default=10, show_default=True)
+@click.option(
+    "--postgres-url",
+    default=None,
+    help="Also measure on a throwaway database of this Postgres server.",
+)
+@click.option("--redis-url", default=None, help="With --postgres-url: pub/sub through this Redis.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("bench_results/api_latency.json"),
+    show_default=True,
+)
+def bench_api_latency(
+    jobs: int, postgres_url: str | None, redis_url: str | None, output: Path
+) -> None:
+    """POST enrich -> first SSE `running` event, and -> `finished`, over small jobs (2 columns x
+    3 rows) through a real `glaze serve`: on the embedded SQLite default, and optionally on
+    Postgres (+ Redis)."""
+    from glaze_pipeline.bench.api_latency import measure
+
+    report = measure(jobs, postgres_url=postgres_url, redis_url=redis_url, echo=console.print)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report.as_dict(), indent=2))
+    console.print(f"wrote {output}")
 
 
 @bench.command("run")

@@ -209,7 +209,14 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     writing = [m for m in messages if m.get("phase") == "writing"]
     assert enriching and enriching[-1]["entities_done"] == enriching[-1]["entities"]
     assert [m["rows_written"] for m in writing] == [10, 20, 30]  # one message per page
-    progress = [m["progress"] for m in messages]
+    cells = [m["cells"] for m in messages if m["event"] == "cells"]
+    assert [len(page) for page in cells] == [10, 10, 10]  # each page's written cells
+    written = {c["row_id"]: c for page in cells for c in page}
+    for row in pg_store.rows_in_order(table.id):
+        cell = written[row.id]
+        assert cell["column_key"] == "industry" and cell["value"] == row.data.get("industry")
+        assert cell["status"] == row.meta["industry"]["status"]
+    progress = [m["progress"] for m in messages if m["event"] != "cells"]
     assert progress == sorted(progress) and progress[0] == 0 and progress[-1] == 100
     assert messages[-1]["status"] == "succeeded" and messages[0]["cells_total"] == 30
 

@@ -40,6 +40,8 @@ API_KEYS_FILE_ENV = "GLAZE_API_KEYS_FILE"
 TOKEN_SECRET_ENV = "GLAZE_TOKEN_SECRET"
 TOKEN_TTL_ENV = "GLAZE_TOKEN_TTL_S"
 MAX_UPLOAD_ENV = "GLAZE_MAX_UPLOAD_MB"
+SSE_POLL_ENV = "GLAZE_SSE_POLL_MS"
+SSE_HEARTBEAT_ENV = "GLAZE_SSE_HEARTBEAT_S"
 
 SESSION_COOKIE = "glaze_session"
 ALGORITHM = "HS256"
@@ -61,7 +63,9 @@ class ApiSettings:
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
     heartbeat_s: float = 15.0
-    poll_s: float = 0.5
+    # Without Redis the stream reads the job's row this often (a primary-key read): the
+    # latency from a job's start to its `running` event.
+    poll_s: float = 0.2
 
     @property
     def open(self) -> bool:
@@ -80,6 +84,8 @@ class ApiSettings:
             token_secret=secret,
             token_ttl_s=_positive_int(TOKEN_TTL_ENV, DEFAULT_TOKEN_TTL_S),
             max_upload_bytes=_positive_int(MAX_UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB) * 1024 * 1024,
+            heartbeat_s=float(_positive_int(SSE_HEARTBEAT_ENV, 15)),
+            poll_s=_positive_int(SSE_POLL_ENV, 200) / 1000,
         )
 
 

@@ -28,6 +28,8 @@ from glaze_pipeline.core.store import Store
 
 log = logging.getLogger(__name__)
 
+LAUNCHER_POLL_S = 0.2
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -106,6 +108,9 @@ def launcher_process(options: ServeOptions) -> Iterator[subprocess.Popen[bytes] 
         "launcher",
         "--max-runs",
         str(options.max_runs),
+        # On SQLite the launcher polls the queue (no NOTIFY): often, as it is one small read.
+        "--poll",
+        str(LAUNCHER_POLL_S),
     ]
     child = subprocess.Popen(command, env=os.environ.copy(), preexec_fn=_die_with_parent)
     try:

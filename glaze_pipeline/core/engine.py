@@ -549,6 +549,8 @@ class ApplySummary:
 
 
 ProgressCallback = Callable[[ApplySummary], None]
+# Called with the patches of one page that were written (for live cell updates).
+WrittenCallback = Callable[[Sequence[RowPatch]], None]
 
 
 def cell_meta(outcome: FieldOutcome, request_id: str) -> dict[str, Any]:
@@ -575,6 +577,7 @@ def apply_results(
     watch: RequestWatch | None = None,
     cancelled: bool = False,
     read: Mapping[str, int] | None = None,
+    on_written: WrittenCallback | None = None,
 ) -> ApplySummary:
     """Write every selected cell's outcome: one read and one JSON-merge UPDATE per page of rows.
 
@@ -590,6 +593,9 @@ def apply_results(
     stops it between pages (every row is then either fully written by this job or untouched).
     A `cancelled` job still writes what it bought; its cells with no answer are counted
     `skipped: cancelled` on the request and are left untouched in the rows.
+
+    `on_written` hears each page's patches that were written (a row an edit beat is not among
+    them), before `progress` hears the page's counters.
     """
     started = time.perf_counter()
     before = store.statements
@@ -605,11 +611,13 @@ def apply_results(
             watch.raise_if_closed()
         summary.rows_read += len(page)
         rows = list(page)
+        page_written: list[RowPatch] = []
         for _attempt in range(WRITE_ATTEMPTS):
             patches = [writer.patch(row) for row in rows]
             written = store.apply_patches(
                 [p.write for p in patches if p.write], request_id=request_id
             )
+            page_written += [p.write for p in patches if p.write and p.row_id in written]
             changed = [p.row_id for p in patches if p.write and p.row_id not in written]
             for patch in patches:
                 if patch.row_id not in changed:
@@ -622,6 +630,8 @@ def apply_results(
             rows = store.rows_by_id(changed)
         else:
             summary.cells[CellStatus.SKIPPED] += sum(len(p.write.meta) for p in patches if p.write)
+        if on_written is not None and page_written:
+            on_written(page_written)
         if progress is not None:
             progress(summary)
     summary.statements = store.statements - before

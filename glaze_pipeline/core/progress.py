@@ -1,8 +1,9 @@
 """Live progress for the app (seed 004's realtime view): Redis pub/sub, one message per page.
 
 Channels: `<prefix>:request:<request id>` and `<prefix>:table:<table id>`. Each message is JSON:
-`{"event": "started" | "progress" | "finished", "request_id", "table_id", ...counters}` with
-`progress` in percent of cells. `finished` is sent on every ending (succeeded, partial, failed,
+`{"event": "started" | "progress" | "cells" | "finished", "request_id", "table_id", ...}` with
+`progress` in percent of cells. `cells` lists the cells a page wrote (`publish_cells`, at most
+`CELLS_PER_MESSAGE` a message). `finished` is sent on every ending (succeeded, partial, failed,
 cancelled), whoever records it: the job itself, the run status sensors or the reconciler.
 Publishing is fire-and-forget: a missing or failing Redis never slows or fails a job (the
 request row stays the source of truth).
@@ -22,7 +23,10 @@ import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from glaze_pipeline.core.schema import EnrichmentRequest
+    from glaze_pipeline.core.store import RowPatch
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,36 @@ def publish_finished(publisher: ProgressPublisher, request: EnrichmentRequest) -
         cost=request.cost,
         progress=100,
     )
+
+
+# Cells in one `cells` message: a page of 5000 rows is split, so a message stays small
+# (a subscriber holds it whole) whatever the page size.
+CELLS_PER_MESSAGE = 500
+
+
+def publish_cells(
+    publisher: ProgressPublisher, request_id: str, table_id: str, patches: Sequence[RowPatch]
+) -> None:
+    """`cells` for the patches a page wrote: each cell's value (None: nothing found), status,
+    confidence and source, so a live grid can fill in without reading the rows again."""
+    if isinstance(publisher, NoProgress):
+        return  # nobody to tell: do not build the messages
+    cells = [
+        {
+            "row_id": patch.id,
+            "column_key": key,
+            "value": patch.data.get(key),
+            "status": meta.get("status"),
+            "confidence": meta.get("confidence"),
+            "source": meta.get("source"),
+        }
+        for patch in patches
+        for key, meta in patch.meta.items()
+    ]
+    for start in range(0, len(cells), CELLS_PER_MESSAGE):
+        publisher.publish(
+            "cells", request_id, table_id, cells=cells[start : start + CELLS_PER_MESSAGE]
+        )
 
 
 def percent(done: int, total: int) -> int:

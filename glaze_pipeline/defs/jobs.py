@@ -44,7 +44,7 @@ from glaze_pipeline.core.models import (
     RequestStatus,
     Selection,
 )
-from glaze_pipeline.core.progress import percent
+from glaze_pipeline.core.progress import percent, publish_cells
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
@@ -430,6 +430,7 @@ def apply_results(
             watch=watch,
             cancelled=stopped is not None,
             read=plan.read,
+            on_written=lambda patches: publish_cells(publisher, plan.request_id, table_id, patches),
         )
     context.log.info(
         f"wrote {summary.rows_written} rows ({dict(summary.cells)}) "
