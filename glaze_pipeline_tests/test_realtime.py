@@ -222,7 +222,12 @@ def test_a_stream_follows_a_job_from_post_to_finished(server: Server) -> None:
     with stream(server.base_url, job["jobId"], job["publicAccessToken"]) as reader:
         first = reader.until(lambda e: e.name == "progress", timeout=10)
         assert names(first) == ["status", "progress"]
-        assert first[0].data == {"jobId": job["jobId"], "status": "pending", "state": "queued"}
+        assert first[0].data == {
+            "jobId": job["jobId"],
+            "status": "pending",
+            "state": "queued",
+            "runId": None,
+        }
         assert first[1].data["phase"] == "queued" and first[1].data["progress"] == 0
         with launcher(server):
             rest = reader.rest()

@@ -3,7 +3,7 @@
 A browser opens it with the job's `publicAccessToken` (`?token=`, as EventSource sends no
 header) or a bearer; an API key or the session cookie reads it too. Events, camelCase JSON:
 
-* `status`   `{jobId, status, state}`: on connect, then on every change of state seen (with
+* `status`   `{jobId, status, state, runId}`: on connect, then on every change seen (with
   Redis the job's `started` says `running` at once; polling every `poll_s` can miss a state
   shorter than that: a job that runs 0.2 s may go from `pending` straight to `completed`);
 * `progress` `{jobId, phase, progress, entitiesDone, entities, rowsWritten, rowsTotal,
@@ -242,8 +242,10 @@ class JobStream:
         """Events for what the row says: a new state, progress made, the ending."""
         events: list[str] = []
         self.started = self.started or _started(row)
-        status = {"status": seed_status(row.status), "state": row.status}
-        if status != self.status:
+        status = {"status": seed_status(row.status), "state": row.status, "runId": row.run_id}
+        # A new state is news; a run id attached to the same state is not (it rides along
+        # with the next state: `running` has it).
+        if self.status is None or status["state"] != self.status.get("state"):
             self.status = status
             events.append(self.event("status", status))
         phase, percent = phase_and_progress(row)
@@ -313,7 +315,8 @@ class JobStream:
             return []
         self.started = True
         running = RequestStatus.RUNNING.value
-        self.status = {"status": seed_status(running), "state": running}
+        run_id = (self.status or {}).get("runId")
+        self.status = {"status": seed_status(running), "state": running, "runId": run_id}
         return [self.event("status", self.status)]
 
     def _merge(self, phase: str, counters: Mapping[str, int]) -> None:

@@ -8,7 +8,7 @@ stream follows pub/sub). The Leads table is seeded; then small jobs (2 columns x
 them, after a random pause of up to `gap_s` (back to back, the jobs fall in step with the
 0.5 s polls of the SQLite launcher and of the stream, and the figures measure that phase, not
 the system). For each: the time from sending the POST to the stream's first event showing the job
-started (`status` running; or its ending, when polling every 0.5 s missed a shorter `running`),
+started (`status` running; or its ending, when polling missed a `running` shorter than one poll),
 and to `finished`. Issue 10's target: <= 1 s to running.
 
 The first `warmup` jobs are reported apart: they include the launcher's start (imports, first
