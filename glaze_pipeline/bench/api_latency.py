@@ -6,7 +6,7 @@ when a Postgres server is given, on a throwaway Postgres database (with Redis wh
 stream follows pub/sub). The Leads table is seeded; then small jobs (2 columns x 3 rows, with
 `overwrite` so each writes its 6 cells) go one at a time, as a person clicking Run would send
 them, after a random pause of up to `gap_s` (back to back, the jobs fall in step with the
-0.5 s polls of the SQLite launcher and of the stream, and the figures measure that phase, not
+polls of the SQLite launcher and of the stream (every 0.2 s), and the figures measure that phase, not
 the system). For each: the time from sending the POST to the stream's first event showing the job
 started (`status` running; or its ending, when polling missed a `running` shorter than one poll),
 and to `finished`. Issue 10's target: <= 1 s to running.
