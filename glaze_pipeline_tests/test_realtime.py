@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -47,6 +45,7 @@ from glaze_pipeline_tests.api_helpers import (
     Server,
     free_port,
     served,
+    stop_group,
 )
 from glaze_pipeline_tests.conftest import PG_BASE_URL, REDIS_TEST_URL
 
@@ -159,13 +158,7 @@ def launcher(server: Server) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
         log.close()
 
 
