@@ -534,6 +534,35 @@ def test_edit_cell(server: Server) -> None:
         assert emptied.status_code == 200 and emptied.json()["data"].get("notes") is None
 
 
+def test_an_edit_replaces_the_cells_provenance_and_the_row_status_follows(
+    server: Server,
+) -> None:
+    """A cell a job failed (no identifier), then typed in by a user: its meta no longer claims
+    an engine outcome, the row is no longer `failed`, and the job's task list moves on."""
+    with server.client() as client:
+        table = upload(client, b"company,industry\n,\n", name="Provenance").json()
+        industry = next(c["id"] for c in table["columns"] if c["key"] == "industry")
+        row_id = client.get(f"/tables/{table['id']}/rows").json()["items"][0]["id"]
+        queued = enqueue(client, {"columnIds": [industry], "rowIds": [row_id]}, table=table["id"])
+        job = server.wait_for_job(table["id"], queued["jobId"])
+        assert job["failedTasks"] == 1  # nothing identifies the company
+        before = client.get(f"/tables/{table['id']}/rows").json()["items"][0]
+        assert before["status"] == "failed" and before["meta"]["industry"]["status"] == "failed"
+
+        edited = client.put(
+            f"/tables/{table['id']}/rows/{row_id}/cells/{industry}", json={"value": "Retail"}
+        )
+        assert edited.status_code == 200, edited.text
+        row = edited.json()
+        assert row["data"]["industry"] == "Retail"
+        cell = row["meta"]["industry"]
+        assert cell["source"] == "user" and cell["edited_at"]
+        assert not cell.get("status") and not cell.get("error") and not cell.get("request_id")
+        assert (row["status"], row["error"]) == ("idle", None)  # no engine outcome left
+        tasks = client.get(f"{job_path(queued['jobId'], table['id'])}/tasks").json()
+        assert tasks["total"] == 0  # the job's outcome for that cell is gone with it
+
+
 # -- hostile input: refused with a 4xx, never a 500, never stored half-way --------------------------
 
 HOSTILE_VALUES = {
@@ -660,7 +689,9 @@ def test_edit_while_job_runs_is_kept(slow: Server) -> None:
         assert "kept" in job["error"]
         data = rows_by_id(client)
         assert data[row(2)]["data"]["industry"] == "Typed by a person"
-        assert "industry" not in data[row(2)]["meta"]
+        # The job wrote no outcome over the edit: the cell's meta is the edit's own.
+        assert data[row(2)]["meta"]["industry"]["source"] == "user"
+        assert not data[row(2)]["meta"]["industry"].get("status")
         assert data[row(1)]["data"]["industry"] and data[row(3)]["data"]["industry"]
         assert data[row(1)]["data"]["industry"] != "Typed by a person"
         done = client.get(f"{job_path(queued['jobId'])}/tasks", params={"status": "done"})

@@ -325,12 +325,13 @@ def _api_routes() -> APIRouter:
     def edit_cell(
         request: Request, table_id: str, row_id: str, column_id: str, body: CellBody
     ) -> RowOut:
-        """A user's edit of one cell. A running job never overwrites it: the job's write is a
+        """A user's edit of one cell: its `meta` says `source: user` (no engine outcome), and the
+        row's status follows. A running job never overwrites it: the job's write is a
         compare-and-set and keeps a cell that changed since it was read."""
         store = _store(request)
         column = _column(store, table_id, column_id)
         store.full_row(table_id, row_id)  # 404 for a row of another table
-        store.edit_cell(row_id, column.key, body.value)
+        store.edit_cell(row_id, column.key, body.value, provenance=True)
         return _row_out(store.full_row(table_id, row_id))
 
     @router.post(

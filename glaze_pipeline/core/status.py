@@ -28,8 +28,8 @@ def aggregate_row(meta: Mapping[str, Any]) -> tuple[RowStatus, float | None, str
     confidences: list[float] = []
     error: str | None = None
     for cell in meta.values():
-        if not isinstance(cell, Mapping) or "status" not in cell:
-            continue
+        if not isinstance(cell, Mapping) or not cell.get("status"):
+            continue  # not an engine outcome (a user's edit has none)
         statuses.append(cell["status"])
         if cell["status"] == CellStatus.DONE and cell.get("confidence") is not None:
             confidences.append(float(cell["confidence"]))

@@ -626,15 +626,41 @@ class Store:
                 raise UnknownRowError(f"unknown row {row_id!r}")
             return row
 
-    def edit_cell(self, row_id: str, key: str, value: Any) -> None:
-        """A user's edit of one cell, as the app makes it: a JSON merge of one key."""
-        self.apply_patches([], edits={row_id: {key: value}})
+    def edit_cell(self, row_id: str, key: str, value: Any, *, provenance: bool = False) -> None:
+        """A user's edit of one cell, as the app makes it: a JSON merge of one key.
+
+        With `provenance` (the API's edits), the cell's `meta` says so too: source `user`, the
+        time, and no engine outcome (status, confidence and error of an earlier lookup no
+        longer describe the value), and the row's status is recomputed from its cells unless
+        a job holds the row (the job's write or release recomputes it then)."""
+        meta = {row_id: {key: user_edit_meta()}} if provenance else None
+        self.apply_patches([], edits={row_id: {key: value}}, edit_meta=meta)
+        if provenance:
+            self.restatus_row(row_id)
+
+    def restatus_row(self, row_id: str) -> None:
+        """Recompute a row's status, confidence and error from its `meta`, if no job holds it."""
+        free = (GlazeRow.id == row_id) & GlazeRow.pending_request_id.is_(None)
+        with self.engine.begin() as connection:
+            query = select(GlazeRow.meta).where(free)
+            if self.dialect == "postgresql":
+                query = query.with_for_update()  # no write lands between the read and ours
+            found = connection.execute(query).first()
+            if found is None:
+                return
+            status, confidence, error = aggregate_row(found.meta or {})
+            connection.execute(
+                update(GlazeRow)
+                .where(free)
+                .values(status=status.value, confidence=confidence, error=error)
+            )
 
     def apply_patches(
         self,
         patches: Sequence[RowPatch],
         *,
         edits: Mapping[str, Mapping[str, Any]] | None = None,
+        edit_meta: Mapping[str, Mapping[str, Any]] | None = None,
         request_id: str | None = None,
     ) -> set[str]:
         """Merge a batch of row patches in ONE statement; returns the ids of the rows updated.
@@ -646,7 +672,7 @@ class Store:
         a row another request holds keeps that hold and its status (`queued` / `running`) until
         that request lets go of it, which recomputes the status from `meta`, this write included.
         `edits` (row id -> keys) is a data-only merge, the path a user's edit takes: it never
-        touches a status or a hold.
+        touches a status or a hold (`edit_meta`, row id -> keys, merges the edit's provenance).
         """
         payload = [
             {
@@ -662,7 +688,8 @@ class Store:
             for p in patches
         ]
         for row_id, data in (edits or {}).items():
-            payload.append({"id": row_id, "data": dict(data), "meta": {}, "stamp": 0})
+            meta = dict((edit_meta or {}).get(row_id, {}))
+            payload.append({"id": row_id, "data": dict(data), "meta": meta, "stamp": 0})
         if not payload:
             return set()
         statement = _PATCH_SQL[self.dialect]
@@ -1003,6 +1030,20 @@ def _json_paths(keys: Sequence[str], dialect: str) -> list[str] | None:
     if any('"' in key for key in keys):
         return None
     return [f'$."{key}"' for key in keys]
+
+
+def user_edit_meta() -> dict[str, Any]:
+    """A user-edited cell's `meta`: every key an engine outcome sets, cleared (JSON null: a
+    merge replaces them on both databases), and who and when."""
+    return {
+        "status": None,
+        "confidence": None,
+        "source": "user",
+        "fetched_at": None,
+        "error": None,
+        "request_id": None,
+        "edited_at": utcnow().isoformat(),
+    }
 
 
 def _full_row(row: GlazeRow) -> FullRow:

@@ -284,7 +284,9 @@ function renderCell(td, row, column) {
   const job = grid.job;
   if (isFollowing() && job.pending.has(id) && !job.live.has(id)) td.classList.add("pending");
   const lines = value.length > 40 ? [value] : [];
-  if (meta) {
+  if (meta && meta.source === "user") {
+    lines.push(`edited by a user${meta.edited_at ? `: ${displayDate(meta.edited_at)}` : ""}`);
+  } else if (meta) {
     lines.push(`status: ${meta.status}`);
     if (meta.confidence != null) lines.push(`confidence: ${Number(meta.confidence).toFixed(2)}`);
     if (meta.source) lines.push(`source: ${meta.source}`);
