@@ -875,6 +875,10 @@ def test_upload_without_file_is_422(locked: Server) -> None:
         tables = client.get("/tables").json()["total"]
         no_file = client.post("/tables", data={"name": "nothing"}, files={"other": ("a", b"x")})
         assert no_file.status_code == 422 and "file" in no_file.json()["detail"]
+        extra = client.post(
+            "/tables", data={"name": "x", "nmae": "typo"}, files={"file": ("a.csv", b"a\n1\n")}
+        )
+        assert extra.status_code == 422 and "'nmae'" in extra.json()["detail"]
         as_json = client.post("/tables", json={"file": "a,b\n1,2\n"})
         assert as_json.status_code == 415 and "multipart" in as_json.json()["detail"]
         assert client.get("/tables").json()["total"] == tables

@@ -118,9 +118,11 @@ def create_app(
 
     app.include_router(_public_routes())
     app.include_router(
-        _api_routes(), dependencies=[auth.RequireKey], responses=_errors(401, 403, 404)
+        _api_routes(),
+        dependencies=[auth.RequireKey],
+        responses=_errors(400, 401, 403, 404, 422),
     )
-    app.include_router(_job_read_routes(), responses=_errors(401, 403, 404))
+    app.include_router(_job_read_routes(), responses=_errors(401, 403, 404, 422))
     app.include_router(_table_route(), responses=_errors(401, 404))
     app.include_router(realtime.router)
     app.include_router(pages.router)
@@ -136,11 +138,13 @@ class AsciiJSONResponse(JSONResponse):
 
 
 ERROR_MEANING = {
+    400: "A body that is not JSON (or not UTF-8) at all.",
     401: "No valid API key, session or token.",
     403: "A job token used for something it does not grant.",
     404: "An unknown table, column, row or job id (named in `detail`).",
     413: "The upload is larger than GLAZE_MAX_UPLOAD_MB.",
     415: "The upload is not multipart/form-data.",
+    422: "A malformed request (`detail` lists each field) or input that cannot be used.",
 }
 
 
@@ -269,6 +273,13 @@ def _api_routes() -> APIRouter:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT,
                     detail="the body needs a CSV file in the form field 'file'",
+                )
+            unknown = sorted(set(form.keys()) - {"file", "name"})
+            if unknown:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
+                    detail=f"unknown form fields: {', '.join(map(repr, unknown[:5]))} "
+                    "(the body takes 'file' and an optional 'name')",
                 )
             name = form.get("name")
             if name is not None and not isinstance(name, str):

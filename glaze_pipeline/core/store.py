@@ -337,6 +337,8 @@ class Store:
     def add_column(self, table_id: str, column: ColumnDef) -> ColumnInfo:
         """Add a column at the end of a table; a key the table already has is refused."""
         info = self.get_table(table_id)
+        if any(c.key == column.key for c in info.columns):
+            raise InputError(f"table {table_id} already has a column {column.key!r}")
         _check_definition(info.name, [*(ColumnDef(c.key) for c in info.columns), column])
         column_id = column.id or new_id("col")
         position = max((c.position for c in info.columns), default=-1) + 1
