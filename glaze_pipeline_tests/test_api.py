@@ -904,6 +904,29 @@ def test_malformed_csv_is_422(locked: Server, content: bytes, named: str) -> Non
         assert client.get("/tables").json()["total"] == tables
 
 
+def test_upload_in_another_encoding(locked: Server) -> None:
+    """A Windows-1252 file: refused as UTF-8 with advice in the upload's own terms (a form
+    field, not a CLI option), then read right with `encoding`."""
+    content = "company,city\nSociété Générale,Paris\n".encode("cp1252")
+    with locked.client() as client:
+        refused = upload(client, content, name="Latin")
+        assert refused.status_code == 422
+        detail = refused.json()["detail"]
+        assert "encoding=cp1252" in detail and "--encoding" not in detail
+        accepted = client.post(
+            "/tables",
+            data={"name": "Latin", "encoding": "cp1252"},
+            files={"file": ("latin.csv", content, "text/csv")},
+        )
+        assert accepted.status_code == 201, accepted.text
+        rows = client.get(f"/tables/{accepted.json()['id']}/rows").json()["items"]
+        assert rows[0]["data"]["company"] == "Société Générale"
+        unknown = client.post(
+            "/tables", data={"encoding": "klingon"}, files={"file": ("a.csv", content)}
+        )
+        assert unknown.status_code == 422 and "klingon" in unknown.json()["detail"]
+
+
 def test_oversize_upload_is_413(locked: Server) -> None:
     """Over GLAZE_MAX_UPLOAD_MB (1 here): refused by its declared length, and, sent chunked
     without one, as soon as the body passes the limit. No table is made either way."""

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,6 +68,8 @@ from glaze_pipeline.core.settings import redis_url
 from glaze_pipeline.core.store import ColumnDef, ColumnInfo, FullRow, Store, TableRecord
 
 MAX_LIMIT = 500
+# The importer's advice names the CLI's options; an upload has form fields instead.
+UPLOAD_TERMS = {"--encoding ": "encoding=", "--name": "the 'name' field"}
 ESTIMATE_WAIT_MAX_S = 60.0
 
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
@@ -253,6 +256,12 @@ def _api_routes() -> APIRouter:
                             "properties": {
                                 "file": {"type": "string", "format": "binary"},
                                 "name": {"type": "string", "maxLength": 200},
+                                "encoding": {
+                                    "type": "string",
+                                    "maxLength": 40,
+                                    "description": "The file's text encoding when it is not "
+                                    "UTF-8 and has no byte-order mark (e.g. cp1252).",
+                                },
                             },
                         }
                     }
@@ -274,18 +283,19 @@ def _api_routes() -> APIRouter:
                     status.HTTP_422_UNPROCESSABLE_CONTENT,
                     detail="the body needs a CSV file in the form field 'file'",
                 )
-            unknown = sorted(set(form.keys()) - {"file", "name"})
+            unknown = sorted(set(form.keys()) - {"file", "name", "encoding"})
             if unknown:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT,
                     detail=f"unknown form fields: {', '.join(map(repr, unknown[:5]))} "
-                    "(the body takes 'file' and an optional 'name')",
+                    "(the body takes 'file', and optionally 'name' and 'encoding')",
                 )
-            name = form.get("name")
-            if name is not None and not isinstance(name, str):
-                raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_CONTENT, detail="'name' must be text"
-                )
+            name, encoding = form.get("name"), form.get("encoding")
+            for label, given in (("name", name), ("encoding", encoding)):
+                if given is not None and not isinstance(given, str):
+                    raise HTTPException(
+                        status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"'{label}' must be text"
+                    )
             stem = Path(upload.filename or "upload.csv").stem or "upload"
             with tempfile.TemporaryDirectory(prefix="glaze-upload-") as folder:
                 path = Path(folder) / "upload.csv"
@@ -293,10 +303,18 @@ def _api_routes() -> APIRouter:
                     await run_in_threadpool(shutil.copyfileobj, upload.file, out)
                 try:
                     imported = await run_in_threadpool(
-                        import_csv, _store(request), path, name=name or stem
+                        partial(
+                            import_csv,
+                            _store(request),
+                            path,
+                            name=name or stem,
+                            encoding=encoding or None,
+                        )
                     )
-                except CsvImportError as error:  # named by the file the user sent
+                except CsvImportError as error:  # named by the file the user sent, in its terms
                     detail = str(error).replace(str(path), repr(upload.filename or "the upload"))
+                    for cli, form_field in UPLOAD_TERMS.items():
+                        detail = detail.replace(cli, form_field)
                     raise HTTPException(
                         status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail
                     ) from None
