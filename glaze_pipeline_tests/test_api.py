@@ -925,6 +925,11 @@ def test_upload_in_another_encoding(locked: Server) -> None:
             "/tables", data={"encoding": "klingon"}, files={"file": ("a.csv", content)}
         )
         assert unknown.status_code == 422 and "klingon" in unknown.json()["detail"]
+        for hostile in ("utf\x008", "undefined"):  # were 500s (found by schemathesis)
+            answer = client.post(
+                "/tables", data={"encoding": hostile}, files={"file": ("a.csv", content)}
+            )
+            assert answer.status_code == 422, (hostile, answer.text)
 
 
 def test_oversize_upload_is_413(locked: Server) -> None:

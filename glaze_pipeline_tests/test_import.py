@@ -156,6 +156,11 @@ def test_a_latin1_file_is_an_error_naming_the_line_unless_its_encoding_is_given(
         result = import_csv(store, path, encoding=encoding)
         assert cells(store, result) == [["Ada", "London"], ["José", "Málaga"]]
     assert "unknown encoding 'klingon'" in refused(store, path, encoding="klingon")
+    # Names the codec registry refuses with another error (a NUL; found through the API), and
+    # codecs that fail without naming a byte: still one error naming the problem.
+    assert "unknown encoding 'utf\\x008'" in refused(store, path, encoding="utf\x008")
+    assert "line 1: cannot be read as undefined" in refused(store, path, encoding="undefined")
+    assert "line 3: not valid idna (bytes e9" in refused(store, path, encoding="idna")
 
 
 def test_a_nul_byte_is_an_error_naming_the_line(store: Store, tmp_path: Path) -> None:

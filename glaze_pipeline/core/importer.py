@@ -148,7 +148,7 @@ class _CsvSource:
             return
         try:
             info = codecs.lookup(encoding)
-        except LookupError:
+        except (LookupError, ValueError, UnicodeError):  # ValueError: a NUL in the name
             raise CsvImportError(f"unknown encoding {encoding!r}") from None
         if not getattr(info, "_is_text_encoding", True):  # base64, rot13, zlib...
             raise CsvImportError(f"{encoding!r} is not a text encoding")
@@ -171,6 +171,10 @@ class _CsvSource:
                     text = decoder.decode(chunk, final)
                 except UnicodeDecodeError as error:
                     raise self._decode_error(error, number, pending) from None
+                except UnicodeError as error:  # a codec that names no bytes (idna, undefined)
+                    raise self.error(
+                        number + 1, f"cannot be read as {self.description}: {error}"
+                    ) from None
                 if pending:
                     text = pending + text
                 end = 0
@@ -214,9 +218,12 @@ class _CsvSource:
 
     def _decode_error(self, error: UnicodeDecodeError, number: int, pending: str) -> CsvImportError:
         # The bytes before the bad ones decode (the decoder stopped there): count their lines.
-        before = error.object[: error.start]
-        seen = pending + bytes(before).decode(self.codec, "replace")
-        line = number + len(_TERMINATOR.findall(seen)) + 1
+        before = bytes(error.object[: error.start])
+        try:
+            seen = pending + before.decode(self.codec, "replace")
+            line = number + len(_TERMINATOR.findall(seen)) + 1
+        except UnicodeError:  # a codec with no "replace" (idna): count the newline bytes
+            line = number + pending.count("\n") + before.count(b"\n") + 1
         bad = bytes(error.object[error.start : min(error.end, error.start + 4)]).hex(" ")
         reason = f"not valid {self.description} (bytes {bad}: {error.reason})"
         if self.codec == "utf-8" and self.skip == 0:
