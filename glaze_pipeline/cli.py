@@ -78,6 +78,10 @@ class FiniteFloatRange(click.FloatRange):
 
 BUDGET = BudgetType()
 POSITIVE = click.IntRange(min=1)
+# `glaze launcher` and the launcher `glaze serve` starts: how many forked runs at once.
+MAX_RUNS = click.option(
+    "--max-runs", type=POSITIVE, default=4, show_default=True, help="Forked runs at once."
+)
 
 
 def _store(ctx: click.Context) -> Store:
@@ -380,8 +384,7 @@ def _selection(
             selection["overwrite"] = True
     resolve_target(store, table_id, Selection(**selection))
     if row_ids:
-        for _page in store.iter_row_pages(table_id, row_ids=list(row_ids), with_meta=False):
-            pass  # raises UnknownRowError naming the ids that are not in the table
+        store.check_rows(table_id, row_ids)
     return selection
 
 
@@ -756,13 +759,7 @@ def status(ctx: click.Context, request_id: str | None) -> None:
     default=None,
     help="Submit runs through Dagster's GraphQL API (e.g. http://127.0.0.1:3000/graphql).",
 )
-@click.option(
-    "--max-runs",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Forked runs at once.",
-)
+@MAX_RUNS
 @click.option(
     "--poll",
     type=FiniteFloatRange(min=0, min_open=True),
@@ -821,13 +818,7 @@ def launcher(ctx: click.Context, graphql_url: str | None, max_runs: int, poll: f
     is_flag=True,
     help="Serve the API only (the queue sensor or a separate `glaze launcher` runs the jobs).",
 )
-@click.option(
-    "--max-runs",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="The launcher's forked runs at once.",
-)
+@MAX_RUNS
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, no_launcher: bool, max_runs: int) -> None:
     """Serve the HTTP API and the grid page, with the push launcher beside it.

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +19,11 @@ from typing import Any
 
 import httpx
 
+from glaze_pipeline.bench.stack import free_port, stop_process_group
+
 GLAZE = [sys.executable, "-c", "from glaze_pipeline.cli import main; main()"]
 TEST_TOKEN_SECRET = "test-secret-for-signing-job-tokens-0123456789"
 LEADS = "tbl_leads"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -148,17 +142,4 @@ def served(
             time.sleep(0.1)
         yield server
     finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process started with `start_new_session=True` and every process it started
-    (serve's launcher, the launcher's forked runs): SIGTERM, then SIGKILL after 30 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_process_group(process)

@@ -18,10 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -35,6 +31,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from glaze_pipeline.mock_server import MockConfig, MockProviderServer
+from glaze_pipeline_tests.api_helpers import served
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -84,72 +81,16 @@ class Server:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def glaze_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from glaze_pipeline.cli import main; main()", *args]
-
-
-def server_env(home: Path, extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment without any GLAZE_* setting, pointed at a fresh home."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
-    env.update(
-        GLAZE_HOME=str(home),
-        DAGSTER_HOME=str(home / "dagster"),
-        COLUMNS="1000",  # the printed login link stays on one line
-        **extra,
-    )
-    return env
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"glaze serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(
-        f"glaze serve did not answer /health in {timeout_s:.0f}s:\n{log.read_text()[-3000:]}"
-    )
-
-
 @contextmanager
 def glaze_serve(tmp_path: Path, **extra: str) -> Iterator[Server]:
     """`glaze seed` then `glaze serve` (with its launcher) on a free port, as a person runs them."""
-    home = tmp_path / "glaze_home"
-    (home / "dagster").mkdir(parents=True)
-    env = server_env(home, extra)
-    subprocess.run(glaze_command("seed"), env=env, check=True, capture_output=True, timeout=120)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            glaze_command("serve", "--port", str(port)),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its launcher and workers share our process group id
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log, timeout_s=60)
-        yield Server(url=url, log=log, api_key=extra.get("GLAZE_API_KEYS"))
-    finally:
-        process.send_signal(signal.SIGINT)  # as Ctrl-C: uvicorn and the launcher stop cleanly
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    api_key = extra.pop("GLAZE_API_KEYS", None)
+    redis_url = extra.pop("GLAZE_REDIS_URL", None)
+    extra["COLUMNS"] = "1000"  # the printed login link stays on one line
+    with served(
+        tmp_path / "glaze_home", api_key=api_key, redis_url=redis_url, extra_env=extra
+    ) as server:
+        yield Server(url=server.base_url, log=server.log_path, api_key=api_key)
 
 
 @pytest.fixture(scope="module")

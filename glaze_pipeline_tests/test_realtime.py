@@ -27,7 +27,8 @@ import uvicorn
 
 from glaze_pipeline.api import auth
 from glaze_pipeline.api.app import create_app
-from glaze_pipeline.bench.stack import fresh_postgres
+from glaze_pipeline.bench.stack import free_port, fresh_postgres, stop_process_group
+from glaze_pipeline.core import queue
 from glaze_pipeline.core.progress import (
     CELLS_PER_MESSAGE,
     RedisProgress,
@@ -43,9 +44,7 @@ from glaze_pipeline_tests.api_helpers import (
     LEADS,
     TEST_TOKEN_SECRET,
     Server,
-    free_port,
     served,
-    stop_group,
 )
 from glaze_pipeline_tests.conftest import PG_BASE_URL, REDIS_TEST_URL
 
@@ -158,7 +157,7 @@ def launcher(server: Server) -> Iterator[None]:
     try:
         yield
     finally:
-        stop_group(process)
+        stop_process_group(process)
         log.close()
 
 
@@ -491,8 +490,6 @@ def test_a_lost_finished_message_is_made_good_by_the_row(
 ) -> None:
     """The job's `finished` never reached Redis: the stream reads the row and ends anyway."""
     monkeypatch.setenv(REDIS_URL_ENV, redis_url)
-    from glaze_pipeline.core import queue
-
     with app_served(leads_store, auth.ApiSettings()) as base_url:
         job = post_job(base_url)
         with stream(base_url, job["jobId"], job["publicAccessToken"]) as reader:
@@ -519,8 +516,6 @@ def test_a_stream_outlives_its_redis_connection(
 ) -> None:
     """Its subscriber connection killed mid-stream, a stream still hears the ending."""
     monkeypatch.setenv(REDIS_URL_ENV, redis_url)
-    from glaze_pipeline.core import queue
-
     with app_served(leads_store, auth.ApiSettings()) as base_url:
         job = post_job(base_url)
         before = pubsub_clients()

@@ -52,6 +52,7 @@ from glaze_pipeline.core.errors import (
     InputError,
     NotFoundError,
     ServiceUnavailableError,
+    UnknownColumnError,
     UnknownRequestError,
 )
 from glaze_pipeline.core.models import (
@@ -65,7 +66,7 @@ from glaze_pipeline.core.progress import ProgressPublisher, open_progress
 from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.settings import redis_url
-from glaze_pipeline.core.store import ColumnDef, ColumnInfo, FullRow, Store, TableRecord
+from glaze_pipeline.core.store import ColumnDef, ColumnInfo, Store
 
 MAX_LIMIT = 500
 # The importer's advice names the CLI's options; an upload has form fields instead.
@@ -237,7 +238,12 @@ def _api_routes() -> APIRouter:
         request: Request, page: PageNumber = 1, limit: int = _limit(50)
     ) -> Page[TableSummary]:
         records, total = _store(request).table_records(offset=(page - 1) * limit, limit=limit)
-        return Page(items=[_table_summary(r) for r in records], page=page, limit=limit, total=total)
+        return Page(
+            items=[TableSummary.model_validate(r) for r in records],
+            page=page,
+            limit=limit,
+            total=total,
+        )
 
     @router.post(
         "/tables",
@@ -343,7 +349,10 @@ def _api_routes() -> APIRouter:
         record = store.table_records(table_id=table_id)[0][0]
         rows = store.row_page(table_id, offset=(page - 1) * limit, limit=limit)
         return Page(
-            items=[_row_out(r) for r in rows], page=page, limit=limit, total=record.row_count
+            items=[RowOut.model_validate(r) for r in rows],
+            page=page,
+            limit=limit,
+            total=record.row_count,
         )
 
     @router.put(
@@ -361,7 +370,7 @@ def _api_routes() -> APIRouter:
         column = _column(store, table_id, column_id)
         store.full_row(table_id, row_id)  # 404 for a row of another table
         store.edit_cell(row_id, column.key, body.value, provenance=True)
-        return _row_out(store.full_row(table_id, row_id))
+        return RowOut.model_validate(store.full_row(table_id, row_id))
 
     @router.post(
         "/tables/{table_id}/enrich",
@@ -555,8 +564,7 @@ def _enqueue(
     target = resolve_target(store, table_id, Selection.model_validate(selection))
     row_ids = _selected_rows(selection)
     if row_ids:
-        for _page in store.iter_row_pages(table_id, row_ids=row_ids, with_meta=False):
-            pass  # raises UnknownRowError naming the ids that are not in the table
+        store.check_rows(table_id, row_ids)
     if body.cell_ids:
         total = len({(c.row_id, c.column_id) for c in body.cell_ids})
     elif body.whole_table:  # the empty cells of every mapped column: what the job fills
@@ -614,8 +622,6 @@ def _job(store: Store, table_id: str, job_id: str) -> EnrichmentRequest:
 
 
 def _column(store: Store, table_id: str, column_id: str) -> ColumnInfo:
-    from glaze_pipeline.core.errors import UnknownColumnError
-
     column = store.get_table(table_id).column_by_id().get(column_id)
     if column is None:
         raise UnknownColumnError(f"unknown column id in table {table_id}: {column_id}")
@@ -634,35 +640,12 @@ def _column_out(column: ColumnInfo) -> ColumnOut:
     )
 
 
-def _table_summary(record: TableRecord) -> TableSummary:
-    return TableSummary(
-        id=record.id,
-        name=record.name,
-        description=record.description,
-        row_count=record.row_count,
-        created_at=record.created_at,
-    )
-
-
 def _table_out(store: Store, table_id: str) -> TableOut:
     record = store.table_records(table_id=table_id)[0][0]
     info = store.get_table(table_id)
     return TableOut(
-        **_table_summary(record).model_dump(),
+        **TableSummary.model_validate(record).model_dump(),
         columns=[_column_out(c) for c in info.columns],
-    )
-
-
-def _row_out(row: FullRow) -> RowOut:
-    return RowOut(
-        id=row.id,
-        position=row.position,
-        data=row.data,
-        meta=row.meta,
-        status=row.status,
-        confidence=row.confidence,
-        error=row.error,
-        last_run_at=row.last_run_at,
     )
 
 

@@ -72,7 +72,8 @@ MAX_SELECTED = 100_000  # ids in one request body: a bigger selection is a whole
 
 
 class Camel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+    # from_attributes: a store record (a dataclass of the same field names) validates as is.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
 
 
 class CamelIn(Camel):

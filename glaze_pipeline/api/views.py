@@ -19,6 +19,7 @@ from typing import Any
 
 from glaze_pipeline.api.models import Estimate, JobOut, JobPhase, SeedStatus
 from glaze_pipeline.core.models import RequestStatus
+from glaze_pipeline.core.progress import ENRICH_SHARE
 from glaze_pipeline.core.schema import EnrichmentRequest
 
 SEED_STATUS: dict[RequestStatus, SeedStatus] = {
@@ -30,10 +31,6 @@ SEED_STATUS: dict[RequestStatus, SeedStatus] = {
     RequestStatus.FAILED: "failed",
     RequestStatus.CANCELLED: "cancelled",
 }
-
-# Share of the bar for enrichment (entities looked up); writing rows fills the rest. The same
-# split the job publishes on its progress channel (defs/jobs.py ENRICH_SHARE).
-ENRICH_SHARE = 90
 
 
 def seed_status(state: str) -> SeedStatus:

@@ -83,16 +83,7 @@ class Stack:
         return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # whatever of the group outlived its leader
+        stop_process_group(process, timeout_s=20)
         self.processes.remove(process)
         self.logs.pop(process.pid).close()
 
@@ -131,6 +122,22 @@ def dagster_stack(
         for process in list(stack.processes):
             stack.stop(process)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> None:
+    """Stop a process started with `start_new_session=True` and everything it started (serve's
+    launcher, the launcher's forked runs, the daemon's code server): SIGTERM to the group,
+    SIGKILL after `timeout_s`, then SIGKILL to whatever of the group outlived its leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_http(url: str, *, timeout_s: float) -> None:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX_ENV = "GLAZE_PROGRESS_PREFIX"
+# Share of a job's progress bar for enrichment (entities looked up); writing the rows fills
+# the rest. The job publishes it, the API's job view and stream show it.
+ENRICH_SHARE = 90
 DEFAULT_PREFIX = "glaze"
 
 

@@ -568,12 +568,7 @@ class Store:
                         )
                     ).all()
                 if len(found) != len(wanted):
-                    present = {row.id for row in found}
-                    missing = [row_id for row_id in wanted if row_id not in present]
-                    raise UnknownRowError(
-                        f"unknown row ids in table {table_id}: {', '.join(missing[:10])}"
-                        + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
-                    )
+                    raise _unknown_rows(table_id, wanted, {row.id for row in found})
                 yield [RowRecord(r.id, r.data or {}, r.meta or {}, r.status) for r in found]
             return
         last = ""
@@ -591,6 +586,22 @@ class Store:
             if len(found) < page_size:
                 return
             last = found[-1].id
+
+    def check_rows(self, table_id: str, row_ids: Sequence[str]) -> None:
+        """Raise UnknownRowError naming the ids that are not rows of this table (ids only are
+        read: a selection is checked before it is queued, without loading its rows)."""
+        ids = list(dict.fromkeys(row_ids))
+        with self.engine.connect() as connection:
+            for wanted in chunked(ids, ID_CHUNK):
+                present = set(
+                    connection.scalars(
+                        select(GlazeRow.id).where(
+                            GlazeRow.table_id == table_id, GlazeRow.id.in_(wanted)
+                        )
+                    )
+                )
+                if len(present) != len(wanted):
+                    raise _unknown_rows(table_id, wanted, present)
 
     def rows_in_order(self, table_id: str, *, limit: int | None = None) -> list[RowRecord]:
         """Rows by position, for display (the CLI's `show`)."""
@@ -1032,6 +1043,14 @@ def _json_paths(keys: Sequence[str], dialect: str) -> list[str] | None:
     if any('"' in key for key in keys):
         return None
     return [f'$."{key}"' for key in keys]
+
+
+def _unknown_rows(table_id: str, wanted: Sequence[str], present: set[str]) -> UnknownRowError:
+    missing = [row_id for row_id in wanted if row_id not in present]
+    return UnknownRowError(
+        f"unknown row ids in table {table_id}: {', '.join(missing[:10])}"
+        + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+    )
 
 
 def user_edit_meta() -> dict[str, Any]:

@@ -44,7 +44,7 @@ from glaze_pipeline.core.models import (
     RequestStatus,
     Selection,
 )
-from glaze_pipeline.core.progress import percent, publish_cells
+from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
@@ -365,10 +365,6 @@ def enrich_entities(
         + (f"; stopped: {result.stopped}" if result.stopped else "")
     )
     return result
-
-
-# Share of the progress bar for enrichment; writing the rows fills the rest.
-ENRICH_SHARE = 90
 
 
 @op(
