@@ -18,12 +18,12 @@ import math
 import os
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -340,7 +340,12 @@ def selection_options(command: Any) -> Any:
     for option in reversed(
         [
             click.argument("table_id"),
-            click.option("--columns", "column_keys", multiple=True, help="Column keys or ids."),
+            click.option(
+                "--columns",
+                "column_keys",
+                multiple=True,
+                help="Column keys or ids, repeated or comma-separated.",
+            ),
             click.option("--rows", "row_ids", multiple=True, help="Row ids (default: all)."),
             click.option(
                 "--budget", type=BUDGET, default=None, help="Max spend for the job (>= 0)."
@@ -373,7 +378,15 @@ def _selection(
     from glaze_pipeline.core.models import Selection
 
     info = store.get_table(table_id)
-    column_ids = [_column_id(info, key) for key in column_keys]
+    keys = {column.key for column in info.columns} | {column.id for column in info.columns}
+    # "a,b" is two columns, unless a column's key holds the comma (a CSV header may).
+    listed = [
+        part.strip()
+        for given in column_keys
+        for part in ([given] if given in keys else given.split(","))
+        if part.strip()
+    ]
+    column_ids = [_column_id(info, key) for key in listed]
     if not column_ids:
         if row_ids or overwrite:
             raise InvalidSelectionError(f"{'--rows' if row_ids else '--overwrite'} needs --columns")
@@ -436,6 +449,7 @@ def enrich(
 
 @cli.command()
 @selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
 @click.pass_context
 def estimate(
     ctx: click.Context,
@@ -444,16 +458,58 @@ def estimate(
     row_ids: tuple[str, ...],
     budget: float | None,
     overwrite: bool,
+    as_json: bool,
 ) -> None:
-    """What enriching these cells would buy: entities, cache hits, calls and cost per provider."""
+    """What enriching these cells would buy, buying nothing: per provider the expected calls
+    and cost (from what the engine has observed) and the upper bound, which providers are
+    unusable and why, and which budget fills what share of the cells."""
     selection = _selection(_store(ctx), table_id, column_keys, row_ids, overwrite)
     _check_run_services()
     config = {"table_id": table_id, **selection, "budget": budget, "kind": "estimate"}
     request = run_enrich_job(ctx.obj.get("database_url"), config, debug=ctx.obj["debug"])
-    grid = Table(title=f"estimate {request.id}", show_header=False)
-    for name, value in (request.estimate or {}).items():
-        grid.add_row(Text(str(name)), Text(display_text(value)))
-    console.print(grid)
+    report = dict(request.estimate or {})
+    if as_json:
+        click.echo(json.dumps({"request_id": request.id, **report}, sort_keys=True))
+        return
+    console.print(render_estimate(request.id, report))
+
+
+def render_estimate(request_id: str, report: Mapping[str, Any]) -> Group:
+    """The estimate as a person reads it: totals, one line per provider, then the guidance."""
+    totals = Table(title=f"estimate {request_id}", show_header=False)
+    for label, key in (
+        ("unique entities", "unique_entities"),
+        ("cells", "cells"),
+        ("cells without identifier", "cells_without_identifier"),
+        ("cache hits", "cache_hits"),
+        ("expected cost", "expected_cost"),
+        ("upper bound", "max_cost"),
+        ("budget", "budget"),
+        ("cells expected filled", "expected_cells_filled"),
+        ("cells skipped: provider unavailable", "cells_provider_unavailable"),
+    ):
+        if report.get(key) is not None:
+            totals.add_row(Text(label), Text(display_text(report[key])))
+    providers = Table(
+        "provider", "status", "expected calls", "expected cost", "max calls", "max cost", "basis"
+    )
+    for name, row in (report.get("providers") or {}).items():
+        bases = row.get("by_key_kind") or {}
+        basis = "; ".join(f"by {kind}: {b['basis']}" for kind, b in sorted(bases.items()))
+        status = row["status"] if not row.get("reason") else f"{row['status']}: {row['reason']}"
+        providers.add_row(
+            Text(name),
+            Text(status, style="red" if row["status"] != "ok" else ""),
+            Text(f"{row['expected_calls']:,.1f}"),
+            Text(f"{row['expected_cost']:,.2f}"),
+            Text(f"{row['max_calls']:,}"),
+            Text(f"{row['max_cost']:,.6g}"),
+            Text(basis),
+        )
+    parts: list[Any] = [totals, providers]
+    if report.get("guidance"):
+        parts.append(Text(str(report["guidance"])))
+    return Group(*parts)
 
 
 @cli.command()
@@ -711,6 +767,8 @@ def render_request(request: Any) -> Table:
         ("unique entities", str(request.entities)),
         ("cache hits", str(request.cache_hits)),
         ("provider calls", str(request.provider_calls or {})),
+        ("not sent", str(request.calls_not_sent or "-")),
+        ("providers unavailable", str(request.unavailable_providers or "-")),
         (
             "cost",
             f"{request.cost:g}"
@@ -880,10 +938,23 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
 @click.option(
     "--config", "config_file", default=None, help="Providers YAML (else GLAZE_PROVIDERS_FILE)."
 )
-def providers(config_file: str | None) -> None:
-    """List the providers of the waterfall: entity, fields, cost per call, health."""
+@click.option(
+    "--no-probe",
+    is_flag=True,
+    help="Skip the vendors' health probes (check configuration, keys and circuits only).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, for scripts.")
+def providers(config_file: str | None, no_probe: bool, as_json: bool) -> None:
+    """List the providers of the waterfall: entity, fields, cost per call, health, and whether
+    each can be used now (the preflight a job runs before it spends)."""
+    from glaze_pipeline.core.preflight import check_providers
     from glaze_pipeline.core.providers.registry import describe_providers, load_providers
 
+    loaded = load_providers(config_file)
+    described = describe_providers(loaded, check_providers(loaded, probe=not no_probe))
+    if as_json:
+        click.echo(json.dumps([d.as_dict() for d in described], indent=2))
+        return
     grid = Table(
         "provider",
         "entity",
@@ -891,11 +962,15 @@ def providers(config_file: str | None) -> None:
         "cost/call",
         "charges misses",
         "confidence",
+        "status",
         "health",
         "fields",
     )
-    for described in describe_providers(load_providers(config_file)):
-        row = described.as_dict()
+    for description in described:
+        row = description.as_dict()
+        status = str(row["status"])
+        if row["reason"]:
+            status = f"{status}: {row['reason']}"
         grid.add_row(
             row["name"],
             row["entity_type"],
@@ -903,6 +978,7 @@ def providers(config_file: str | None) -> None:
             f"{row['cost_per_call']:g}",
             "yes" if row["charges_misses"] else "no",
             f"{row['confidence']:g}",
+            status,
             str(row["health"]),
             ", ".join(row["fields"]),
         )

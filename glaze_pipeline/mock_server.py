@@ -12,6 +12,7 @@ Endpoints:
   POST /<vendor>/v1/companies/batch {"domains": [...]}  many companies
   GET  /<vendor>/v1/people?linkedin=...|email=...|name=...&company=...
   POST /<vendor>/v1/people/batch {"emails": [...]} or {"linkedins": [...]}
+  GET  /<vendor>/v1/health                              free: is the vendor up, is our key good
   GET  /site/<domain>/                                  a homepage (HTML)
   GET  /site/<domain>/hop/<n>                           n redirects, then the homepage
   GET  /_stats   POST /_reset   GET|POST /_config   GET /_health
@@ -21,6 +22,9 @@ per request with a `_mode` query parameter: `garbage` (invalid JSON), `wrong_sha
 wrong types), `huge` (a 10 MB body, streamed), `huge_declared` (the same with Content-Length),
 `hang` (no answer until the server stops or `hang_s` passes), `error` (500), `rate_limited`
 (429) and `redirect_loop` (homepages).
+
+Health probes are free and counted apart (`probes` in `/_stats`), never in `requests`,
+`entities` or `billed`: so `requests` is exactly the lookups that reached a vendor.
 
 `MockProviderServer` runs it in a background thread on a free port; `serve()` runs it in the
 foreground (`glaze mock-providers`).
@@ -269,6 +273,7 @@ def homepage_html(domain: str) -> str:
 @dataclass
 class _VendorCounters:
     requests: int = 0
+    probes: int = 0  # health probes: free, and never in requests, entities or billed
     entities: int = 0
     billed: int = 0
     cost: float = 0.0
@@ -321,6 +326,10 @@ class MockState:
             with self._lock:
                 counters.in_flight -= 1
 
+    def count_probe(self, counters: _VendorCounters) -> None:
+        with self._lock:
+            counters.probes += 1
+
     def bill(self, counters: _VendorCounters, calls: int, price: float) -> None:
         with self._lock:
             counters.billed += calls
@@ -335,6 +344,7 @@ class MockState:
             vendors: dict[str, dict[str, Any]] = {
                 name: {
                     "requests": c.requests,
+                    "probes": c.probes,
                     "entities": c.entities,
                     "billed": c.billed,
                     "cost": round(c.cost, 6),
@@ -354,6 +364,7 @@ class MockState:
             "vendors": vendors,
             "site": site,
             "requests": sum(v["requests"] for v in vendors.values()) + site["requests"],
+            "probes": sum(v["probes"] for v in vendors.values()),
             "cost": round(sum(v["cost"] for v in vendors.values()), 6),
         }
 
@@ -410,6 +421,9 @@ def create_app(config: MockConfig | None = None, *, state: MockState | None = No
     async def homepage(request: Request) -> Response:
         return await _homepage(state, request)
 
+    async def vendor_health(request: Request) -> Response:
+        return await _vendor_health(state, request)
+
     async def stats(request: Request) -> Response:
         return JSONResponse(state.snapshot())
 
@@ -443,6 +457,7 @@ def create_app(config: MockConfig | None = None, *, state: MockState | None = No
             Route("/{vendor}/v1/companies/batch", batch_company, methods=["POST"]),
             Route("/{vendor}/v1/people", lookup_person),
             Route("/{vendor}/v1/people/batch", batch_person, methods=["POST"]),
+            Route("/{vendor}/v1/health", vendor_health),
         ]
     )
     app.state.mock = state
@@ -499,6 +514,29 @@ async def _misbehave(
             _huge_body(record_key, size), media_type="application/json", headers=declared
         )
     return None
+
+
+async def _vendor_health(state: MockState, request: Request) -> Response:
+    """A vendor's free health endpoint: its key check and its `mode`, never its latency,
+    error or rate-limit rates (one unlucky draw must not call a healthy vendor down)."""
+    name = request.path_params["vendor"]
+    vendor = state.config.vendors.get(name)
+    if vendor is None:
+        return _error(404, f"unknown vendor {name!r}")
+    state.count_probe(state.counters(name))
+    mode = vendor.mode
+    sent_key = request.headers.get(vendor.api_key_header)
+    if mode == "unauthorized" or (vendor.api_key is not None and sent_key != vendor.api_key):
+        return _error(401, "invalid or missing API key")
+    if mode == "hang":
+        await state.pause(state.config.hang_s)
+        return _error(503, "hung up")
+    if mode == "rate_limited":
+        headers = {"Retry-After": vendor.retry_after} if vendor.retry_after is not None else {}
+        return _error(429, "slow down", headers=headers)
+    if mode == "error":
+        return _error(500, "internal error")
+    return JSONResponse({"ok": True, "vendor": name})
 
 
 async def _huge_body(record_key: str, size: int) -> AsyncIterator[bytes]:

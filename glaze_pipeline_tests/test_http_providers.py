@@ -24,7 +24,9 @@ from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import (
+    AddressRefused,
     BadResponse,
+    CredentialsMissing,
     EntityNotFound,
     FatalProviderError,
     ProviderAnswer,
@@ -33,12 +35,14 @@ from glaze_pipeline.core.providers.base import (
     RateLimited,
     TransientProviderError,
 )
+from glaze_pipeline.core.providers.egress import EgressGuard, IPAddress, address_refusal
 from glaze_pipeline.core.providers.fake import fake_value
 from glaze_pipeline.core.providers.http import (
     CircuitBreaker,
     CircuitState,
     ProviderClient,
     RateLimiter,
+    UnsupportedLookup,
     parse_retry_after,
     provider_session,
 )
@@ -53,9 +57,12 @@ from glaze_pipeline.mock_server import (
 )
 from glaze_pipeline_tests.provider_helpers import (
     CHEAP_FIELDS,
+    LoopbackSite,
+    Page,
     company,
     company_vendor,
     configure_vendor,
+    fake_dns,
     fast_http,
     run_waterfall,
     wait_until,
@@ -702,9 +709,158 @@ def test_missing_api_key_is_fatal_and_names_the_variable(
     provider = JsonApiProvider(
         company_vendor(mock.vendor_url("premium"), auth={"header": "X-Api-Key", "env": KEY_ENV})
     )
-    with pytest.raises(FatalProviderError, match=KEY_ENV):
+    with pytest.raises(CredentialsMissing, match=KEY_ENV) as missing:
         asyncio.run(lookup(provider, company("nokey.com"), {"name"}))
+    assert isinstance(missing.value, FatalProviderError) and missing.value.sent is False
     assert mock.stats()["requests"] == 0  # nothing sent without a key
+
+
+# --- did a request leave the machine? ------------------------------------------------------------
+
+
+def test_each_error_class_says_whether_its_errors_were_sent() -> None:
+    sent = [EntityNotFound, RateLimited, TransientProviderError, BadResponse, FatalProviderError]
+    refused_here = [ProviderUnavailable, UnsupportedLookup, AddressRefused, CredentialsMissing]
+    assert ProviderError.sent is True
+    assert all(kind.sent is True for kind in sent)
+    assert all(kind.sent is False for kind in refused_here)
+    assert all(kind("x").sent is kind.sent for kind in sent + refused_here)
+
+
+async def _error_of(provider: JsonApiProvider, key: EntityKey) -> ProviderError:
+    async with provider_session([provider]):
+        try:
+            await provider.lookup(key, frozenset({"name"}))
+        except ProviderError as error:
+            return error
+    raise AssertionError(f"{key} was answered")
+
+
+def test_refusals_on_our_side_are_not_sent_and_vendor_errors_are(
+    mock: MockProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyed = JsonApiProvider(
+        company_vendor(
+            mock.vendor_url("premium"),
+            auth={"header": "X-Api-Key", "env": KEY_ENV},
+            http={"retries": 0, "breaker_threshold": 2, "breaker_cooldown_s": 30},
+        )
+    )
+
+    def sent_now(key: EntityKey) -> tuple[type[ProviderError], bool, int]:
+        """The error's class, its `sent`, and how many requests the mock has seen so far."""
+        error = asyncio.run(_error_of(keyed, key))
+        return type(error), error.sent, mock.stats()["requests"]
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert sent_now(company("a.com")) == (CredentialsMissing, False, 0)
+    monkeypatch.setenv(KEY_ENV, "sk-right-key-1111")
+    configure_vendor(mock, "premium", api_key="sk-right-key-1111", not_found_rate=1.0)
+    person = EntityKey(EntityType.PERSON, "email", "ada@example.com")
+    assert sent_now(person) == (UnsupportedLookup, False, 0)
+    assert sent_now(company("b.com")) == (EntityNotFound, True, 1)
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-0000")
+    assert sent_now(company("c.com")) == (FatalProviderError, True, 2)  # 401: failure 1
+    monkeypatch.setenv(KEY_ENV, "sk-right-key-1111")
+    configure_vendor(mock, "premium", not_found_rate=0.0, mode="error")
+    assert sent_now(company("d.com")) == (TransientProviderError, True, 3)  # failure 2: open
+    assert sent_now(company("e.com")) == (ProviderUnavailable, False, 3)
+    assert keyed.http.stats.attempts == 3
+
+
+def test_a_missing_key_never_opens_the_circuit(
+    mock: MockProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The issue's run: the key unset, five failures opened the breaker, and every later cell
+    # read "circuit open ... API key missing". A key refused on our side says nothing of the
+    # vendor's health.
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    provider = JsonApiProvider(
+        company_vendor(
+            mock.vendor_url("premium"),
+            auth={"header": "X-Api-Key", "env": KEY_ENV},
+            http={"breaker_threshold": 2},
+        )
+    )
+    errors = [asyncio.run(_error_of(provider, company(f"k{i}.com"))) for i in range(5)]
+
+    assert {type(error) for error in errors} == {CredentialsMissing}
+    health = provider.health()
+    assert (health.circuit, health.consecutive_failures, health.attempts) == ("closed", 0, 0)
+    assert provider.unavailable_reason() == (
+        f"API key missing: set the environment variable {KEY_ENV}"
+    )
+
+    monkeypatch.setenv(KEY_ENV, "sk-now-set-2222")
+    assert provider.unavailable_reason() is None
+    assert asyncio.run(lookup(provider, company("k9.com"), {"name"})).values["name"]
+    assert mock.stats()["requests"] == 1
+
+
+def test_a_request_that_cannot_be_built_or_sent_is_not_sent(mock: MockProviderServer) -> None:
+    client = ProviderClient("raw_client", fast_http(retries=2), base_url=mock.vendor_url("cheap"))
+
+    async def error_of(url: str, headers: dict[str, str] | None = None) -> ProviderError:
+        async with provider_session([client]):
+            try:
+                await client.fetch("GET", url, headers=headers)
+            except ProviderError as error:
+                return error
+        raise AssertionError("sent")
+
+    unbuildable = asyncio.run(error_of("http://[::1"))  # not a URL httpx can parse
+    unsendable = asyncio.run(error_of("/v1/companies", {"X-Token": "bad\nvalue"}))
+    unspoken = asyncio.run(error_of("ftp://127.0.0.1/file"))
+
+    for error, said in (
+        (unbuildable, "cannot build"),
+        (unsendable, "cannot send"),
+        (unspoken, "cannot send"),
+    ):
+        assert isinstance(error, FatalProviderError) and said in str(error)
+        assert error.sent is False
+    assert mock.stats()["requests"] == 0
+    assert client.stats.retries == 0  # refused once, not retried
+
+
+PUBLIC_STAND_IN = "127.0.0.2"  # plays a public web server; every other address is judged
+
+
+def _public_stand_in(address: IPAddress) -> str | None:
+    return None if str(address) == PUBLIC_STAND_IN else address_refusal(address)
+
+
+def test_a_refusal_on_a_redirect_hop_was_sent_and_one_on_the_first_hop_was_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with LoopbackSite("127.0.0.1") as internal:
+        pages = {"/": Page(302, "", {"Location": f"http://localhost:{internal.port}/admin"})}
+        with LoopbackSite(PUBLIC_STAND_IN, pages=pages) as shop:
+            fake_dns(monkeypatch, {"www.shop.com": PUBLIC_STAND_IN, "intranet.com": "127.0.0.1"})
+
+            def site(port: int) -> WebsiteProvider:
+                config = WebsiteConfig(
+                    url_template=f"http://{{domain}}:{port}/",
+                    http={**fast_http(retries=0, max_redirects=3).model_dump()},
+                )
+                return WebsiteProvider(config, egress=EgressGuard(classify=_public_stand_in))
+
+            async def refusal(provider: WebsiteProvider, domain: str) -> ProviderError:
+                async with provider_session([provider]):
+                    try:
+                        await provider.lookup(company(domain), provider.fields)
+                    except ProviderError as error:
+                        return error
+                raise AssertionError("fetched")
+
+            first_hop = asyncio.run(refusal(site(internal.port), "intranet.com"))
+            redirected = asyncio.run(refusal(site(shop.port), "www.shop.com"))
+
+        assert isinstance(first_hop, AddressRefused) and first_hop.sent is False
+        assert isinstance(redirected, AddressRefused) and redirected.sent is True
+        assert "(after 1 redirect)" in str(redirected)
+        assert [path for path, _ in shop.requests] == ["/"]  # the homepage request went out
+        assert internal.requests == []
 
 
 # --- nothing leaves the machine ---------------------------------------------------------------

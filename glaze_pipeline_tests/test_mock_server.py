@@ -163,6 +163,43 @@ def test_api_key_is_checked_when_configured(http: httpx.Client) -> None:
     assert ok.status_code == 200
 
 
+def test_health_probes_are_free_and_counted_apart_from_requests(
+    mock: MockProviderServer, http: httpx.Client
+) -> None:
+    http.post("/_config", json={"vendors": {"premium": {"error_rate": 1.0}}})
+    answers = [http.get("/premium/v1/health") for _ in range(3)]
+    http.get("/premium/v1/companies", params={"domain": "a.com"})  # one lookup (a 500)
+    http.get("/cheap/v1/health")
+
+    # The rates are a lookup's bad luck, not the vendor's health: every probe answers.
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].json() == {"ok": True, "vendor": "premium"}
+    stats = http.get("/_stats").json()
+    premium, cheap = stats["vendors"]["premium"], stats["vendors"]["cheap"]
+    assert (premium["requests"], premium["probes"], premium["entities"]) == (1, 3, 1)
+    assert premium["billed"] == 0 and premium["statuses"] == {"500": 1}
+    assert (cheap["requests"], cheap["probes"], cheap["entities"], cheap["billed"]) == (0, 1, 0, 0)
+    assert (stats["requests"], stats["probes"], stats["cost"]) == (1, 4, 0)
+
+    mock.reset()
+    assert mock.stats()["probes"] == 0
+
+
+def test_health_probes_check_the_key_and_follow_the_vendors_mode(http: httpx.Client) -> None:
+    http.post("/_config", json={"vendors": {"premium": {"api_key": "k1"}}})
+    assert http.get("/premium/v1/health").status_code == 401
+    assert http.get("/premium/v1/health", headers={"X-Api-Key": "wrong"}).status_code == 401
+    assert http.get("/premium/v1/health", headers={"X-Api-Key": "k1"}).status_code == 200
+
+    expected = {"error": 500, "unauthorized": 401, "rate_limited": 429, "normal": 200}
+    for mode, status in expected.items():
+        http.post("/_config", json={"vendors": {"cheap": {"mode": mode}}})
+        assert http.get("/cheap/v1/health").status_code == status, mode
+
+    assert http.get("/nobody/v1/health").status_code == 404
+    assert http.get("/_stats").json()["requests"] == 0  # all of it was probes
+
+
 def test_wrong_vendor_or_endpoint_is_a_client_error(http: httpx.Client) -> None:
     assert http.get("/nobody/v1/companies", params={"domain": "a.com"}).status_code == 400
     assert http.get("/people/v1/companies", params={"domain": "a.com"}).status_code == 400

@@ -11,7 +11,7 @@ import pytest
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
-from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.base import Provider, Verdict
 from glaze_pipeline.core.providers.fake import FakeProvider
 from glaze_pipeline.core.providers.json_api import (
     RECORDS,
@@ -191,6 +191,37 @@ def test_describe_providers_lists_price_fields_and_health(monkeypatch: pytest.Mo
     assert described["fake_company"].health == "ok (in process)"
     order = [d.name for d in describe_providers(providers)]
     assert order.index("cheap_company") < order.index("premium_company")  # cheapest first
+
+
+def test_every_mock_vendor_declares_its_free_health_endpoint() -> None:
+    vendors = [p for p in load_providers(MOCK_FILE) if isinstance(p, JsonApiProvider)]
+    assert len(vendors) == 3
+    for vendor in vendors:
+        assert vendor.config.health is not None, vendor.name
+        assert (vendor.config.health.path, vendor.config.health.timeout_s) == ("/v1/health", 2.0)
+
+
+def test_describe_providers_carries_the_preflight_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLAZE_MOCK_PROVIDERS_URL", "http://127.0.0.1:9999")
+    providers = load_providers(MOCK_FILE)
+    verdicts = {
+        "premium_company": Verdict("premium_company", False, "API key missing", ("credentials",)),
+        "cheap_company": Verdict("cheap_company", True),
+    }
+
+    described = {d.name: d.as_dict() for d in describe_providers(providers, verdicts)}
+    plain = {d.name: d.as_dict() for d in describe_providers(providers)}
+
+    assert (described["premium_company"]["status"], described["premium_company"]["reason"]) == (
+        "unavailable",
+        "API key missing",
+    )
+    assert (described["cheap_company"]["status"], described["cheap_company"]["reason"]) == (
+        "ok",
+        None,
+    )
+    assert described["people_vendor"]["status"] is None  # no verdict given for it
+    assert all(row["status"] is None and row["reason"] is None for row in plain.values())
 
 
 def test_record_models_cover_the_whole_catalogue() -> None:

@@ -88,6 +88,25 @@ def test_calls_never_settled_are_counted_charged_when_the_request_ends(store: St
     assert requests.spend(request_id).calls == {"paid": 5}
 
 
+def test_a_withdrawn_call_leaves_the_ledger_even_after_a_cancel(store: Store) -> None:
+    """Journalled, then refused before it left (an open circuit, a key gone missing): it is no
+    call and costs nothing, and taking it back is recorded even when new calls are refused."""
+    requests, request_id = running(store)
+    requests.record_spend(request_id, {"vendor": SpendDelta(calls=3, unit_cost=5.0)})
+    assert requests.request_cancel(request_id) is RequestStatus.RUNNING
+    requests.record_spend(
+        request_id,
+        {"vendor": SpendDelta(calls=1, withdrawn=1, settled=2, charged=2, cost=10, unit_cost=5)},
+    )
+    spend = requests.spend(request_id)
+    assert (spend.calls, spend.unsettled, spend.cost) == ({"vendor": 2}, 0, 10.0)
+    requests.record_unavailable(request_id, {"premium": "API key missing"})
+    assert requests.cancel(request_id, "cancelled by the user", counters={}) is True
+    request = requests.get(request_id)
+    assert (request.provider_calls, request.cost) == ({"vendor": 2}, 10.0)
+    assert request.unavailable_providers == {"premium": "API key missing"}
+
+
 def test_budget_leases_never_exceed_the_budget_across_threads(store: Store) -> None:
     requests, request_id = running(store, budget=40.0)
     granted: list[float] = []

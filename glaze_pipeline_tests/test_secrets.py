@@ -25,7 +25,7 @@ from dagster import DagsterInstance
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.models import CellStatus, EntityRequest
-from glaze_pipeline.core.providers.base import FatalProviderError, ProviderError
+from glaze_pipeline.core.providers.base import CredentialsMissing, FatalProviderError, ProviderError
 from glaze_pipeline.core.providers.http import ProviderClient, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiConfig, JsonApiProvider
 from glaze_pipeline.core.providers.registry import describe_providers, load_providers
@@ -127,10 +127,17 @@ def test_a_key_with_a_bad_character_is_a_config_error_that_names_the_variable_no
     monkeypatch.setenv(KEY_ENV, KEY)
     provider = keyed_vendor(vendor)
     monkeypatch.setenv(KEY_ENV, raw)
-    with pytest.raises(FatalProviderError) as at_call:
+    with pytest.raises(CredentialsMissing) as at_call:
         lookup_name(provider)
     assert str(at_call.value) == expected
+    assert at_call.value.sent is False
     assert vendor.requests == []  # nothing sent with a key that cannot be sent
+    # The preflight says the same, without the name in front, before any lookup is tried.
+    verdict = asyncio.run(provider.preflight())
+    assert (
+        verdict.reason == provider.unavailable_reason() == expected.removeprefix("keyed_vendor: ")
+    )
+    assert vendor.requests == []
 
     for text in (str(at_load.value), repr(at_load.value), str(at_call.value)):
         assert raw not in text and raw.strip()[:12] not in text
@@ -142,8 +149,12 @@ def test_a_missing_key_still_fails_only_at_call_time(
     monkeypatch.delenv(KEY_ENV, raising=False)
     provider = keyed_vendor(vendor)  # no key yet: building is fine (set it before the run)
     monkeypatch.setenv(KEY_ENV, " \n")  # blank is missing too
-    with pytest.raises(FatalProviderError, match=f"API key missing: set .*{KEY_ENV}"):
+    with pytest.raises(CredentialsMissing) as missing:
         lookup_name(provider)
+    assert str(missing.value) == (
+        f"keyed_vendor: API key missing: set the environment variable {KEY_ENV}"
+    )
+    assert isinstance(missing.value, FatalProviderError) and missing.value.sent is False
     assert vendor.requests == []
 
 
@@ -199,6 +210,7 @@ def test_httpx_illegal_header_error_is_redacted_registered_or_not(
     unregistered_error = asyncio.run(send(f"{unregistered}\nX-Injected: 1"))
 
     assert isinstance(registered_error, FatalProviderError)
+    assert registered_error.sent is False and unregistered_error.sent is False
     assert "LocalProtocolError: Illegal header value ***" in str(registered_error)
     assert KEY not in str(registered_error)
     assert "Illegal header value ***" in str(unregistered_error)
@@ -277,6 +289,29 @@ def test_glaze_providers_prints_no_secret(
     assert result.exit_code == 0, result.output
     assert "keyed_vendor" in result.output
     assert KEY not in result.output
+
+
+def test_a_health_probe_refused_by_a_vendor_that_echoes_the_key_prints_no_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from glaze_pipeline.cli import cli
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with LoopbackSite(pages={"/v1/health": echoing_401(KEY)}, default=FOUND) as site:
+        entry = {**keyed_vendor_entry(site), "health": {"path": "/v1/health"}}
+        path = tmp_path / "providers.yaml"
+        path.write_text(json.dumps({"providers": [entry]}))
+        table = CliRunner().invoke(cli, ["providers", "--config", str(path)])
+        listed = CliRunner().invoke(cli, ["providers", "--config", str(path), "--json"])
+        probes = [headers for probe_path, headers in site.requests if probe_path == "/v1/health"]
+
+    assert table.exit_code == 0 and listed.exit_code == 0, table.output + listed.output
+    assert [headers["X-Api-Key"] for headers in probes] == [KEY, KEY]  # the probe sent the key
+    (row,) = json.loads(listed.output)
+    assert (row["status"], row["reason"]) == ("unavailable", "API key refused (HTTP 401)")
+    assert "API key refused (HTTP 401)" in table.output
+    for text in (table.output, listed.output):
+        assert KEY not in text
 
 
 def test_enrich_table_job_stores_no_key_in_the_cell(

@@ -2,6 +2,7 @@
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -9,12 +10,14 @@ from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import MemoryCache
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import (
+    CredentialsMissing,
     EntityNotFound,
     ProviderAnswer,
     TransientProviderError,
 )
 from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
-from glaze_pipeline.core.waterfall import BUDGET_EXHAUSTED, Waterfall
+from glaze_pipeline.core.spend import SpendJournal
+from glaze_pipeline.core.waterfall import BUDGET_EXHAUSTED, NOT_SENT_UNAVAILABLE, Waterfall
 
 ACME = EntityKey(EntityType.COMPANY, "domain", "acme.com")
 
@@ -157,3 +160,103 @@ def test_a_provider_that_cannot_look_up_the_key_kind_is_passed_over() -> None:
     assert waterfall.stats.calls == {} and waterfall.stats.errors == {}
     assert outcome.fields["industry"].status is CellStatus.FAILED
     assert outcome.fields["industry"].error == "no provider can look up a company by name"
+
+
+def test_an_unusable_provider_is_never_called_and_its_cells_say_why() -> None:
+    cheap = Vendor("cheap", 1, {"industry": "Tech"})
+    premium = Vendor("premium", 10, {"industry": "Software", "revenue": "$1M"})
+    waterfall = Waterfall(
+        [cheap, premium], budget=Budget(None), unavailable={"premium": "API key missing"}
+    )
+    [outcome] = run(waterfall, want("industry", "revenue"))
+    assert premium.calls == 0
+    assert outcome.fields["industry"].status is CellStatus.DONE
+    revenue = outcome.fields["revenue"]
+    assert revenue.status is CellStatus.SKIPPED
+    assert revenue.error == "provider unavailable (premium: API key missing)"
+    assert dict(waterfall.stats.calls) == {"cheap": 1}
+    assert waterfall.stats.not_sent_dict() == {"premium": {NOT_SENT_UNAVAILABLE: 1}}
+
+
+def test_a_miss_before_an_unusable_provider_is_skipped_not_not_found() -> None:
+    # The walk did not finish: the vendor that might have known was not asked.
+    missing = Vendor("missing", 1, {"industry": "Tech"}, error=EntityNotFound("no such company"))
+    premium = Vendor("premium", 10, {"industry": "Software"})
+    waterfall = Waterfall([missing, premium], budget=Budget(None), unavailable={"premium": "off"})
+    [outcome] = run(waterfall, want("industry"))
+    assert outcome.fields["industry"].status is CellStatus.SKIPPED
+    assert outcome.fields["industry"].error == "provider unavailable (premium: off)"
+
+
+@dataclass
+class Breaker(Vendor):
+    """A vendor whose circuit is open: it says so before any call."""
+
+    def unavailable_reason(self) -> str | None:
+        return "circuit open after 5 consecutive failures"
+
+
+def test_an_open_circuit_is_checked_before_the_call_is_journalled() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def write(deltas: Any) -> bool:
+        sent.append({name: (d.calls, d.withdrawn) for name, d in deltas.items()})
+        return True
+
+    broken = Breaker("premium", 10, {"industry": "Software"})
+
+    async def go() -> list:
+        waterfall = Waterfall([broken], budget=Budget(None), journal=SpendJournal(write))
+        outcomes = await waterfall.enrich_many([want("industry")])
+        return [outcomes, waterfall]
+
+    [[outcome], waterfall] = asyncio.run(go())
+    assert broken.calls == 0 and sent == []
+    assert outcome.fields["industry"].status is CellStatus.SKIPPED
+    assert "circuit open" in outcome.fields["industry"].error
+    assert waterfall.stats.not_sent_dict() == {"premium": {NOT_SENT_UNAVAILABLE: 1}}
+
+
+def test_a_call_refused_on_the_way_out_is_withdrawn_from_the_ledger() -> None:
+    """Journalled before it is sent; refused before anything left (the key went missing
+    between the preflight and the call): the ledger takes it back, the stats count it apart."""
+    deltas: list[dict[str, tuple[int, int]]] = []
+
+    def write(batch: Any) -> bool:
+        deltas.append({name: (d.calls, d.withdrawn) for name, d in batch.items()})
+        return True
+
+    refusing = Vendor(
+        "premium",
+        10,
+        {"industry": "Software"},
+        error=CredentialsMissing("premium: API key missing: set the environment variable K"),
+    )
+    journal = SpendJournal(write)
+
+    async def go() -> tuple[Any, Waterfall]:
+        waterfall = Waterfall([refusing], budget=Budget(100), journal=journal)
+        [outcome] = await waterfall.enrich_many([want("industry")])
+        await journal.drain()
+        return outcome, waterfall
+
+    outcome, waterfall = asyncio.run(go())
+    assert refusing.calls == 1  # the provider was entered, but nothing was sent
+    journalled = sum(d.get("premium", (0, 0))[0] for d in deltas)
+    withdrawn = sum(d.get("premium", (0, 0))[1] for d in deltas)
+    assert (journalled, withdrawn) == (1, 1)
+    assert dict(waterfall.stats.calls) == {"premium": 0}
+    assert waterfall.stats.cost == {}
+    assert waterfall.budget.spent == 0
+    assert outcome.fields["industry"].error == (
+        "provider unavailable (premium: API key missing: set the environment variable K)"
+    )
+
+
+def test_lookups_are_observed_by_provider_and_key_kind() -> None:
+    cheap = Vendor("cheap", 1, {"industry": "Tech", "employee_count": None})
+    waterfall = Waterfall([cheap], budget=Budget(None))
+    run(waterfall, want("industry", "employee_count"))
+    observed = waterfall.stats.observed[("cheap", "domain")]
+    assert (observed.lookups, observed.found, observed.charged) == (1, 1, 1)
+    assert observed.fields == {"industry": [1, 1], "employee_count": [1, 0]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -771,6 +772,7 @@ class EntityIndex:
     """Accumulates the unique entities of a job, page by page, with the fields they need."""
 
     fields: dict[EntityKey, set[str]] = field(default_factory=dict)
+    cells: Counter[EntityKey] = field(default_factory=Counter)  # cells about each entity
     cells_total: int = 0
     cells_without_identifier: int = 0
     rows_read: int = 0
@@ -783,6 +785,7 @@ class EntityIndex:
                 continue
             assert target.column.field is not None
             self.fields.setdefault(target.entity, set()).add(target.column.field.name)
+            self.cells[target.entity] += 1
 
     def __len__(self) -> int:
         return len(self.fields)

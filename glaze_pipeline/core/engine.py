@@ -31,12 +31,13 @@ from glaze_pipeline.core.detection import (
     targets_for_row,
 )
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError, UnknownColumnError
-from glaze_pipeline.core.estimate import DryRunProvider, ReadOnlyCache, estimate_report
+from glaze_pipeline.core.estimate import EstimatePart, estimate_chunk, estimate_report
 from glaze_pipeline.core.limits import check_budget
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityOutcome,
     EntityRequest,
+    EntityType,
     FieldOutcome,
     RequestKind,
     RequestStatus,
@@ -355,7 +356,7 @@ def detect_entities(
         if request_id is not None:
             store.hold_rows(target.table_id, request_id, RowStatus.RUNNING, row_ids=to_fill)
     entities = [
-        EntityRequest(key, frozenset(fields))
+        EntityRequest(key, frozenset(fields), index.cells[key])
         for key, fields in sorted(index.fields.items(), key=lambda item: item[0].id)
     ]
     return Detection(
@@ -388,6 +389,7 @@ class ChunkResult:
     stats: WaterfallStats
     seconds: float
     stopped: str | None = None  # why the chunk stopped early (a cancel), if it did
+    estimate: EstimatePart | None = None  # an estimate job's figures for the chunk
 
 
 def enrich_chunk(
@@ -402,6 +404,7 @@ def enrich_chunk(
     dry_run: bool = False,
     watch: RequestWatch | None = None,
     on_progress: Callable[[int], None] | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> ChunkResult:
     """Run the waterfall over one chunk, drawing on the job's budget in blocks.
 
@@ -412,18 +415,29 @@ def enrich_chunk(
 
     The lookups run on an event loop in a worker thread, so that Dagster's Terminate (an
     interrupt delivered to this, the main thread) can stop them the same way and let them
-    drain before it raises JobCancelled. `dry_run` estimates: stand-in providers, a read-only
-    cache, nothing bought, nothing journalled. `on_progress(entities done)` is called on each
-    flush.
+    drain before it raises JobCancelled. `dry_run` estimates (`core.estimate`): the cache is
+    read, nothing is bought or journalled. `on_progress(entities done)` is called on each
+    flush. `unavailable` (provider -> reason, the preflight's verdicts): never called.
+
+    What the lookups answered is added to the providers' history (`Store.record_observations`)
+    for later estimates.
     """
     started = time.perf_counter()
     requests = RequestRepository(store)
-    journal: SpendJournal | None = None
+    unavailable = dict(unavailable or {})
     if dry_run:
-        providers = [DryRunProvider(p) for p in providers]
-        cache, flight = ReadOnlyCache(cache), None
-    else:
-        journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
+        part = estimate_chunk(
+            chunk,
+            providers,
+            cache=cache,
+            observations=store.provider_observations(),
+            threshold=settings.threshold,
+            unavailable=unavailable,
+        )
+        if on_progress is not None:
+            on_progress(len(chunk))
+        return ChunkResult({}, WaterfallStats(), time.perf_counter() - started, estimate=part)
+    journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
     block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0.0)
     budget = Budget(
         settings.budget,
@@ -437,6 +451,7 @@ def enrich_chunk(
         threshold=settings.threshold,
         flight=flight,
         journal=journal,
+        unavailable=unavailable,
     )
     own_watch = watch is None
     watch = watch or RequestWatch(requests, request_id)
@@ -448,8 +463,7 @@ def enrich_chunk(
                 return await waterfall.enrich_many(chunk, concurrency=settings.concurrency)
             finally:
                 flusher.cancel()
-                if journal is not None:
-                    await journal.drain()
+                await journal.drain()
 
     async def flush_while_running() -> None:
         while True:
@@ -495,6 +509,10 @@ def enrich_chunk(
     if "error" in outcome:
         raise outcome["error"]
     outcomes: list[EntityOutcome] = outcome["value"]
+    try:
+        store.record_observations(waterfall.stats.observed)
+    except Exception as error:  # statistics for estimates: never worth failing a job over
+        log.warning("could not record the providers' observations: %s", error)
     if on_progress is not None:
         on_progress(waterfall.entities_done)
     return ChunkResult(
@@ -727,6 +745,33 @@ def merge_chunks(results: Iterable[ChunkResult]) -> tuple[Outcomes, WaterfallSta
     return outcomes, stats
 
 
+def merge_estimates(results: Iterable[ChunkResult]) -> EstimatePart:
+    """An estimate job's chunks as one estimate, in the job's entity order."""
+    total = EstimatePart()
+    for result in results:
+        if result.estimate is not None:
+            total.merge(result.estimate)
+    return total
+
+
+def relevant_providers(
+    providers: Sequence[Provider], entities: Iterable[EntityRequest]
+) -> list[Provider]:
+    """The providers a job's waterfall may ask: of its entities' types, supplying a field they
+    want. The preflight checks these, not every provider configured."""
+    wanted: dict[EntityType, set[str]] = {}
+    for request in entities:
+        wanted.setdefault(request.key.type, set()).update(request.fields)
+    return [p for p in providers if p.fields & wanted.get(p.entity_type, set())]
+
+
+def unavailable_summary(unavailable: Mapping[str, str]) -> str:
+    """How a request names the providers it could not use."""
+    return "; ".join(
+        f"provider unavailable: {name} ({reason})" for name, reason in sorted(unavailable.items())
+    )
+
+
 def final_status(cells: Counter[str], kept: int = 0) -> RequestStatus:
     """succeeded: every cell answered (a value or a clear "not found") or kept as the user
     left it; failed: nothing did."""
@@ -750,6 +795,10 @@ def finish_job(
     detection_cells: int = 0,
     cells_without_identifier: int = 0,
     cancelled: str | None = None,
+    estimate: EstimatePart | None = None,
+    providers: Sequence[Provider] = (),
+    unavailable: Mapping[str, str] | None = None,
+    budget: float | None = None,
 ) -> RequestStatus | None:
     """Close the request: terminal status with a reason, counters, calls and cost.
 
@@ -757,19 +806,25 @@ def finish_job(
     not this process's counts. An `estimate` stores what the job would buy; a `pre_enrich`
     only warmed the cache; `cancelled` (the reason) ends it `cancelled` with what it wrote.
     Returns the status written, or None when the request had already ended (it is then left
-    as it is: a terminal request is history).
+    as it is: a terminal request is history). The lookups that never left the machine are
+    recorded by provider and reason (`calls_not_sent`), and a provider found unusable is named
+    in the request's error.
 
     Then the rows the request still holds (not written: a cancel, a row with nothing to fill)
     are let go of, after the ending, so no later page can hold one again.
     """
     requests = RequestRepository(store)
+    unavailable = dict(unavailable or {})
     status: RequestStatus | None
     if kind is RequestKind.ESTIMATE and cancelled is None:
         report = estimate_report(
-            stats,
+            estimate or EstimatePart(),
+            providers=providers,
             entities=entities,
             cells=detection_cells,
             cells_without_identifier=cells_without_identifier,
+            unavailable=unavailable,
+            budget=budget,
         )
         counters = {"entities": entities, "cells_total": detection_cells, "estimate": report}
         written = requests.finish(request_id, RequestStatus.SUCCEEDED, counters=counters)
@@ -783,8 +838,10 @@ def finish_job(
             "cache_hits": stats.cache_hits,
             **progress_counters(summary),
         }
+        not_sent = stats.not_sent_dict()
+        extra: dict[str, Any] = {"calls_not_sent": not_sent} if not_sent else {}
         if cancelled is not None:
-            written = requests.cancel(request_id, cancelled, counters=counters)
+            written = requests.cancel(request_id, cancelled, counters={**counters, **extra})
             status = RequestStatus.CANCELLED if written else None
         else:
             status = (
@@ -800,6 +857,9 @@ def finish_job(
                 f"{summary.kept} {KEPT}" if summary.kept else "",
             ]
             error = ", ".join(part for part in parts if part) or None
+            if unavailable:
+                error = "; ".join(filter(None, [error, unavailable_summary(unavailable)]))
+            counters = {**counters, **extra}
             if not requests.finish(request_id, status, error=error, counters=counters):
                 status = None
     store.release_rows(request_id)

@@ -1,63 +1,432 @@
-"""Estimates: what a job would buy, without buying anything.
+"""Estimates: what a job would buy, without buying anything, as an upper bound and an expectation.
 
-The estimate runs the real waterfall (same order, threshold, cache and budget rules) over
-stand-in providers that answer every field they supply at their usual confidence and never
-leave the process, against a read-only view of the cache. So the estimate and the job can
-never disagree about the rules, only about what vendors actually know.
+Both walk each entity through the real waterfall's order (cheapest first, a provider asked only
+for fields still open, its key kinds respected, the threshold and the key's strength applied)
+against a read-only view of the cache: a cached answer costs nothing and closes what it closes.
+
+* The **upper bound** assumes every uncached lookup misses and is charged: every provider that
+  could be asked is asked. No run of the job can spend more (nor more than its budget).
+* The **expectation** follows each provider's observed shares, per kind of key: how often a
+  lookup found the entity, how often it was charged, and how often each field asked of a found
+  entity came back filled (`provider_observations`, recorded by every enrichment job). With no
+  history yet it uses a stated prior, weighted as `PRIOR_WEIGHT` lookups, which the history
+  outweighs as it grows.
+
+Each entity's walk is a small distribution over (fields still open, fields holding a value,
+fields only an unusable provider could have answered): exact, not sampled, so the figures are
+the same every time for the same table and history. Entities with no cached answer and the same
+kind of key and fields share one walk.
+
+Unusable providers (the preflight's verdicts) are never asked, as in the job: their fields are
+counted as cells the job will skip, and they cost nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
-from glaze_pipeline.core.models import EntityKey, EntityType
-from glaze_pipeline.core.providers.base import Provider, ProviderAnswer
-from glaze_pipeline.core.waterfall import WaterfallStats
+from glaze_pipeline.core.cache import AnswerCache, CachedAnswer
+from glaze_pipeline.core.models import EntityRequest, Observation
+from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.waterfall import supports, waterfall_order
 
-DRY_VALUE = "(estimate)"
-
-
-class DryRunProvider:
-    """Stands in for a provider: same name, cost, fields and confidence; no I/O."""
-
-    def __init__(self, provider: Provider) -> None:
-        self.name = provider.name
-        self.entity_type: EntityType = provider.entity_type
-        self.fields = provider.fields
-        self.cost_per_call = provider.cost_per_call
-        self.confidence = provider.confidence
-        self.charges_misses = provider.charges_misses
-        self.max_concurrency = 10_000
-
-    async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
-        return ProviderAnswer(dict.fromkeys(fields, DRY_VALUE))
+# The prior when a provider has no history for a kind of key: it finds 80 % of what it is asked
+# about, and a found record holds 90 % of the fields it declares. Worth PRIOR_WEIGHT lookups.
+PRIOR_FOUND = 0.8
+PRIOR_FILLED = 0.9
+PRIOR_WEIGHT = 10
+# Fields whose fill share is this close to 0 or 1 do not branch the walk; past MAX_BRANCHING
+# uncertain fields, a field counts as filled when its share is at least a half (so a request for
+# a dozen fields stays a small walk).
+CERTAIN = 1e-3
+MAX_BRANCHING = 6
+# Shares of the fillable cells the budget guidance quotes a budget for.
+GUIDANCE_SHARES = (0.5, 0.8, 0.9, 1.0)
 
 
-class ReadOnlyCache:
-    """A cache view that reads through and never stores the stand-in answers."""
+@dataclass(frozen=True)
+class Rates:
+    """What a lookup of one provider by one kind of key is expected to do."""
 
-    def __init__(self, cache: AnswerCache | None) -> None:
-        self._cache = cache
+    found: float
+    charged: float
+    filled: Mapping[str, float]
+    default_filled: float
+    lookups: int = 0
+    since: datetime | None = None
 
-    def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
-        return self._cache.get_many(keys) if self._cache is not None else {}
+    def fill(self, name: str) -> float:
+        return self.filled.get(name, self.default_filled)
 
-    def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
-        return None
+    def basis(self) -> str:
+        if self.lookups == 0:
+            return (
+                f"prior, no history yet: {PRIOR_FOUND:.0%} found, "
+                f"{PRIOR_FILLED:.0%} of a found record's fields filled"
+            )
+        since = f" since {self.since:%Y-%m-%d}" if self.since is not None else ""
+        return f"from {self.lookups:,} lookups{since}"
+
+
+WORST = Rates(found=0.0, charged=1.0, filled={}, default_filled=0.0)
+
+
+def observed_rates(
+    provider: Provider, observation: Observation | None, since: datetime | None = None
+) -> Rates:
+    """The provider's shares for one kind of key: its history, smoothed toward the prior."""
+    prior_charged = PRIOR_FOUND + (1 - PRIOR_FOUND) * float(provider.charges_misses)
+    seen = observation or Observation()
+    weight = seen.lookups + PRIOR_WEIGHT
+
+    def share(count: int, prior: float) -> float:
+        return (count + prior * PRIOR_WEIGHT) / weight
+
+    filled = {
+        name: (hits + PRIOR_FILLED * PRIOR_WEIGHT) / (asked + PRIOR_WEIGHT)
+        for name, (asked, hits) in seen.fields.items()
+    }
+    return Rates(
+        found=share(seen.found, PRIOR_FOUND),
+        charged=share(seen.charged, prior_charged),
+        filled=filled,
+        default_filled=PRIOR_FILLED,
+        lookups=seen.lookups,
+        since=since if seen.lookups else None,
+    )
+
+
+Observations = Mapping[tuple[str, str], tuple[Observation, datetime]]
+
+
+@dataclass
+class Walk:
+    """One entity's expected (or worst-case) walk through the waterfall."""
+
+    calls: dict[str, float] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
+    cache_hits: float = 0.0
+    filled: float = 0.0  # expected fields that end with a value
+    unavailable: float = 0.0  # expected fields left to an unusable provider
+
+
+# (open fields, fields holding a value, fields an unusable provider was needed for) -> chance
+_State = tuple[frozenset[str], frozenset[str], frozenset[str]]
+
+
+def walk(
+    order: Sequence[Provider],
+    request: EntityRequest,
+    *,
+    rates: Mapping[str, Rates] | None,
+    cached: Mapping[str, CachedAnswer],
+    threshold: float,
+    unavailable: Mapping[str, str],
+) -> Walk:
+    """The expected walk of one entity (`rates` by provider name; None: the worst case)."""
+    key = request.key
+    result = Walk()
+    states: dict[_State, float] = {(request.fields, frozenset(), frozenset()): 1.0}
+    for provider in order:
+        if not supports(provider, key):
+            continue
+        following: defaultdict[_State, float] = defaultdict(float)
+        for (open_, held, blocked), chance in states.items():
+            asked = open_ & provider.fields
+            if not asked:
+                following[(open_, held, blocked)] += chance
+                continue
+            answer = cached.get(provider.name)
+            if answer is not None:
+                result.cache_hits += chance
+                have = frozenset(n for n in asked if answer.found and _has(answer.values, n))
+                done = frozenset(
+                    n
+                    for n in have
+                    if answer.confidence.get(n, provider.confidence) * key.strength >= threshold
+                )
+                following[(open_ - done, held | have, blocked)] += chance
+                continue
+            if provider.name in unavailable:
+                following[(open_, held, blocked | asked)] += chance
+                continue
+            rate = rates[provider.name] if rates is not None else WORST
+            result.calls[provider.name] = result.calls.get(provider.name, 0.0) + chance
+            result.cost[provider.name] = (
+                result.cost.get(provider.name, 0.0) + chance * rate.charged * provider.cost_per_call
+            )
+            following[(open_, held, blocked)] += chance * (1 - rate.found)
+            if rate.found <= 0:
+                continue
+            closing = provider.confidence * key.strength >= threshold
+            for filled, share in _outcomes(asked, rate):
+                done = filled if closing else frozenset()
+                following[(open_ - done, held | filled, blocked)] += chance * rate.found * share
+        states = following
+    for (_open, held, blocked), chance in states.items():
+        result.filled += chance * len(held)
+        result.unavailable += chance * len(blocked - held)
+    return result
+
+
+def _has(values: Mapping[str, Any], name: str) -> bool:
+    value = values.get(name)
+    return value is not None and value != ""
+
+
+def _outcomes(asked: frozenset[str], rate: Rates) -> Iterable[tuple[frozenset[str], float]]:
+    """Which of `asked` a found record fills, with their chances (fields independent)."""
+    certain = frozenset(n for n in asked if rate.fill(n) >= 1 - CERTAIN)
+    uncertain = sorted(n for n in asked if CERTAIN < rate.fill(n) < 1 - CERTAIN)
+    if len(uncertain) > MAX_BRANCHING:
+        certain |= frozenset(n for n in uncertain if rate.fill(n) >= 0.5)
+        uncertain = []
+    for picks in itertools.product((True, False), repeat=len(uncertain)):
+        share = 1.0
+        filled = set(certain)
+        for name, pick in zip(uncertain, picks, strict=True):
+            share *= rate.fill(name) if pick else 1 - rate.fill(name)
+            if pick:
+                filled.add(name)
+        yield frozenset(filled), share
+
+
+@dataclass
+class EstimatePart:
+    """The estimate of one chunk of entities; parts merge into the job's."""
+
+    expected: Walk = field(default_factory=Walk)
+    worst: Walk = field(default_factory=Walk)
+    # Per entity in the job's order: (expected cost, expected cells filled), for the guidance.
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    cells: int = 0
+    cells_unavailable: float = 0.0  # expected cells skipped: only an unusable provider had them
+    bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> key kind -> ...
+
+    def merge(self, other: EstimatePart) -> None:
+        for mine, theirs in ((self.expected, other.expected), (self.worst, other.worst)):
+            _add(mine, theirs, 1.0)
+        self.curve.extend(other.curve)
+        self.cells += other.cells
+        self.cells_unavailable += other.cells_unavailable
+        for name, kinds in other.bases.items():
+            for kind, basis in kinds.items():
+                self.bases.setdefault(name, {}).setdefault(kind, basis)
+
+
+def _add(total: Walk, part: Walk, times: float) -> None:
+    for name, calls in part.calls.items():
+        total.calls[name] = total.calls.get(name, 0.0) + calls * times
+    for name, cost in part.cost.items():
+        total.cost[name] = total.cost.get(name, 0.0) + cost * times
+    total.cache_hits += part.cache_hits * times
+    total.filled += part.filled * times
+    total.unavailable += part.unavailable * times
+
+
+def estimate_chunk(
+    chunk: Sequence[EntityRequest],
+    providers: Sequence[Provider],
+    *,
+    cache: AnswerCache | None,
+    observations: Observations,
+    threshold: float,
+    unavailable: Mapping[str, str],
+) -> EstimatePart:
+    """The upper bound and the expectation for one chunk (one batched cache read)."""
+    order = waterfall_order(providers)
+    cached: dict[tuple[str, str], CachedAnswer] = {}
+    if cache is not None:
+        cached = cache.get_many(
+            (request.key.id, provider.name)
+            for request in chunk
+            for provider in order.get(request.key.type, [])
+        )
+    rates: dict[str, dict[str, Rates]] = {}  # key kind -> provider -> rates
+    part = EstimatePart()
+    shared: dict[tuple[Any, ...], tuple[Walk, Walk]] = {}
+    for request in chunk:
+        key = request.key
+        sequence = order.get(key.type, [])
+        if key.kind not in rates:
+            rates[key.kind] = {}
+        by_name = rates[key.kind]
+        for provider in sequence:
+            if provider.name not in by_name:
+                seen = observations.get((provider.name, key.kind))
+                by_name[provider.name] = observed_rates(
+                    provider, seen[0] if seen else None, seen[1] if seen else None
+                )
+        mine = {p.name: cached[(key.id, p.name)] for p in sequence if (key.id, p.name) in cached}
+        signature = (key.type, key.kind, key.strength, request.fields)
+        walks = shared.get(signature) if not mine else None
+        if walks is None:
+            walks = (
+                walk(
+                    sequence,
+                    request,
+                    rates=by_name,
+                    cached=mine,
+                    threshold=threshold,
+                    unavailable=unavailable,
+                ),
+                walk(
+                    sequence,
+                    request,
+                    rates=None,
+                    cached=mine,
+                    threshold=threshold,
+                    unavailable=unavailable,
+                ),
+            )
+            if not mine:
+                shared[signature] = walks
+        expected, worst = walks
+        _add(part.expected, expected, 1.0)
+        _add(part.worst, worst, 1.0)
+        cells = request.cells or len(request.fields)
+        part.cells += cells
+        per_field = cells / max(1, len(request.fields))
+        part.cells_unavailable += expected.unavailable * per_field
+        part.curve.append((sum(expected.cost.values()), expected.filled * per_field))
+    for kind, by_name in rates.items():
+        for name, rate in by_name.items():
+            part.bases.setdefault(name, {})[kind] = _basis(rate)
+    return part
+
+
+def _basis(rate: Rates) -> dict[str, Any]:
+    return {
+        "found_share": round(rate.found, 4),
+        "charged_share": round(rate.charged, 4),
+        "lookups": rate.lookups,
+        "basis": rate.basis(),
+    }
+
+
+def budget_guidance(
+    curve: Sequence[tuple[float, float]], *, budget: float | None = None
+) -> dict[str, Any]:
+    """Which budget fills what share of the cells the job is expected to fill.
+
+    The job spends entity after entity in its order, so the budget that fills a share is the
+    expected spend up to the entity where that share of the expected cells is reached.
+    """
+    total_cells = sum(cells for _cost, cells in curve)
+    points: list[dict[str, Any]] = []
+    spent = filled = 0.0
+    shares = list(GUIDANCE_SHARES)
+    for cost, cells in curve:
+        spent += cost
+        filled += cells
+        while shares and total_cells > 0 and filled >= shares[0] * total_cells - 1e-9:
+            points.append(
+                {
+                    "budget": _round_up(spent),
+                    "share_of_fillable": shares.pop(0),
+                    "cells_filled": round(filled),
+                }
+            )
+    guidance: dict[str, Any] = {"points": points, "expected_cells_filled": round(total_cells)}
+    if budget is not None:
+        spent = filled = 0.0
+        for cost, cells in curve:
+            if spent + cost > budget + 1e-9:
+                break
+            spent += cost
+            filled += cells
+        guidance["at_budget"] = {
+            "budget": budget,
+            "cells_filled": round(filled),
+            "share_of_fillable": round(filled / total_cells, 4) if total_cells else 1.0,
+            "expected_cost": round(spent, 6),
+        }
+    return guidance
+
+
+def _round_up(amount: float) -> float:
+    """A budget to quote: rounded up to two significant figures (never below the amount)."""
+    if amount <= 0:
+        return 0.0
+    step = 10 ** (math.floor(math.log10(amount)) - 1)
+    return round(math.ceil(amount / step - 1e-9) * step, 6)
+
+
+def guidance_text(guidance: Mapping[str, Any]) -> str:
+    """E.g. "budget 1,100 fills ~50 %, 1,800 ~80 %, 2,000 ~90 % and 2,200 all of the ~1,175
+    cells this job is expected to fill"."""
+    points = guidance.get("points") or []
+    if not points:
+        return "no cell is expected to be filled"
+    quoted = [
+        f"{point['budget']:,.6g} "
+        + ("all" if point["share_of_fillable"] >= 1 else f"~{point['share_of_fillable']:.0%}")
+        for point in points
+    ]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    total = guidance.get("expected_cells_filled", 0)
+    return f"budget {listed} of the ~{total:,} cells this job is expected to fill"
 
 
 def estimate_report(
-    stats: WaterfallStats, *, entities: int, cells: int, cells_without_identifier: int
+    part: EstimatePart,
+    *,
+    providers: Sequence[Provider],
+    entities: int,
+    cells: int,
+    cells_without_identifier: int,
+    unavailable: Mapping[str, str],
+    budget: float | None = None,
 ) -> dict[str, Any]:
-    """The figures stored on an `estimate` request (JSON)."""
+    """The figures stored on an `estimate` request (JSON), per provider and in total.
+
+    `expected_*` is the expectation, `max_*` the upper bound (with a budget, the spend can never
+    pass the budget either: `max_cost` says the bound, `budget` the cap).
+    """
+    expected, worst = part.expected, part.worst
+    per_provider: dict[str, Any] = {}
+    for provider in sorted(providers, key=lambda p: (p.entity_type, p.cost_per_call, p.name)):
+        name = provider.name
+        if name not in part.bases and name not in unavailable:
+            continue
+        reason = unavailable.get(name)
+        per_provider[name] = {
+            "entity_type": provider.entity_type.value,
+            "status": "unavailable" if reason else "ok",
+            "reason": reason,
+            "expected_calls": round(expected.calls.get(name, 0.0), 1),
+            "expected_cost": round(expected.cost.get(name, 0.0), 2),
+            "max_calls": round(worst.calls.get(name, 0.0)),
+            "max_cost": round(worst.cost.get(name, 0.0), 6),
+            "by_key_kind": part.bases.get(name, {}),
+        }
+    expected_cost = round(sum(expected.cost.values()), 2)
+    max_cost = round(sum(worst.cost.values()), 6)
+    guidance = budget_guidance(part.curve, budget=budget)
     return {
         "unique_entities": entities,
         "cells": cells,
         "cells_without_identifier": cells_without_identifier,
-        "cache_hits": stats.cache_hits,
-        "expected_provider_calls": dict(stats.calls),
-        "expected_cost_by_provider": {name: round(cost, 6) for name, cost in stats.cost.items()},
-        "expected_cost": round(sum(stats.cost.values()), 6),
+        "cache_hits": round(expected.cache_hits),
+        "expected_cost": expected_cost,
+        "max_cost": max_cost,
+        "budget": budget,
+        "expected_cells_filled": guidance["expected_cells_filled"],
+        "cells_provider_unavailable": round(part.cells_unavailable),
+        "expected_provider_calls": {k: round(v, 1) for k, v in sorted(expected.calls.items()) if v},
+        "expected_cost_by_provider": {
+            k: round(v, 2) for k, v in sorted(expected.cost.items()) if v
+        },
+        "max_provider_calls": {k: round(v) for k, v in sorted(worst.calls.items()) if v},
+        "max_cost_by_provider": {k: round(v, 6) for k, v in sorted(worst.cost.items()) if v},
+        "providers": per_provider,
+        "unavailable_providers": dict(unavailable),
+        "budget_guidance": guidance,
+        "guidance": guidance_text(guidance),
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -157,9 +157,34 @@ class EntityRequest:
 
     key: EntityKey
     fields: frozenset[str]
+    cells: int = 0  # how many of the job's cells are about it (0: not counted)
 
 
 @dataclass(frozen=True, slots=True)
 class EntityOutcome:
     key: EntityKey
     fields: dict[str, FieldOutcome]
+
+
+@dataclass
+class Observation:
+    """What one provider's lookups by one kind of key answered: the estimate's evidence.
+
+    `fields`: per field asked of a found entity, [times asked, times filled].
+    """
+
+    lookups: int = 0
+    found: int = 0
+    charged: int = 0
+    errors: int = 0
+    fields: dict[str, list[int]] = field(default_factory=dict)
+
+    def merge(self, other: Observation) -> None:
+        self.lookups += other.lookups
+        self.found += other.found
+        self.charged += other.charged
+        self.errors += other.errors
+        for name, (asked, filled) in other.fields.items():
+            mine = self.fields.setdefault(name, [0, 0])
+            mine[0] += asked
+            mine[1] += filled

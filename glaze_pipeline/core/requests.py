@@ -86,9 +86,14 @@ class Adoption(enum.Enum):
 
 @dataclass
 class SpendDelta:
-    """Increments to one provider's ledger row: calls sent, settled, charged, cost."""
+    """Increments to one provider's ledger row: calls sent, settled, charged, cost.
+
+    `withdrawn`: calls journalled that never left the machine after all (refused on the way
+    out, e.g. the circuit opened or the key went missing): taken off `calls`.
+    """
 
     calls: int = 0
+    withdrawn: int = 0
     settled: int = 0
     charged: int = 0
     cost: float = 0.0
@@ -404,7 +409,7 @@ class RequestRepository:
         Returns False, recording only the settlements, when the request no longer accepts new
         calls (it ended, or a cancel was asked): the caller must then not send them.
         """
-        wanted = any(delta.calls for delta in deltas.values())
+        wanted = any(delta.calls > 0 for delta in deltas.values())
         with self.store.engine.begin() as connection:
             accepted = True
             if wanted:
@@ -420,7 +425,7 @@ class RequestRepository:
                 {
                     "request_id": request_id,
                     "provider": provider,
-                    "calls": delta.calls if accepted else 0,
+                    "calls": (delta.calls if accepted else 0) - delta.withdrawn,
                     "settled": delta.settled,
                     "charged": delta.charged,
                     "cost": delta.cost,
@@ -455,6 +460,16 @@ class RequestRepository:
                 update(EnrichmentRequest)
                 .where(EnrichmentRequest.id == request_id, _status_in((RUNNING,)))
                 .values(updated_at=utcnow(), **counters)
+            )
+        return bool(result.rowcount)
+
+    def record_unavailable(self, request_id: str, unavailable: Mapping[str, str]) -> bool:
+        """The providers the preflight found unusable, with their reasons (once per job)."""
+        with self.store.engine.begin() as connection:
+            result = connection.execute(
+                update(EnrichmentRequest)
+                .where(EnrichmentRequest.id == request_id, _status_in((RUNNING,)))
+                .values(updated_at=utcnow(), unavailable_providers=dict(unavailable))
             )
         return bool(result.rowcount)
 

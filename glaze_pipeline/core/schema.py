@@ -151,6 +151,10 @@ class EnrichmentRequest(Base):
     cost: Mapped[float] = mapped_column(Float, default=0.0)
     budget_reserved: Mapped[float] = mapped_column(Float, default=0.0)
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The providers found unusable before the job bought anything: {name: reason}.
+    unavailable_providers: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Lookups that never left the machine, by provider and reason: {name: {reason: n}}.
+    calls_not_sent: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
     entities_done: Mapped[int] = mapped_column(Integer, default=0)
     # A re-executed run's request points at the request of the run it re-executes.
@@ -192,3 +196,23 @@ class RequestSpend(Base):
     charged: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[float] = mapped_column(Float, default=0.0)
     unit_cost: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ProviderObservation(Base):
+    """What one provider's lookups by one kind of key have answered so far, across jobs.
+
+    The estimate's expected cost is built from these shares: found, charged, and for each field
+    asked of a found entity, how often it came back filled (`fields`: {field: [asked, filled]}).
+    """
+
+    __tablename__ = "provider_observations"
+
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key_kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    lookups: Mapped[int] = mapped_column(Integer, default=0)
+    found: Mapped[int] = mapped_column(Integer, default=0)
+    charged: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    fields: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -104,15 +104,18 @@ GENERATED_PERSON_KEYS = ("title", "linkedin")
 
 
 def generated_rows(
-    rows: int, unique_companies: int, *, unique_people: int | None = None
+    rows: int, unique_companies: int, *, unique_people: int | None = None, first: int = 0
 ) -> Iterator[dict[str, Any]]:
-    """Rows spread evenly over `unique_companies` companies; one person per row by default."""
+    """Rows spread evenly over `unique_companies` companies; one person per row by default.
+
+    `first` numbers the companies and people from there: two tables of the same shape about
+    different entities."""
     if rows < 0 or unique_companies < 1:
         raise GlazeError("rows must be >= 0 and unique_companies >= 1")
     people = unique_people or rows
     for i in range(rows):
-        company = i % unique_companies
-        person = i % max(people, 1)
+        company = first + i % unique_companies
+        person = first + i % max(people, 1)
         domain = f"company{company:06d}.com"
         yield {
             "name": f"Person {person}",
@@ -130,6 +133,7 @@ def seed_generated(
     unique_companies: int,
     unique_people: int | None = None,
     name: str | None = None,
+    first: int = 0,
 ) -> TableInfo:
     """A generated table: inputs name/email/company/website, 3 company + 2 person targets.
 
@@ -145,5 +149,8 @@ def seed_generated(
         name or f"Generated {rows} rows / {unique_companies} companies",
         [ColumnDef(key) for key in keys],
     )
-    store.insert_rows(table.id, generated_rows(rows, unique_companies, unique_people=unique_people))
+    store.insert_rows(
+        table.id,
+        generated_rows(rows, unique_companies, unique_people=unique_people, first=first),
+    )
     return table

@@ -48,9 +48,14 @@ class SpendJournal:
         self._kick()
         return await waiter
 
-    def settle(self, provider: str, unit_cost: float, *, charged: bool) -> None:
-        """A journalled call came back (or failed): charged at `unit_cost`, or not."""
+    def settle(self, provider: str, unit_cost: float, *, charged: bool, sent: bool = True) -> None:
+        """A journalled call came back (or failed): charged at `unit_cost`, or not. A call that
+        never left the machine (`sent=False`) is withdrawn from the ledger instead."""
         delta = self._delta(provider, unit_cost)
+        if not sent:
+            delta.withdrawn += 1
+            self._kick()
+            return
         delta.settled += 1
         if charged:
             delta.charged += 1

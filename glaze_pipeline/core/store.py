@@ -32,6 +32,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -52,12 +54,13 @@ from glaze_pipeline.core.limits import (
     MAX_TABLE_NAME,
     check_text,
 )
-from glaze_pipeline.core.models import RowStatus
+from glaze_pipeline.core.models import Observation, RowStatus
 from glaze_pipeline.core.schema import (
     EnrichmentRequest,
     GlazeColumn,
     GlazeRow,
     GlazeTable,
+    ProviderObservation,
 )
 from glaze_pipeline.core.settings import database_url
 from glaze_pipeline.core.status import aggregate_row
@@ -860,6 +863,73 @@ class Store:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
             return request
 
+    def record_observations(self, observed: Mapping[tuple[str, str], Observation]) -> None:
+        """Add what a chunk's lookups answered to each (provider, key kind)'s history.
+
+        One transaction; each row is read under a lock and rewritten, so concurrent chunks add
+        up (the few rows are per provider and key kind, not per entity).
+        """
+        observed = {key: o for key, o in observed.items() if o.lookups}
+        if not observed:
+            return
+        now = datetime.now(UTC)
+        with self.engine.begin() as connection:
+            for (provider, kind), observation in sorted(observed.items()):
+                where = (
+                    ProviderObservation.provider == provider,
+                    ProviderObservation.key_kind == kind,
+                )
+                row = connection.execute(
+                    select(ProviderObservation).where(*where).with_for_update()
+                ).first()
+                if row is None:
+                    # Another chunk may create it at the same time: then add to theirs.
+                    insert_row = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(
+                        ProviderObservation
+                    )
+                    connection.execute(
+                        insert_row.values(
+                            provider=provider,
+                            key_kind=kind,
+                            lookups=0,
+                            found=0,
+                            charged=0,
+                            errors=0,
+                            fields={},
+                            since=now,
+                            updated_at=now,
+                        ).on_conflict_do_nothing()
+                    )
+                    row = connection.execute(
+                        select(ProviderObservation).where(*where).with_for_update()
+                    ).one()
+                total = Observation(row.lookups, row.found, row.charged, row.errors, row.fields)
+                total.merge(observation)
+                connection.execute(
+                    update(ProviderObservation)
+                    .where(*where)
+                    .values(
+                        lookups=total.lookups,
+                        found=total.found,
+                        charged=total.charged,
+                        errors=total.errors,
+                        fields=total.fields,
+                        updated_at=now,
+                    )
+                )
+
+    def provider_observations(self) -> dict[tuple[str, str], tuple[Observation, datetime]]:
+        """Every provider's history by key kind, with the time it starts from."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(ProviderObservation)).all()
+        return {
+            (row.provider, row.key_kind): (
+                Observation(row.lookups, row.found, row.charged, row.errors, dict(row.fields)),
+                _aware(row.since),
+            )
+            for row in rows
+        }
+
     def request_for_run(self, run_id: str) -> str | None:
         with self.engine.connect() as connection:
             found = connection.scalar(
@@ -1116,3 +1186,8 @@ def _make_engine(url: str) -> Engine:
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they were written in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

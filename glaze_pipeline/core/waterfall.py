@@ -29,12 +29,15 @@ from glaze_pipeline.core.models import (
     EntityType,
     FieldOutcome,
     FieldValue,
+    Observation,
 )
 from glaze_pipeline.core.providers.base import (
+    CredentialsMissing,
     EntityNotFound,
     Provider,
     ProviderAnswer,
     ProviderError,
+    ProviderUnavailable,
 )
 from glaze_pipeline.core.singleflight import Flight, NoFlight
 from glaze_pipeline.core.spend import SpendJournal
@@ -44,6 +47,15 @@ log = logging.getLogger(__name__)
 BUDGET_EXHAUSTED = "budget exhausted"
 CANCELLED = "cancelled"
 DEFAULT_THRESHOLD = 0.8
+# Why a lookup never left the machine (`WaterfallStats.not_sent`).
+NOT_SENT_UNAVAILABLE = "provider unavailable"  # preflight verdict, open circuit, missing key
+NOT_SENT_BUDGET = "budget"  # the budget could not cover it
+NOT_SENT_REFUSED = "refused"  # refused on the way out (e.g. an address the guard refuses)
+
+
+def unavailable_error(provider: str, reason: str) -> str:
+    """A cell's error when the only providers left for it could not be asked."""
+    return f"provider unavailable ({provider}: {reason})"
 
 
 @dataclass
@@ -52,6 +64,10 @@ class WaterfallStats:
 
     `shared_hits` counts the cache hits that another run bought while this one was between its
     prefetch and its single-flight claim (they are counted in `cache_hits` too).
+
+    `calls` are lookups that left the machine; `not_sent` counts, by provider and reason, the
+    ones that never did (an unusable provider, the budget, a refusal on the way out).
+    `observed` is what the calls answered, by (provider, key kind), for the estimate.
     """
 
     calls: Counter[str] = field(default_factory=Counter)
@@ -59,6 +75,8 @@ class WaterfallStats:
     errors: Counter[str] = field(default_factory=Counter)
     cache_hits: int = 0
     shared_hits: int = 0
+    not_sent: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    observed: dict[tuple[str, str], Observation] = field(default_factory=dict)
 
     def merge(self, other: WaterfallStats) -> None:
         self.calls.update(other.calls)
@@ -67,6 +85,16 @@ class WaterfallStats:
         self.errors.update(other.errors)
         self.cache_hits += other.cache_hits
         self.shared_hits += other.shared_hits
+        for name, reasons in other.not_sent.items():
+            self.not_sent[name].update(reasons)
+        for key, observation in other.observed.items():
+            self.observed.setdefault(key, Observation()).merge(observation)
+
+    def not_sent_dict(self) -> dict[str, dict[str, int]]:
+        return {name: dict(reasons) for name, reasons in sorted(self.not_sent.items()) if reasons}
+
+    def observe(self, provider: str, kind: str) -> Observation:
+        return self.observed.setdefault((provider, kind), Observation())
 
 
 @dataclass
@@ -78,6 +106,7 @@ class _Progress:
     not_found: set[str] = field(default_factory=set)
     skipped: set[str] = field(default_factory=set)
     cancelled: set[str] = field(default_factory=set)
+    unavailable: dict[str, str] = field(default_factory=dict)  # field -> the first reason
     unsupported: set[str] = field(default_factory=set)
     errors: dict[str, list[str]] = field(default_factory=dict)
 
@@ -110,6 +139,10 @@ class _Progress:
                 fields[name] = FieldOutcome(CellStatus.DONE, self.best[name])
             elif name in self.cancelled:
                 fields[name] = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED)
+            elif name in self.unavailable:
+                # A provider that could have answered was not asked: the walk is unfinished,
+                # whatever the others said, and the user needs the reason, not a failure.
+                fields[name] = FieldOutcome(CellStatus.SKIPPED, error=self.unavailable[name])
             elif name in self.skipped:
                 fields[name] = FieldOutcome(CellStatus.SKIPPED, error=BUDGET_EXHAUSTED)
             elif name in self.not_found:
@@ -175,10 +208,25 @@ def alias_keys(key: EntityKey, values: Mapping[str, Any]) -> list[EntityKey]:
     return list(unique.values())
 
 
-def _supports(provider: Provider, key: EntityKey) -> bool:
+def waterfall_order(providers: Iterable[Provider]) -> dict[EntityType, list[Provider]]:
+    """The order providers are asked in, per entity type: cheapest first, then most confident."""
+    order: dict[EntityType, list[Provider]] = {}
+    for provider in sorted(providers, key=lambda p: (p.cost_per_call, -p.confidence)):
+        order.setdefault(provider.entity_type, []).append(provider)
+    return order
+
+
+def supports(provider: Provider, key: EntityKey) -> bool:
     """Providers may declare which key kinds they can look up (`supports(key)`); default: all."""
-    supports = getattr(provider, "supports", None)
-    return True if supports is None else bool(supports(key))
+    check = getattr(provider, "supports", None)
+    return True if check is None else bool(check(key))
+
+
+def unavailable_now(provider: Provider) -> str | None:
+    """Why `provider` cannot be called right now (open circuit, missing key), if it says so;
+    checked before a lookup is journalled, so such an attempt never counts as a call."""
+    check = getattr(provider, "unavailable_reason", None)
+    return check() if callable(check) else None
 
 
 class Waterfall:
@@ -204,8 +252,11 @@ class Waterfall:
         threshold: float = DEFAULT_THRESHOLD,
         flight: Flight | None = None,
         journal: SpendJournal | None = None,
+        unavailable: Mapping[str, str] | None = None,
     ) -> None:
         self.providers: dict[EntityType, list[Provider]] = {}
+        # Providers the preflight found unusable (name -> reason): never called, cache read.
+        self.unavailable = dict(unavailable or {})
         for provider in sorted(providers, key=lambda p: (p.cost_per_call, -p.confidence)):
             self.providers.setdefault(provider.entity_type, []).append(provider)
         self.budget = budget
@@ -255,7 +306,7 @@ class Waterfall:
             if self.stopped:  # a cancel: no new lookup, not even the next provider's
                 progress.cancelled.update(asked)
                 continue
-            if not _supports(provider, key):
+            if not supports(provider, key):
                 # A vendor that cannot be asked about this kind of key (a domain-only API and a
                 # company known by name) is passed over: no call, no charge, no error.
                 progress.unsupported.update(asked)
@@ -275,6 +326,10 @@ class Waterfall:
         if cached is not None:
             self.stats.cache_hits += 1
             return cached
+        reason = self.unavailable.get(provider.name) or unavailable_now(provider)
+        if reason is not None:
+            self._not_sent(provider, asked, progress, reason)
+            return None
         async with self.flight.claim(cache_key) as claim:
             # Meet contenders in the tier of the lock actually taken (SQL when Redis is down).
             shared = claim.shared
@@ -298,6 +353,7 @@ class Waterfall:
         cost = provider.cost_per_call
         if not await self.budget.reserve(cost):
             progress.skipped.update(asked)
+            self.stats.not_sent[provider.name][NOT_SENT_BUDGET] += 1
             return None
         if self.journal is not None and not await self.journal.send(provider.name, cost):
             # The request ended or was cancelled (or its spend cannot be recorded): nothing
@@ -308,6 +364,8 @@ class Waterfall:
             return None
         self.stats.calls[provider.name] += 1
         charged = False
+        sent = True
+        observed = self.stats.observe(provider.name, key.kind)
         try:
             async with self._limits[provider.name]:
                 found: ProviderAnswer | None = await provider.lookup(key, asked)
@@ -316,10 +374,22 @@ class Waterfall:
             found = None
             charged = provider.charges_misses
         except ProviderError as error:
-            self.stats.errors[provider.name] += 1
             said = str(error)  # HTTP providers name themselves already
-            if not said.startswith(f"{provider.name}: "):
-                said = f"{provider.name}: {said}"
+            prefix = f"{provider.name}: "
+            if not error.sent:
+                # Refused before anything left the machine: not a call, and nothing to charge.
+                sent = False
+                self.stats.calls[provider.name] -= 1
+                reason = said.removeprefix(prefix)
+                if isinstance(error, ProviderUnavailable | CredentialsMissing):
+                    self._not_sent(provider, asked, progress, reason)
+                    return None
+                self.stats.not_sent[provider.name][NOT_SENT_REFUSED] += 1
+            else:
+                self.stats.errors[provider.name] += 1
+                observed.errors += 1
+            if not said.startswith(prefix):
+                said = prefix + said
             for name in asked:
                 progress.errors.setdefault(name, []).append(said)
             return None
@@ -330,8 +400,17 @@ class Waterfall:
                 self.stats.cost[provider.name] += cost
             else:
                 self.budget.release(cost)
+            if sent:
+                observed.lookups += 1
+                observed.charged += charged
             if self.journal is not None:
-                self.journal.settle(provider.name, cost, charged=charged)
+                self.journal.settle(provider.name, cost, charged=charged, sent=sent)
+        if found is not None:
+            observed.found += 1
+            for name in asked:
+                counts = observed.fields.setdefault(name, [0, 0])
+                counts[0] += 1
+                counts[1] += found.values.get(name) not in (None, "")
         answer = CachedAnswer(
             found=found is not None,
             values=dict(found.values) if found is not None else {},
@@ -343,6 +422,16 @@ class Waterfall:
             for alias in alias_keys(key, answer.values):
                 self._new_answers.setdefault((alias.id, provider.name), answer)
         return answer
+
+    def _not_sent(
+        self, provider: Provider, asked: frozenset[str], progress: _Progress, reason: str
+    ) -> None:
+        """A lookup `provider` cannot take: counted apart, its fields left for the others (or
+        skipped with the reason, if no other provider fills them)."""
+        self.stats.not_sent[provider.name][NOT_SENT_UNAVAILABLE] += 1
+        error = unavailable_error(provider.name, reason)
+        for name in asked:
+            progress.unavailable.setdefault(name, error)
 
     @staticmethod
     async def _publish(shared: AnswerCache, cache_key: CacheKey, answer: CachedAnswer) -> None:

@@ -37,6 +37,7 @@ from glaze_pipeline.core.engine import (
     RequestWatch,
 )
 from glaze_pipeline.core.errors import GlazeError
+from glaze_pipeline.core.estimate import EstimatePart
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityRequest,
@@ -44,6 +45,7 @@ from glaze_pipeline.core.models import (
     RequestStatus,
     Selection,
 )
+from glaze_pipeline.core.preflight import check_providers, unusable
 from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
@@ -70,6 +72,8 @@ class JobPlan:
     # An overwriting job's fingerprints of the cells it read (empty otherwise): see
     # `engine.apply_results`.
     read: dict[str, int] = field(default_factory=dict)
+    # The providers the preflight found unusable (name -> reason): no step calls them.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class AppliedJob:
     stats: WaterfallStats
     enrich_seconds: float
     stopped: str | None = None  # why the job stopped early (a cancel), if it did
+    estimate: EstimatePart | None = None  # an estimate job's figures
 
 
 @contextmanager
@@ -212,6 +217,7 @@ def detect_entities(
     context: OpExecutionContext,
     config: EnrichTableConfig,
     glaze_db: GlazeDatabase,
+    providers: EnrichmentProviders,
     progress: ProgressChannel,
 ) -> Iterator[Output | DynamicOutput]:
     started = time.time()
@@ -258,6 +264,7 @@ def detect_entities(
             cells_total=detection.cells_total,
             rows_total=detection.rows_read,
         )
+        unavailable = preflight(context, requests, request_id, providers, detection.entities)
         with progress.publisher() as publisher:
             publisher.publish(
                 "started",
@@ -288,11 +295,33 @@ def detect_entities(
             chunks=len(chunks),
             started=started,
             read=detection.read,
+            unavailable=unavailable,
         ),
         "plan",
     )
     for index, chunk in enumerate(chunks):
         yield DynamicOutput(chunk, mapping_key=f"chunk_{index}", output_name="chunks")
+
+
+def preflight(
+    context: OpExecutionContext,
+    requests: RequestRepository,
+    request_id: str,
+    providers: EnrichmentProviders,
+    entities: list[EntityRequest],
+) -> dict[str, str]:
+    """Check the providers this job may ask before it buys anything; an unusable one is named
+    once, on the request and in the run's log, and no step calls it."""
+    relevant = engine.relevant_providers(providers.providers(), entities)
+    unavailable = unusable(check_providers(relevant))
+    for name, reason in sorted(unavailable.items()):
+        context.log.warning(
+            f"provider {name} unavailable: {reason}; the waterfall skips it, and cells only it "
+            "could fill end skipped"
+        )
+    if unavailable:
+        requests.record_unavailable(request_id, unavailable)
+    return unavailable
 
 
 @op(
@@ -355,6 +384,7 @@ def enrich_entities(
                 dry_run=plan.kind is RequestKind.ESTIMATE,
                 watch=watch,
                 on_progress=advanced,
+                unavailable=plan.unavailable,
             )
         watch.raise_if_closed()
     stats = result.stats
@@ -383,7 +413,9 @@ def apply_results(
     stopped = next((r.stopped for r in results if r.stopped), None)
     if plan.kind is not RequestKind.ENRICH:
         # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
-        return AppliedJob(ApplySummary(), stats, sum(r.seconds for r in results), stopped)
+        estimate = engine.merge_estimates(results) if plan.kind is RequestKind.ESTIMATE else None
+        seconds = sum(r.seconds for r in results)
+        return AppliedJob(ApplySummary(), stats, seconds, stopped, estimate)
     last_log = [time.monotonic()]
     table_id = plan.target.table_id
 
@@ -441,6 +473,7 @@ def close_job(
     plan: JobPlan,
     applied: AppliedJob,
     glaze_db: GlazeDatabase,
+    providers: EnrichmentProviders,
     progress: ProgressChannel,
 ) -> Iterator[AssetMaterialization | Output]:
     store = glaze_db.store()
@@ -458,6 +491,10 @@ def close_job(
             detection_cells=plan.cells_total,
             cells_without_identifier=plan.cells_without_identifier,
             cancelled=applied.stopped,
+            estimate=applied.estimate,
+            providers=providers.providers(),
+            unavailable=plan.unavailable,
+            budget=plan.settings.budget,
         )
     request = requests.get(plan.request_id)
     status = RequestStatus(request.status)
@@ -483,9 +520,20 @@ def close_job(
         "cost_by_provider": MetadataValue.json(
             spend.cost_by_provider or {k: round(v, 6) for k, v in stats.cost.items()}
         ),
+        "calls_not_sent": MetadataValue.json(stats.not_sent_dict()),
+        "unavailable_providers": MetadataValue.json(plan.unavailable),
         "apply_statements": summary.statements,
         "duration_s": round(time.time() - plan.started, 3),
     }
+    if plan.kind is RequestKind.ESTIMATE and request.estimate:
+        report = request.estimate
+        metadata.update(
+            expected_cost=report["expected_cost"],
+            max_cost=report["max_cost"],
+            expected_cells_filled=report["expected_cells_filled"],
+            estimate_providers=MetadataValue.json(report["providers"]),
+            budget_guidance=report["guidance"],
+        )
     if plan.kind is RequestKind.ENRICH:
         yield AssetMaterialization(asset_key=ENRICHED_TABLE, partition=table_id, metadata=metadata)
     if plan.kind is not RequestKind.ESTIMATE and spend.calls:
@@ -516,7 +564,7 @@ def close_job(
             cost=request.cost,
             progress=100,
         )
-    yield Output(status.value)
+    yield Output(status.value, metadata=metadata)
 
 
 @graph

@@ -1,7 +1,9 @@
 """Enrichment providers: the contract, the fake provider, and the registry."""
 
 from glaze_pipeline.core.providers.base import (
+    AddressRefused,
     BadResponse,
+    CredentialsMissing,
     EntityNotFound,
     FatalProviderError,
     Provider,
@@ -10,10 +12,13 @@ from glaze_pipeline.core.providers.base import (
     ProviderUnavailable,
     RateLimited,
     TransientProviderError,
+    Verdict,
 )
 
 __all__ = [
+    "AddressRefused",
     "BadResponse",
+    "CredentialsMissing",
     "EntityNotFound",
     "FatalProviderError",
     "Provider",
@@ -22,4 +27,5 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "TransientProviderError",
+    "Verdict",
 ]

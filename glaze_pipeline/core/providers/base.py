@@ -5,6 +5,10 @@ can tell "this entity does not exist there" (not found: try the next provider, c
 vendor charges misses) from "the provider could not answer" (rate limited, transient, bad
 response, fatal: record the error, try the next provider, charge nothing).
 
+Each error also says whether a request left the machine (`sent`): a lookup refused on our side
+(a missing key, an open circuit, an address the SSRF guard refuses) is not a call, and the
+waterfall counts it apart instead of as one.
+
 Every message is redacted when the error is made (see `core.redact`): whatever text a provider
 wraps (an httpx error, a vendor's body), no configured secret reaches a cell or a log.
 """
@@ -20,11 +24,20 @@ from glaze_pipeline.core.redact import redact
 
 
 class ProviderError(Exception):
-    """Base of every error a provider raises; `provider` names who raised it."""
+    """Base of every error a provider raises; `provider` names who raised it.
 
-    def __init__(self, message: str, *, provider: str = "") -> None:
+    `sent`: whether a request left the machine before the error. The class says what its
+    errors usually are (False: refused before anything was sent); `sent=` overrides it for one
+    error, e.g. a refusal on a redirect hop, after the first request did go out.
+    """
+
+    sent: bool = True
+
+    def __init__(self, message: str, *, provider: str = "", sent: bool | None = None) -> None:
         super().__init__(redact(message))
         self.provider = provider
+        if sent is not None:
+            self.sent = sent
 
 
 class EntityNotFound(ProviderError):
@@ -51,6 +64,13 @@ class FatalProviderError(ProviderError):
     """Misconfiguration or refusal (401/403, bad request): retrying will not help."""
 
 
+class CredentialsMissing(FatalProviderError):
+    """The provider's API key is not set, or cannot be sent (see `http.read_secret`): nothing
+    was sent, and nothing will be until the key is fixed."""
+
+    sent = False
+
+
 class AddressRefused(FatalProviderError):
     """The target resolves to an address that is not public (loopback, private, link-local,
     metadata, ...): refused before connecting, on the first request or a redirect.
@@ -60,9 +80,44 @@ class AddressRefused(FatalProviderError):
     sheet full of internal domains must not switch the provider off for everyone).
     """
 
+    sent = False
+
 
 class ProviderUnavailable(ProviderError):
     """The provider is switched off for now (circuit open); it was not called."""
+
+    sent = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a provider can be used now, from what is knowable without spending.
+
+    `reason` says why not, without the provider's name in front (the caller adds it where it
+    needs it); `checks` lists what was checked, e.g. ("configured", "credentials", "probe").
+    """
+
+    provider: str
+    usable: bool
+    reason: str | None = None
+    checks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A reason may quote a vendor or an exception: as safe to print as a ProviderError.
+        if self.reason is not None:
+            object.__setattr__(self, "reason", redact(self.reason))
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.usable else "unavailable"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "reason": self.reason,
+            "checks": list(self.checks),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,14 @@ provider error hierarchy the waterfall acts on:
   `ProviderUnavailable` at once, without I/O, until `breaker_cooldown_s` has passed; then one
   probe is let through (half-open) and its outcome closes or re-opens the circuit.
 
+An error raised before the request left the machine says so (`sent=False`: a URL or header
+that cannot be encoded, a refused address, an open circuit); one raised after a first request
+or redirect hop went out keeps `sent=True`, whatever its class says.
+
+`HttpBackedProvider.preflight` checks, without spending, whether a provider can be used now;
+its health probe (`probe_health`) is a separate short-lived client, outside the lookup stats
+and the breaker.
+
 Provider calls are lookups (reads), so retrying a POST batch lookup is as safe as a GET.
 Every error message is redacted (see `core.redact`): credentials sent in headers never come
 back in an error, a log line or a cell.
@@ -55,12 +63,14 @@ from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.providers.base import (
     AddressRefused,
     BadResponse,
+    CredentialsMissing,
     EntityNotFound,
     FatalProviderError,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
     TransientProviderError,
+    Verdict,
 )
 from glaze_pipeline.core.providers.egress import EgressGuard, GuardedNetworkBackend
 from glaze_pipeline.core.redact import clean_secret, redact
@@ -234,11 +244,14 @@ class CircuitBreaker:
             self._settle(probe, failed=False)
             raise
         except AddressRefused:
-            # Refused before any I/O: says nothing about the provider's health.
+            # Refused by our own guard: says nothing about the provider's health.
             self._abandon(probe)
             raise
         except ProviderError as error:
-            self._settle(probe, failed=True, error=error)
+            if error.sent:
+                self._settle(probe, failed=True, error=error)
+            else:  # refused on our side before anything was asked of the vendor
+                self._abandon(probe)
             raise
         except BaseException:
             # Cancelled or crashed mid-call: says nothing about the provider's health.
@@ -249,6 +262,29 @@ class CircuitBreaker:
 
     def _cooled_down(self) -> bool:
         return self._clock() - self._opened_at >= self.cooldown_s
+
+    def refusal(self) -> str | None:
+        """Why a lookup would be refused now (without the provider's name), or None.
+
+        Changes nothing: a cooled-down circuit still leaves its probe to the next lookup.
+        """
+        if self.threshold is None:
+            return None
+        with self._lock:
+            if self._state == CircuitState.CLOSED:
+                return None
+            if self._state == CircuitState.OPEN and self._cooled_down():
+                return None
+            if self._state == CircuitState.HALF_OPEN and not self._probing:
+                return None
+            return self._refusal_text()
+
+    def _refusal_text(self) -> str:
+        retry_in = max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
+        return (
+            f"circuit open after {self._failures} consecutive failures; "
+            f"next probe in {retry_in:.1f}s (last error: {self.last_error})"
+        )
 
     def _admit(self) -> bool:
         """Let a call through (True when it is the half-open probe), or refuse it."""
@@ -262,14 +298,10 @@ class CircuitBreaker:
             if self._state == CircuitState.HALF_OPEN and not self._probing:
                 self._probing = True
                 return True
-            retry_in = max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
+            reason = self._refusal_text()
         if self._on_refuse is not None:
             self._on_refuse()
-        raise ProviderUnavailable(
-            f"{self.provider}: circuit open after {self._failures} consecutive failures; "
-            f"next probe in {retry_in:.1f}s (last error: {self.last_error})",
-            provider=self.provider,
-        )
+        raise ProviderUnavailable(f"{self.provider}: {reason}", provider=self.provider)
 
     def _settle(self, probe: bool, *, failed: bool, error: Exception | None = None) -> None:
         if self.threshold is None:
@@ -667,7 +699,7 @@ class ProviderClient:
                     await self.limiter.acquire()
                     async with asyncio.timeout(settings.attempt_timeout_s):
                         return await self._attempt(
-                            resources.client, method, url, params, json_body, headers
+                            resources.client, method, url, params, json_body, headers, attempt
                         )
             except _Retry as retry:
                 last = retry
@@ -711,19 +743,22 @@ class ProviderClient:
         params: Mapping[str, str] | None,
         json_body: Any,
         headers: Mapping[str, str] | None,
+        attempt: int = 0,
     ) -> HttpResponse:
         try:
             request = client.build_request(
                 method, url, params=params, json=json_body, headers=dict(headers or {})
             )
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
-            # A URL or header httpx cannot encode (UnicodeEncodeError is a ValueError).
+            # A URL or header httpx cannot encode (UnicodeEncodeError is a ValueError): the
+            # same on every attempt, so the first one fails here and nothing is ever sent.
             raise FatalProviderError(
                 f"{self.provider}: cannot build {method} {_path(url)}: {_describe(error)}",
                 provider=self.provider,
+                sent=False,
             ) from None
         for hop in range(self.settings.max_redirects + 1):
-            response = await self._send(client, request, hop=hop)
+            response = await self._send(client, request, hop=hop, earlier=bool(attempt or hop))
             try:
                 status = response.status_code
                 self.stats.count(str(status))
@@ -745,8 +780,15 @@ class ProviderClient:
         )
 
     async def _send(
-        self, client: httpx.AsyncClient, request: httpx.Request, *, hop: int = 0
+        self,
+        client: httpx.AsyncClient,
+        request: httpx.Request,
+        *,
+        hop: int = 0,
+        earlier: bool = False,
     ) -> httpx.Response:
+        """Send one request. `earlier`: an earlier attempt or redirect hop of this lookup may
+        have gone out, so a refusal here no longer means nothing was sent."""
         where = f"{request.method} {request.url.path}"
         self.stats.count_attempt()
         try:
@@ -755,7 +797,9 @@ class ProviderClient:
             self.stats.count("refused")
             after = f" (after {hop} redirect{'s' if hop > 1 else ''})" if hop else ""
             raise AddressRefused(
-                f"{self.provider}: {error}{after}", provider=self.provider
+                f"{self.provider}: {error}{after}",
+                provider=self.provider,
+                sent=True if earlier else None,
             ) from None
         except httpx.TimeoutException as error:
             self.stats.count("timeout")
@@ -764,10 +808,13 @@ class ProviderClient:
             self.stats.count("connection_error")
             raise _Retry("connection_error", f"connection failed ({_describe(error)})") from None
         except httpx.HTTPError as error:  # invalid URL, unsupported scheme, local protocol
+            # Refused by httpx before this request was written (an illegal header value, a
+            # scheme it cannot speak).
             self.stats.count("request_error")
             raise FatalProviderError(
                 f"{self.provider}: cannot send {where}: {_describe(error)}",
                 provider=self.provider,
+                sent=earlier,
             ) from None
 
     async def _read_body(self, response: httpx.Response) -> bytes:
@@ -908,6 +955,104 @@ class HttpBackedProvider:
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    # -- can it be used now? Known without spending.
+
+    def unavailable_reason(self) -> str | None:
+        """Why a lookup cannot be sent now (a missing or unusable key, an open circuit), or
+        None. Cheap and without I/O: the waterfall asks before every lookup."""
+        return self._credentials_problem() or self.http.breaker.refusal()
+
+    async def preflight(self, *, probe: bool = True) -> Verdict:
+        """Configuration, credentials, circuit and (with `probe`, where the vendor has a free
+        health endpoint) one health probe, stopping at the first problem. Never raises."""
+        checks: list[str] = []
+        try:
+            steps: list[tuple[str, Callable[[], str | None]]] = [
+                ("configured", self._configuration_problem)
+            ]
+            if self._needs_credentials:
+                steps.append(("credentials", self._credentials_problem))
+            if self.http.breaker.threshold is not None:
+                steps.append(("circuit", self.http.breaker.refusal))
+            for check, problem in steps:
+                checks.append(check)
+                reason = problem()
+                if reason is not None:
+                    return Verdict(self.name, False, reason, tuple(checks))
+            if probe and self._has_probe:
+                checks.append("probe")
+                reason = await self._probe()
+                if reason is not None:
+                    return Verdict(self.name, False, reason, tuple(checks))
+        except Exception as error:  # a verdict, whatever went wrong: preflight never raises
+            return Verdict(self.name, False, f"preflight failed: {_describe(error)}", tuple(checks))
+        return Verdict(self.name, True, None, tuple(checks))
+
+    # Hooks for the kinds of provider; the defaults suit one that needs no key and has no probe.
+
+    def _configuration_problem(self) -> str | None:
+        """What in the configuration keeps any lookup from being sent, or None."""
+        return None
+
+    @property
+    def _needs_credentials(self) -> bool:
+        return False
+
+    def _credentials_problem(self) -> str | None:
+        return None
+
+    @property
+    def _has_probe(self) -> bool:
+        return False
+
+    async def _probe(self) -> str | None:
+        return None
+
+
+async def probe_health(
+    base_url: str,
+    path: str,
+    *,
+    settings: HttpSettings,
+    timeout_s: float,
+    headers: Mapping[str, str] | None = None,
+    keyed: bool = False,
+) -> str | None:
+    """One GET to a vendor's free health endpoint: None when it answers 2xx, else why not.
+
+    A short-lived client of its own, so the probe never counts in the provider's lookup stats,
+    never moves its breaker or limiter, and never holds one of its pooled connections. No
+    retries: a preflight must be quick. `keyed`: the auth header is among `headers`, so a
+    401/403 means the key was refused. Never raises.
+    """
+    where = f"GET {_shown_url(base_url, path)}"
+    try:
+        async with (
+            asyncio.timeout(timeout_s),  # the whole probe, a server that trickles included
+            httpx.AsyncClient(
+                base_url=base_url,
+                headers={"User-Agent": settings.user_agent},
+                timeout=httpx.Timeout(timeout_s),
+                follow_redirects=False,
+                trust_env=settings.trust_env,
+            ) as client,
+            client.stream("GET", path, headers=dict(headers or {})) as response,
+        ):
+            status = response.status_code  # the body is never read
+    except (TimeoutError, httpx.TimeoutException):
+        return f"health probe failed: no answer within {timeout_s:g}s ({where})"
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as error:
+        return f"health probe failed: connection failed ({_os_cause(error)}) ({where})"
+    except Exception as error:
+        return f"health probe failed: {_describe(error)} ({where})"
+    if 200 <= status < 300:
+        return None
+    if status in (401, 403):
+        if keyed:
+            return f"API key refused (HTTP {status})"
+        return f"health probe refused (HTTP {status}) and no API key is configured ({where})"
+    return f"health probe failed: HTTP {status} ({where})"
+
 
 @asynccontextmanager
 async def provider_session(providers: Iterable[object]) -> AsyncIterator[None]:
@@ -948,18 +1093,30 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def read_secret(env_var: str, *, provider: str) -> str:
     """An API key from the environment, read at call time: checked, stripped, registered for
-    redaction. A missing or unusable one is fatal for this provider (its message names the
-    variable, never the value); `load_secret` reports the same at load time."""
+    redaction. A missing or unusable one is `CredentialsMissing` for this provider (its message
+    names the variable, never the value); `load_secret` reports the same at load time."""
     try:
         value = load_secret(env_var, provider=provider)
     except ConfigError as error:
-        raise FatalProviderError(str(error), provider=provider) from None
+        raise CredentialsMissing(str(error), provider=provider) from None
     if value is None:
-        raise FatalProviderError(
+        raise CredentialsMissing(
             f"{provider}: API key missing: set the environment variable {env_var}",
             provider=provider,
         )
     return value
+
+
+def secret_problem(env_var: str, *, provider: str) -> str | None:
+    """Why the key in `env_var` cannot be used (without the provider's name), or None.
+
+    Cheap and without I/O: the waterfall asks before every lookup.
+    """
+    try:
+        read_secret(env_var, provider=provider)
+    except CredentialsMissing as error:
+        return str(error).removeprefix(f"{provider}: ")
+    return None
 
 
 def load_secret(env_var: str, *, provider: str) -> str | None:
@@ -1012,6 +1169,30 @@ def _path(url: str) -> str:
         except httpx.InvalidURL:
             url = "/" + url.split("://", 1)[1].partition("/")[2]
     return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def _shown_url(base_url: str, path: str) -> str:
+    """Where a request to `path` under `base_url` goes, without credentials in the URL."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL:
+        return path
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{host}{port}{url.path.rstrip('/')}{path}"
+
+
+def _os_cause(error: BaseException) -> str:
+    """The system's words for a failed connection ("Connection refused"), found under the
+    layers httpx and anyio wrap it in ("All connection attempts failed"); else the error."""
+    cause: BaseException | None = error
+    for _ in range(20):  # a chain is short; a cycle must not hang a preflight
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        cause = cause.__cause__ or cause.__context__
+    return _describe(error)
 
 
 def _charset(content_type: str) -> str | None:

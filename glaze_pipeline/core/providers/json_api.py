@@ -6,7 +6,8 @@ environment variable that holds the key, read at call time), and where each cata
 sits in the answer (dotted paths). Every answer is validated into a typed record at the edge:
 a payload that does not fit is a `BadResponse`, never a crash and never half-trusted data.
 
-The vendor's host is the operator's `base_url`, trusted as configuration: no SSRF guard here.
+The vendor's host is the operator's `base_url`, trusted as configuration: no SSRF guard here
+(nor for the health probe, a path under the same `base_url`).
 User data reaches only the path (each value percent-encoded, `/`, `?`, `#` and `@` included, so
 it cannot leave the path or name another host), the query and the JSON body.
 """
@@ -18,11 +19,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
+import httpx
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -43,7 +46,9 @@ from glaze_pipeline.core.providers.http import (
     ProviderClient,
     UnsupportedLookup,
     load_secret,
+    probe_health,
     read_secret,
+    secret_problem,
 )
 
 # Which identifiers each entity type is keyed by (see detection.identify_row), and the
@@ -170,6 +175,17 @@ class AuthConfig(BaseModel):
     scheme: str = ""  # e.g. "Bearer": the header value is "<scheme> <key>"
 
 
+class HealthCheck(BaseModel):
+    """A free endpoint that says whether the vendor is up (and takes our key), under
+    `base_url`; the preflight GETs it once, with the auth header, before a job spends."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(pattern=r"^/")
+    method: Literal["GET"] = "GET"
+    timeout_s: PositiveFloat = Field(default=2.0, le=30)
+
+
 class JsonApiConfig(BaseModel):
     """One JSON API vendor, as written in the providers YAML."""
 
@@ -185,6 +201,7 @@ class JsonApiConfig(BaseModel):
     field_confidence: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     batch: BatchTemplate | None = None
     auth: AuthConfig | None = None
+    health: HealthCheck | None = None
     cost_per_call: float = Field(default=0.0, ge=0)
     charges_misses: bool = False
     confidence: float = Field(default=0.8, ge=0, le=1)
@@ -274,13 +291,14 @@ class JsonApiProvider(HttpBackedProvider):
             )
         template = self.config.lookups[key.kind]
         values = placeholders(key)
+        headers = self._headers()  # a missing key is refused here, outside the breaker
         with self.http.guard():
             response = await self.http.fetch(
                 template.method,
                 fill(template.path, values, quote_values=True),
                 params={k: fill(v, values) for k, v in template.params.items()},
                 json_body=_fill_json(template.json_body, values) if template.json_body else None,
-                headers=self._headers(),
+                headers=headers,
             )
             payload = response.json()
             if not isinstance(payload, dict):
@@ -322,12 +340,13 @@ class JsonApiProvider(HttpBackedProvider):
     async def _lookup_batch(
         self, batch: BatchTemplate, keys: Sequence[EntityKey]
     ) -> dict[str, ProviderAnswer | ProviderError]:
+        headers = self._headers()
         with self.http.guard():
             response = await self.http.fetch(
                 "POST",
                 batch.path,
                 json_body={batch.ids_field: [key.value for key in keys]},
-                headers=self._headers(),
+                headers=headers,
             )
             items = _dig(response.json(), batch.results_path)
             if not isinstance(items, list):
@@ -355,6 +374,41 @@ class JsonApiProvider(HttpBackedProvider):
                 except BadResponse as error:  # one bad record spoils only its own entity
                     results[key.id] = error
             return results
+
+    # -- preflight hooks (see HttpBackedProvider.preflight)
+
+    def _configuration_problem(self) -> str | None:
+        url = self.config.base_url
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL as error:
+            return f"base_url {url!r} is not a valid URL: {error}"
+        return None if host else f"base_url {url!r} names no host"
+
+    @property
+    def _needs_credentials(self) -> bool:
+        return self.config.auth is not None
+
+    def _credentials_problem(self) -> str | None:
+        auth = self.config.auth
+        return None if auth is None else secret_problem(auth.env, provider=self.name)
+
+    @property
+    def _has_probe(self) -> bool:
+        return self.config.health is not None
+
+    async def _probe(self) -> str | None:
+        health = self.config.health
+        if health is None:
+            return None
+        return await probe_health(
+            self.config.base_url,
+            health.path,
+            settings=self.config.http,
+            timeout_s=health.timeout_s,
+            headers=self._headers(),
+            keyed=self.config.auth is not None,
+        )
 
     def _headers(self) -> dict[str, str]:
         auth = self.config.auth

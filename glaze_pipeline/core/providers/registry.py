@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityType
-from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.base import Provider, Verdict
 from glaze_pipeline.core.providers.fake import FakeProvider
 from glaze_pipeline.core.providers.http import ProviderHealth, expand_env
 from glaze_pipeline.core.providers.json_api import JsonApiConfig, JsonApiProvider
@@ -157,6 +157,9 @@ class ProviderDescription:
     circuit: str | None = None
     last_error: str | None = None
     attempts: int | None = None
+    # The preflight's verdict ("ok" / "unavailable" and why), when one was asked for.
+    status: str | None = None
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -172,13 +175,19 @@ class ProviderDescription:
             "circuit": self.circuit,
             "last_error": self.last_error,
             "attempts": self.attempts,
+            "status": self.status,
+            "reason": self.reason,
         }
 
 
-def describe_providers(providers: Iterable[Provider]) -> list[ProviderDescription]:
-    """Name, entity type, fields, price and health of each provider, cheapest first."""
+def describe_providers(
+    providers: Iterable[Provider], verdicts: Mapping[str, Verdict] | None = None
+) -> list[ProviderDescription]:
+    """Name, entity type, fields, price and health of each provider, cheapest first; with
+    `verdicts` (see `core.preflight.check_providers`), whether each can be used now."""
     described = []
     for provider in providers:
+        verdict = (verdicts or {}).get(provider.name)
         health: ProviderHealth | None = None
         probe = getattr(provider, "health", None)
         if callable(probe):
@@ -198,6 +207,8 @@ def describe_providers(providers: Iterable[Provider]) -> list[ProviderDescriptio
                 circuit=health.circuit if health is not None else None,
                 last_error=health.last_error if health is not None else None,
                 attempts=health.attempts if health is not None else None,
+                status=verdict.status if verdict is not None else None,
+                reason=verdict.reason if verdict is not None else None,
             )
         )
     return sorted(described, key=lambda d: (d.entity_type, d.cost_per_call, d.name))

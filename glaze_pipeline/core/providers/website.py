@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 from typing import Literal
 from urllib.parse import unquote
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from glaze_pipeline.core.models import EntityKey, EntityType
@@ -211,6 +212,16 @@ class WebsiteProvider(HttpBackedProvider):
             and key.kind == "domain"
             and bool(_DOMAIN_RE.match(key.value))
         )
+
+    def _configuration_problem(self) -> str | None:
+        # The preflight: no key, and no probe (which homepage would say the provider is up?).
+        template = self.config.url_template
+        url = self.homepage_url("example.com")
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL as error:
+            return f"url_template {template!r} makes no valid URL: {error}"
+        return None if host else f"url_template {template!r} makes URLs with no host"
 
     def homepage_url(self, domain: str) -> str:
         override = self.config.site_urls.get(domain)
