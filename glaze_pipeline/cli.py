@@ -491,7 +491,14 @@ def render_estimate(request_id: str, report: Mapping[str, Any]) -> Group:
         if report.get(key) is not None:
             totals.add_row(Text(label), Text(display_text(report[key])))
     providers = Table(
-        "provider", "status", "expected calls", "expected cost", "max calls", "max cost", "basis"
+        "provider",
+        "status",
+        "reach",
+        "expected calls",
+        "expected cost",
+        "max calls",
+        "max cost",
+        "basis",
     )
     for name, row in (report.get("providers") or {}).items():
         bases = row.get("by_key_kind") or {}
@@ -500,6 +507,7 @@ def render_estimate(request_id: str, report: Mapping[str, Any]) -> Group:
         providers.add_row(
             Text(name),
             Text(status, style="red" if row["status"] != "ok" else ""),
+            Text(f"{row.get('reach', 0):.0%}"),
             Text(f"{row['expected_calls']:,.1f}"),
             Text(f"{row['expected_cost']:,.2f}"),
             Text(f"{row['max_calls']:,}"),

@@ -240,3 +240,85 @@ def test_after_one_table_the_estimate_of_a_second_is_within_ten_percent(
     assert report["providers"]["cheap"]["by_key_kind"]["domain"]["lookups"] > 0
     assert "from " in report["providers"]["cheap"]["by_key_kind"]["domain"]["basis"]
     assert report["guidance"]
+
+
+UNUSABLE_PREMIUM = """
+providers:
+  - {kind: fake, name: cheap, entity_type: company, cost_per_call: 1, confidence: 0.85,
+     fields: [industry, employee_count]}
+  - kind: json_api
+    name: premium
+    entity_type: company
+    base_url: http://127.0.0.1:9/premium
+    auth: {header: X-Api-Key, env: GLAZE_TEST_UNSET_PREMIUM_KEY}
+    lookups: {domain: {path: /v1/companies, params: {domain: "{value}"}}}
+    record_path: company
+    fields: {industry: industry, revenue: metrics.revenue}
+    cost_per_call: 10
+    charges_misses: true
+"""
+
+
+def run_in_dagster(store: Store, table: Any, providers_file: str, kind: str) -> tuple[Any, Any]:
+    from dagster import DagsterInstance
+
+    from glaze_pipeline.definitions import build_definitions
+
+    job = build_definitions(store.url, providers_file).get_job_def("enrich_table")
+    selection = {"column_ids": [table.column_by_key(k).id for k in ("industry", "revenue")]}
+    with DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            run_config={
+                "ops": {
+                    "detect_entities": {"config": {"table_id": table.id, "kind": kind, **selection}}
+                }
+            },
+            instance=instance,
+        )
+        logs = [
+            event.message
+            for event in instance.all_logs(result.run_id)
+            if event.level >= 30  # warnings
+        ]
+        metadata = next(
+            event.step_output_data.metadata
+            for event in result.all_node_events
+            if event.step_key == "close_job" and event.is_successful_output
+        )
+    request = store.get_request(result.output_for_node("detect_entities", "plan").request_id)
+    return request, (logs, metadata)
+
+
+def test_an_unusable_provider_is_named_before_the_run_buys_and_never_called(
+    store: Store, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GLAZE_TEST_UNSET_PREMIUM_KEY", raising=False)
+    providers_file = tmp_path / "providers.yaml"
+    providers_file.write_text(UNUSABLE_PREMIUM)
+    table = seed_generated(store, rows=20, unique_companies=10)
+    reason = "API key missing: set the environment variable GLAZE_TEST_UNSET_PREMIUM_KEY"
+
+    estimate, (logs, metadata) = run_in_dagster(store, table, str(providers_file), "estimate")
+    report = estimate.estimate
+    assert report["providers"]["premium"] == {
+        **report["providers"]["premium"],
+        "status": "unavailable",
+        "reason": reason,
+        "expected_calls": 0,
+        "max_calls": 0,
+    }
+    # Revenue (only premium has it), and industry wherever the prior expects cheap to miss.
+    assert 20 < report["cells_provider_unavailable"] < 40
+    assert metadata["expected_cost"].value == report["expected_cost"]
+    assert metadata["max_cost"].value == report["max_cost"] == 10
+    assert any(f"provider premium unavailable: {reason}" in message for message in logs)
+
+    request, (logs, metadata) = run_in_dagster(store, table, str(providers_file), "enrich")
+    assert request.unavailable_providers == {"premium": reason}
+    assert request.provider_calls == {"cheap": 10}
+    assert (request.cells_failed, request.cells_skipped, request.cells_done) == (0, 20, 20)
+    assert request.calls_not_sent == {"premium": {"provider unavailable": 10}}
+    assert request.error.endswith(f"provider unavailable: premium ({reason})")
+    assert metadata["unavailable_providers"].value == {"premium": reason}
+    revenue = {row.meta["revenue"]["error"] for row in store.rows_in_order(table.id)}
+    assert revenue == {f"provider unavailable (premium: {reason})"}

@@ -206,6 +206,7 @@ class EstimatePart:
     # Per entity in the job's order: (expected cost, expected cells filled), for the guidance.
     curve: list[tuple[float, float]] = field(default_factory=list)
     cells: int = 0
+    entities: dict[str, int] = field(default_factory=dict)  # by entity type
     cells_unavailable: float = 0.0  # expected cells skipped: only an unusable provider had them
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> key kind -> ...
 
@@ -214,6 +215,8 @@ class EstimatePart:
             _add(mine, theirs, 1.0)
         self.curve.extend(other.curve)
         self.cells += other.cells
+        for kind, count in other.entities.items():
+            self.entities[kind] = self.entities.get(kind, 0) + count
         self.cells_unavailable += other.cells_unavailable
         for name, kinds in other.bases.items():
             for kind, basis in kinds.items():
@@ -292,6 +295,7 @@ def estimate_chunk(
         _add(part.worst, worst, 1.0)
         cells = request.cells or len(request.fields)
         part.cells += cells
+        part.entities[key.type.value] = part.entities.get(key.type.value, 0) + 1
         per_field = cells / max(1, len(request.fields))
         part.cells_unavailable += expected.unavailable * per_field
         part.curve.append((sum(expected.cost.values()), expected.filled * per_field))
@@ -396,6 +400,7 @@ def estimate_report(
         if name not in part.bases and name not in unavailable:
             continue
         reason = unavailable.get(name)
+        of_type = part.entities.get(provider.entity_type.value, 0)
         per_provider[name] = {
             "entity_type": provider.entity_type.value,
             "status": "unavailable" if reason else "ok",
@@ -404,6 +409,8 @@ def estimate_report(
             "expected_cost": round(expected.cost.get(name, 0.0), 2),
             "max_calls": round(worst.calls.get(name, 0.0)),
             "max_cost": round(worst.cost.get(name, 0.0), 6),
+            # How far the waterfall is expected to go: the share of its entities it is asked.
+            "reach": round(expected.calls.get(name, 0.0) / of_type, 4) if of_type else 0.0,
             "by_key_kind": part.bases.get(name, {}),
         }
     expected_cost = round(sum(expected.cost.values()), 2)

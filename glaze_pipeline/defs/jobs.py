@@ -388,10 +388,18 @@ def enrich_entities(
             )
         watch.raise_if_closed()
     stats = result.stats
+    if result.estimate is not None:
+        part = result.estimate
+        context.log.info(
+            f"{len(chunk)} entities estimated in {result.seconds:.2f}s: expected cost "
+            f"{sum(part.expected.cost.values()):,.2f}, upper bound {sum(part.worst.cost.values()):,g}"
+        )
+        return result
     context.log.info(
         f"{len(chunk)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
         f"cache hits {stats.cache_hits} ({stats.shared_hits} from concurrent runs, via "
         f"{sharing.backend}), errors {dict(stats.errors)}"
+        + (f"; not sent {stats.not_sent_dict()}" if stats.not_sent else "")
         + (f"; stopped: {result.stopped}" if result.stopped else "")
     )
     return result
