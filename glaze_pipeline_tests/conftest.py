@@ -22,7 +22,14 @@ PG_BASE_URL = os.environ.get(
     "GLAZE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_TEST_URL = os.environ.get("GLAZE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-APP_TABLES = ("enrichment_requests", "entity_cache", "rows", "columns", "tables")
+APP_TABLES = (
+    "enrichment_requests",
+    "entity_cache",
+    "rows",
+    "columns",
+    "tables",
+    "provider_observations",
+)
 
 
 @pytest.fixture(scope="session")

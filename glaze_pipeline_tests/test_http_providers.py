@@ -34,6 +34,7 @@ from glaze_pipeline.core.providers.base import (
     ProviderUnavailable,
     RateLimited,
     TransientProviderError,
+    Unreachable,
 )
 from glaze_pipeline.core.providers.egress import EgressGuard, IPAddress, address_refusal
 from glaze_pipeline.core.providers.fake import fake_value
@@ -369,6 +370,9 @@ def test_down_provider_opens_the_circuit_then_is_skipped_without_io() -> None:
 
     first, second, third, fourth = (error for error, _ in results)
     assert isinstance(first, TransientProviderError) and "connection failed" in str(first)
+    # No attempt connected: nothing was asked of the vendor (not a call), yet it is down (the
+    # breaker counts it).
+    assert isinstance(first, Unreachable) and first.sent is False
     assert isinstance(second, TransientProviderError)
     assert isinstance(third, ProviderUnavailable) and "circuit open" in str(third)
     assert isinstance(fourth, ProviderUnavailable)
@@ -387,6 +391,16 @@ def test_down_provider_opens_the_circuit_then_is_skipped_without_io() -> None:
     assert isinstance(probe, TransientProviderError)
     assert isinstance(after, ProviderUnavailable)
     assert provider.http.stats.attempts == 6
+
+
+def test_a_vendor_that_answers_once_makes_a_failed_lookup_a_call(mock: MockProviderServer) -> None:
+    """A 500 came back: the request reached the vendor, so the lookup counts as sent."""
+    mock.configure({"vendors": {"cheap": {"mode": "error"}}})
+    provider = JsonApiProvider(company_vendor(mock.vendor_url("cheap"), http={"retries": 1}))
+    with pytest.raises(TransientProviderError) as failed:
+        asyncio.run(lookup(provider, company("acme.com"), {"name"}))
+    assert not isinstance(failed.value, Unreachable)
+    assert failed.value.sent is True
 
 
 async def _two_attempts(provider: JsonApiProvider) -> list[tuple[ProviderError, float]]:
@@ -720,7 +734,13 @@ def test_missing_api_key_is_fatal_and_names_the_variable(
 
 def test_each_error_class_says_whether_its_errors_were_sent() -> None:
     sent = [EntityNotFound, RateLimited, TransientProviderError, BadResponse, FatalProviderError]
-    refused_here = [ProviderUnavailable, UnsupportedLookup, AddressRefused, CredentialsMissing]
+    refused_here = [
+        ProviderUnavailable,
+        UnsupportedLookup,
+        AddressRefused,
+        CredentialsMissing,
+        Unreachable,
+    ]
     assert ProviderError.sent is True
     assert all(kind.sent is True for kind in sent)
     assert all(kind.sent is False for kind in refused_here)

@@ -132,7 +132,9 @@ def test_the_waterfall_records_the_refusal_and_never_the_page(
         assert cell.value is None
         assert cell.error is not None and "resolves to 127.0.0.1 (loopback)" in cell.error
         assert "hunter2" not in cell.error
-    assert waterfall.stats.errors == {"website": 1}
+    # Refused before connecting: no call, no error of the provider's, counted apart.
+    assert waterfall.stats.calls["website"] == 0
+    assert waterfall.stats.not_sent_dict() == {"website": {"refused": 1}}
     assert internal.requests == []
 
 

@@ -14,6 +14,7 @@ from glaze_pipeline.core.providers.base import (
     EntityNotFound,
     ProviderAnswer,
     TransientProviderError,
+    Unreachable,
 )
 from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
 from glaze_pipeline.core.spend import SpendJournal
@@ -260,3 +261,13 @@ def test_lookups_are_observed_by_provider_and_key_kind() -> None:
     observed = waterfall.stats.observed[("cheap", "domain")]
     assert (observed.lookups, observed.found, observed.charged) == (1, 1, 1)
     assert observed.fields == {"industry": [1, 1], "employee_count": [1, 0]}
+
+
+def test_a_vendor_nobody_could_connect_to_fails_the_cell_but_is_no_call() -> None:
+    down = Vendor("down", 1, {"industry": "Tech"}, error=Unreachable("down: connection refused"))
+    waterfall = Waterfall([down], budget=Budget(None))
+    [outcome] = run(waterfall, want("industry"))
+    assert outcome.fields["industry"].status is CellStatus.FAILED
+    assert outcome.fields["industry"].error == "down: connection refused"
+    assert waterfall.stats.calls["down"] == 0
+    assert waterfall.stats.not_sent_dict() == {"down": {"unreachable": 1}}

@@ -38,6 +38,7 @@ from glaze_pipeline.core.providers.base import (
     ProviderAnswer,
     ProviderError,
     ProviderUnavailable,
+    Unreachable,
 )
 from glaze_pipeline.core.singleflight import Flight, NoFlight
 from glaze_pipeline.core.spend import SpendJournal
@@ -51,6 +52,7 @@ DEFAULT_THRESHOLD = 0.8
 NOT_SENT_UNAVAILABLE = "provider unavailable"  # preflight verdict, open circuit, missing key
 NOT_SENT_BUDGET = "budget"  # the budget could not cover it
 NOT_SENT_REFUSED = "refused"  # refused on the way out (e.g. an address the guard refuses)
+NOT_SENT_UNREACHABLE = "unreachable"  # no attempt could connect to the vendor
 
 
 def unavailable_error(provider: str, reason: str) -> str:
@@ -384,7 +386,11 @@ class Waterfall:
                 if isinstance(error, ProviderUnavailable | CredentialsMissing):
                     self._not_sent(provider, asked, progress, reason)
                     return None
-                self.stats.not_sent[provider.name][NOT_SENT_REFUSED] += 1
+                if isinstance(error, Unreachable):
+                    self.stats.errors[provider.name] += 1
+                    self.stats.not_sent[provider.name][NOT_SENT_UNREACHABLE] += 1
+                else:
+                    self.stats.not_sent[provider.name][NOT_SENT_REFUSED] += 1
             else:
                 self.stats.errors[provider.name] += 1
                 observed.errors += 1

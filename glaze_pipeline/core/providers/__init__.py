@@ -12,6 +12,7 @@ from glaze_pipeline.core.providers.base import (
     ProviderUnavailable,
     RateLimited,
     TransientProviderError,
+    Unreachable,
     Verdict,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "TransientProviderError",
+    "Unreachable",
     "Verdict",
 ]

@@ -56,6 +56,14 @@ class TransientProviderError(ProviderError):
     """Timeouts, connection errors, 5xx: worth retrying later, not now."""
 
 
+class Unreachable(TransientProviderError):
+    """No attempt could connect to the vendor (refused, unresolvable, connect timeout): nothing
+    was asked of it. Not a call, but a failure of the vendor's all the same (the breaker counts
+    it)."""
+
+    sent = False
+
+
 class BadResponse(ProviderError):
     """The provider answered with something we cannot parse or trust."""
 

@@ -70,6 +70,7 @@ from glaze_pipeline.core.providers.base import (
     ProviderUnavailable,
     RateLimited,
     TransientProviderError,
+    Unreachable,
     Verdict,
 )
 from glaze_pipeline.core.providers.egress import EgressGuard, GuardedNetworkBackend
@@ -246,6 +247,9 @@ class CircuitBreaker:
         except AddressRefused:
             # Refused by our own guard: says nothing about the provider's health.
             self._abandon(probe)
+            raise
+        except Unreachable as error:  # nothing sent, but the vendor is down: a failure
+            self._settle(probe, failed=True, error=error)
             raise
         except ProviderError as error:
             if error.sent:
@@ -424,11 +428,19 @@ class HttpResponse:
 class _Retry(Exception):
     """One attempt failed in a way worth another try."""
 
-    def __init__(self, outcome: str, description: str, *, retry_after: float | None = None):
+    def __init__(
+        self,
+        outcome: str,
+        description: str,
+        *,
+        retry_after: float | None = None,
+        reached: bool = True,
+    ):
         super().__init__(description)
         self.outcome = outcome
         self.description = description
         self.retry_after = retry_after
+        self.reached = reached  # False: no connection was made, so nothing was sent
 
 
 # --- the transport: many small pools ---------------------------------------------------------
@@ -690,6 +702,7 @@ class ProviderClient:
         attempts = settings.retries + 1
         where = f"{method} {_path(url)}"
         last: _Retry | None = None
+        reached = False  # whether any attempt got as far as a connection
         for attempt in range(attempts):
             if attempt:
                 self.stats.count_retry()
@@ -703,6 +716,7 @@ class ProviderClient:
                         )
             except _Retry as retry:
                 last = retry
+                reached = reached or retry.reached
                 logger.debug(
                     "provider %s: %s failed (%s), attempt %d of %d",
                     self.provider,
@@ -714,8 +728,13 @@ class ProviderClient:
             except TimeoutError:
                 self.stats.count("timeout")
                 last = _Retry("timeout", f"no complete answer within {settings.attempt_timeout_s}s")
+                reached = True  # for all we know, it was sent
         assert last is not None
         tried = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
+        if not reached:
+            raise Unreachable(
+                f"{self.provider}: {last.description} {tried} ({where})", provider=self.provider
+            )
         if last.outcome == "429":
             raise RateLimited(
                 f"{self.provider}: rate limited (HTTP 429) {tried} ({where})",
@@ -803,10 +822,16 @@ class ProviderClient:
             ) from None
         except httpx.TimeoutException as error:
             self.stats.count("timeout")
-            raise _Retry("timeout", f"timed out ({type(error).__name__})") from None
+            connected = not isinstance(error, httpx.ConnectTimeout)
+            raise _Retry(
+                "timeout", f"timed out ({type(error).__name__})", reached=connected
+            ) from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as error:
             self.stats.count("connection_error")
-            raise _Retry("connection_error", f"connection failed ({_describe(error)})") from None
+            connected = not isinstance(error, httpx.ConnectError)
+            raise _Retry(
+                "connection_error", f"connection failed ({_describe(error)})", reached=connected
+            ) from None
         except httpx.HTTPError as error:  # invalid URL, unsupported scheme, local protocol
             # Refused by httpx before this request was written (an illegal header value, a
             # scheme it cannot speak).
