@@ -1,6 +1,6 @@
 """The HTTP API over real HTTP: a real `glaze serve` (uvicorn, launcher, Dagster runs) per module.
 
-Four servers, each shared by the tests that do not disturb one another:
+Five servers, each shared by the tests that do not disturb one another:
 
 * `server`: the open server with its launcher, on the embedded SQLite default and on Postgres
   with Redis: seed 001's flow and every job mode, tables, columns, rows and cell edits. Each test
@@ -11,6 +11,8 @@ Four servers, each shared by the tests that do not disturb one another:
   queued job.
 * `slow`: a launcher whose providers answer after a few seconds: a user's edit landing while a
   job runs, and cancelling a running job.
+* `keyless`: a launcher over JSON API vendors of the mock provider server, one of which needs an
+  API key that is not set: the estimate and the job name it, and the job never calls it.
 * a server that must refuse to start (no key, not loopback).
 """
 
@@ -27,9 +29,15 @@ import httpx
 import jwt
 import pytest
 import redis
+import yaml
 
 from glaze_pipeline.api.auth import TokenSigner
+from glaze_pipeline.api.models import Estimate
 from glaze_pipeline.bench.stack import fresh_postgres
+from glaze_pipeline.core.estimate import estimate_chunk, estimate_report
+from glaze_pipeline.core.models import EntityKey, EntityRequest, EntityType
+from glaze_pipeline.core.providers.registry import load_providers
+from glaze_pipeline.mock_server import COMPANY_LAYOUT, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.api_helpers import (
     GLAZE,
     LEADS,
@@ -127,6 +135,82 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     providers.write_text(SLOW_PROVIDERS % {"latency": SLOW_LATENCY_S})
     with served(home, extra_env={"GLAZE_PROVIDERS_FILE": str(providers)}) as running:
         yield running
+
+
+# The key the premium vendor needs; `served` passes no GLAZE_* variable of the test's own, so it
+# is unset in the server, as for a user who forgot it.
+MISSING_KEY_ENV = "GLAZE_TEST_PREMIUM_API_KEY"
+
+
+def vendor_entry(mock: MockProviderServer, vendor: str, **entry: Any) -> dict[str, Any]:
+    """A json_api company provider aimed at one mock vendor (fields named in `entry`)."""
+    fields = entry.pop("fields")
+    return {
+        "kind": "json_api",
+        "entity_type": "company",
+        "base_url": mock.vendor_url(vendor),
+        "health": {"path": "/v1/health"},
+        "lookups": {"domain": {"path": "/v1/companies", "params": {"domain": "{value}"}}},
+        "record_path": "company",
+        "fields": {name: COMPANY_LAYOUT[name] for name in fields},
+        "http": {"retries": 0, "max_concurrency": 10},
+        **entry,
+    }
+
+
+@pytest.fixture(scope="module")
+def keyless_mock() -> Iterator[MockProviderServer]:
+    """A cheap vendor that knows every company's industry, and a premium one (industry and
+    revenue) that wants an API key."""
+    config = MockConfig(
+        vendors={
+            "cheap": VendorConfig(entity_type="company", fields=["domain", "industry"]),
+            "premium": VendorConfig(
+                entity_type="company", cost_per_call=10.0, api_key="premium-key-0123456789"
+            ),
+        }
+    )
+    with MockProviderServer(config) as mock:
+        yield mock
+
+
+@pytest.fixture(scope="module")
+def keyless(
+    tmp_path_factory: pytest.TempPathFactory, keyless_mock: MockProviderServer
+) -> Iterator[Server]:
+    """A launcher over the mock vendors, the premium vendor's key unset."""
+    home = tmp_path_factory.mktemp("serve-keyless")
+    providers = home / "providers.yaml"
+    entries = [
+        vendor_entry(
+            keyless_mock, "cheap", name="cheap_company", fields=["industry"], cost_per_call=1.0
+        ),
+        vendor_entry(
+            keyless_mock,
+            "premium",
+            name="premium_company",
+            fields=["industry", "revenue"],
+            cost_per_call=10.0,
+            charges_misses=True,
+            confidence=0.95,
+            auth={"header": "X-Api-Key", "env": MISSING_KEY_ENV},
+        ),
+    ]
+    providers.write_text(yaml.safe_dump({"providers": entries}))
+    with served(home, extra_env={"GLAZE_PROVIDERS_FILE": str(providers)}) as running:
+        yield running
+
+
+def company_table(client: httpx.Client, name: str, rows: int = 3) -> str:
+    """An uploaded table of `rows` companies with empty industry and revenue: its id."""
+    lines = ["company,website,industry,revenue"]
+    lines += [f"{name} {n},{name.lower()}{n}.com,," for n in range(1, rows + 1)]
+    response = upload(client, ("\n".join(lines) + "\n").encode(), name=name)
+    assert response.status_code == 201, response.text
+    table = response.json()
+    fields = {c["key"]: c["field"] for c in table["columns"]}
+    assert (fields["industry"], fields["revenue"]) == ("company.industry", "company.revenue")
+    return str(table["id"])
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -336,7 +420,8 @@ def test_v2_enrich_and_job_view(server: Server) -> None:
 
 
 def test_estimate_buys_nothing(server: Server) -> None:
-    """The estimate answers entities, expected calls and cost, and buys nothing: no row
+    """The estimate answers entities, expected and upper-bound calls and cost per provider,
+    each provider's verdict and basis, and a budget guidance, and buys nothing: no row
     changes, no cost, and the same estimate again (nothing it looked at was cached)."""
     body = grid(["industry", "title"], [row(6), row(7)])
     path = f"/v2/tables/{LEADS}/enrich/estimate"
@@ -348,14 +433,117 @@ def test_estimate_buys_nothing(server: Server) -> None:
         assert (job["kind"], job["status"], job["state"]) == ("estimate", "completed", "succeeded")
         estimate = job["estimate"]
         assert (estimate["uniqueEntities"], estimate["cells"]) == (4, 4)
-        calls = estimate["expectedProviderCalls"]
-        assert set(calls) <= {"fake_company", "fake_person"}
-        assert sum(calls.values()) + estimate["cacheHits"] == 4  # earlier tests may cache some
-        assert estimate["expectedCost"] == float(sum(calls.values()))  # 1.0 per call
+        expected, most = estimate["expectedProviderCalls"], estimate["maxProviderCalls"]
+        assert set(expected) <= set(most) <= {"fake_company", "fake_person"}
+        assert sum(most.values()) + estimate["cacheHits"] == 4  # earlier tests may cache some
+        assert all(0 < expected[name] <= most[name] for name in expected)
+        # 1.0 per call: the bound charges every call, the expectation at most every call
+        assert estimate["maxCost"] == float(sum(most.values()))
+        assert 0 <= estimate["expectedCost"] <= estimate["maxCost"]
+        assert estimate["unavailableProviders"] == {} and estimate["cellsProviderUnavailable"] == 0
+        for name in most:
+            provider = estimate["providers"][name]
+            assert (provider["status"], provider["reason"]) == ("ok", None)
+            assert provider["expectedCost"] <= provider["maxCost"] == float(most[name])
+            assert provider["byKeyKind"], provider
+            for basis in provider["byKeyKind"].values():
+                assert 0 <= basis["chargedShare"] <= 1 and 0 <= basis["foundShare"] <= 1
+                assert basis["basis"].startswith(("from ", "prior, no history yet"))
+        guidance = estimate["budgetGuidance"]
+        assert guidance["expectedCellsFilled"] == estimate["expectedCellsFilled"] <= 4
+        if estimate["expectedCellsFilled"]:  # all cached: nothing left to buy or fill
+            assert guidance["points"][-1]["shareOfFillable"] == 1.0
+            assert guidance["points"][-1]["budget"] >= estimate["expectedCost"]
+            assert estimate["guidance"].startswith("budget ")
+        else:
+            assert estimate["guidance"] == "no cell is expected to be filled"
         assert job["cost"] == 0 and job["providerCalls"] == {} and job["costByProvider"] == {}
+        assert job["callsNotSent"] == {} and job["unavailableProviders"] == {}
         assert rows_by_id(client) == before
         again = client.post(path, params={"wait": 60}, json=body).json()
         assert again["jobId"] != job["jobId"] and again["estimate"] == estimate
+
+
+def test_estimate_with_a_budget_says_what_it_fills(server: Server) -> None:
+    """A budget on the estimate: the guidance says what that budget is expected to fill."""
+    body = {**grid(["employee_count"], [row(1), row(2)]), "budget": 1}
+    with server.client() as client:
+        response = client.post(
+            f"/v2/tables/{LEADS}/enrich/estimate", params={"wait": 60}, json=body
+        )
+        assert response.status_code == 200, response.text
+        estimate = response.json()["estimate"]
+    assert estimate["budget"] == 1
+    at_budget = estimate["budgetGuidance"]["atBudget"]
+    assert at_budget["budget"] == 1 and at_budget["expectedCost"] <= 1
+    assert 0 <= at_budget["cellsFilled"] <= estimate["expectedCellsFilled"]
+
+
+def test_estimate_model_carries_the_whole_report() -> None:
+    """Every figure of the engine's estimate report reaches the API, camelCased, none dropped
+    (the model ignores unknown keys, so a figure missing from it would vanish silently)."""
+    providers = load_providers(None)  # the bundled fakes
+    company, person = (p.name for p in providers)
+    requests = [
+        EntityRequest(
+            EntityKey(EntityType.COMPANY, "domain", "acme.com"), frozenset({"industry"}), 1
+        ),
+        EntityRequest(EntityKey(EntityType.PERSON, "email", "a@acme.com"), frozenset({"title"}), 1),
+    ]
+    unavailable = {person: "API key missing: set the environment variable X"}
+    part = estimate_chunk(
+        requests, providers, cache=None, observations={}, threshold=0.8, unavailable=unavailable
+    )
+    report = estimate_report(
+        part,
+        providers=providers,
+        entities=2,
+        cells=2,
+        cells_without_identifier=0,
+        unavailable=unavailable,
+        budget=5.0,
+    )
+    estimate = Estimate.model_validate(report)
+    assert estimate.model_dump() == report
+    read = estimate.model_dump(by_alias=True)
+    assert read["providers"][company]["status"] == "ok"
+    assert read["providers"][person]["status"] == "unavailable"
+    assert read["cellsProviderUnavailable"] == 1
+    assert read["budgetGuidance"]["atBudget"]["budget"] == 5.0
+
+
+def test_estimate_model_reads_an_old_estimate() -> None:
+    """An estimate stored before expected costs existed (int calls, no bound, no providers)
+    still reads: its figures as stored, every newer one at its default."""
+    old = {
+        "unique_entities": 4,
+        "cells": 6,
+        "cells_without_identifier": 1,
+        "cache_hits": 1,
+        "expected_provider_calls": {"fake_company": 2, "fake_person": 1},
+        "expected_cost_by_provider": {"fake_company": 2.0, "fake_person": 1.0},
+        "expected_cost": 3.0,
+    }
+    read = Estimate.model_validate(old).model_dump(by_alias=True)
+    assert read == {
+        "uniqueEntities": 4,
+        "cells": 6,
+        "cellsWithoutIdentifier": 1,
+        "cacheHits": 1,
+        "expectedCost": 3.0,
+        "maxCost": None,
+        "budget": None,
+        "expectedCellsFilled": None,
+        "cellsProviderUnavailable": 0,
+        "expectedProviderCalls": {"fake_company": 2.0, "fake_person": 1.0},
+        "expectedCostByProvider": {"fake_company": 2.0, "fake_person": 1.0},
+        "maxProviderCalls": {},
+        "maxCostByProvider": {},
+        "providers": {},
+        "unavailableProviders": {},
+        "budgetGuidance": None,
+        "guidance": None,
+    }
 
 
 def test_idempotency_key(server: Server) -> None:
@@ -715,6 +903,67 @@ def test_cancel_running_job(slow: Server) -> None:
         assert again["status"] == "cancelled" and again["completedAt"] == job["completedAt"]
         statuses = {r: rows_by_id(client)[r]["status"] for r in (row(4), row(5))}
         assert "queued" not in statuses.values() and "running" not in statuses.values()
+
+
+# -- a provider that cannot be used (its API key unset) ------------------------------------------
+
+
+def test_estimate_names_an_unavailable_provider(keyless: Server) -> None:
+    """Before anything is bought, the estimate says the premium vendor cannot be used and why,
+    prices nothing for it, and counts the cells only it could fill as skipped."""
+    with keyless.client() as client:
+        table = company_table(client, "Estimated")
+        response = client.post(
+            f"/v2/tables/{table}/enrich/estimate", params={"wait": 60}, json={"wholeTable": True}
+        )
+        assert response.status_code == 200, response.text
+        job = response.json()
+    estimate = job["estimate"]
+    premium = estimate["providers"]["premium_company"]
+    assert premium["status"] == "unavailable"
+    assert MISSING_KEY_ENV in premium["reason"]
+    assert (premium["expectedCost"], premium["maxCost"], premium["maxCalls"]) == (0, 0, 0)
+    assert estimate["unavailableProviders"] == {"premium_company": premium["reason"]}
+    assert estimate["providers"]["cheap_company"]["status"] == "ok"
+    # the 3 revenue cells, and the industry cells the cheap vendor is expected to miss
+    assert 3 <= estimate["cellsProviderUnavailable"] <= 6
+    assert "premium_company" not in estimate["maxProviderCalls"]
+    assert 0 < estimate["expectedCost"] <= estimate["maxCost"] == 3.0  # 3 cheap lookups
+
+
+def test_job_skips_an_unavailable_provider(
+    keyless: Server, keyless_mock: MockProviderServer
+) -> None:
+    """The job names the unusable vendor with its reason, never sends it a request, skips the
+    cells only it could fill (not failed one by one), and counts only lookups that were sent."""
+    before = keyless_mock.stats()["vendors"]
+    with keyless.client() as client:
+        table = company_table(client, "Skipped")
+        queued = enqueue(client, {"wholeTable": True}, table=table)
+        job = keyless.wait_for_job(table, queued["jobId"])
+        skipped = client.get(
+            f"{job_path(queued['jobId'], table)}/tasks", params={"status": "skipped"}
+        ).json()
+        failed = client.get(
+            f"{job_path(queued['jobId'], table)}/tasks", params={"status": "failed"}
+        ).json()
+    after = keyless_mock.stats()["vendors"]
+    reason = job["unavailableProviders"]["premium_company"]
+    assert MISSING_KEY_ENV in reason and set(job["unavailableProviders"]) == {"premium_company"}
+    assert job["status"] == "completed"
+    assert (job["doneTasks"], job["skippedTasks"], job["failedTasks"]) == (3, 3, 0)
+    assert failed["total"] == 0
+    assert {t["columnKey"] for t in skipped["items"]} == {"revenue"}
+    for task in skipped["items"]:
+        assert task["error"].startswith("provider unavailable (premium_company: "), task
+    assert f"provider unavailable: premium_company ({reason})" in job["error"]
+    assert job["providerCalls"] == {"cheap_company": 3}
+    assert job["costByProvider"] == {"cheap_company": 3.0} and job["cost"] == 3.0
+    sent = after["cheap"]["requests"] - before.get("cheap", {}).get("requests", 0)
+    assert sent == job["providerCalls"]["cheap_company"]
+    assert after.get("premium", {}).get("requests", 0) == 0
+    # premium's lookups (one per company, for revenue) were counted apart, never sent
+    assert job["callsNotSent"] == {"premium_company": {"provider unavailable": 3}}
 
 
 # -- a queued job (no launcher): cancel, estimate that does not end in time ---------------------

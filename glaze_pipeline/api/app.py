@@ -406,9 +406,14 @@ def _api_routes() -> APIRouter:
         body: EnrichBody,
         wait: Annotated[float, Query(ge=0, le=ESTIMATE_WAIT_MAX_S)] = 10.0,
     ) -> JobOut:
-        """What this selection would buy (unique entities, cache hits, calls and cost per
-        provider), buying nothing. Runs as an `estimate` job; answers 200 with `estimate`
-        when it ends within `wait` seconds, else 202 with the job to follow."""
+        """What this selection would buy, buying nothing: unique entities, cache hits, and
+        per provider its preflight verdict (`status`, `reason`), the expected calls and cost
+        with their basis (observed shares, or a stated prior without history) and the upper
+        bound (`maxCalls`, `maxCost`: every lookup a charged miss, which no run exceeds).
+        `budgetGuidance` and `guidance` say which budget fills what share of the cells.
+
+        Runs as an `estimate` job; answers 200 with `estimate` when it ends within `wait`
+        seconds, else 202 with the job to follow."""
         queued = _enqueue(request, table_id, body, RequestKind.ESTIMATE)
         requests = RequestRepository(_store(request))
         deadline = time.monotonic() + wait

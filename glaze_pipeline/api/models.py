@@ -149,14 +149,126 @@ class JobToken(Camel):
     token_expires_at: Timestamp
 
 
+class KeyKindBasis(Camel):
+    """What the expectation assumed of one provider asked by one kind of key."""
+
+    found_share: float = Field(description="Share of lookups expected to find the entity.")
+    charged_share: float = Field(description="Share of lookups expected to be charged.")
+    lookups: int = Field(
+        default=0, description="Past lookups the shares come from (0: the stated prior alone)."
+    )
+    basis: str = Field(
+        default="",
+        description='Where the shares come from, e.g. "from 2,300 lookups since 2025-01-31" '
+        'or "prior, no history yet: ...".',
+    )
+
+
+class ProviderEstimate(Camel):
+    """One provider in an estimate: its verdict, and its expected and upper-bound figures."""
+
+    entity_type: str = ""
+    status: Literal["ok", "unavailable"] = Field(
+        default="ok",
+        description="The preflight's verdict: an `unavailable` provider is never called; the "
+        "cells only it could fill are skipped.",
+    )
+    reason: str | None = Field(default=None, description="Why it is unavailable.")
+    expected_calls: float = Field(default=0.0, description="Expected lookups (a mean).")
+    expected_cost: float = Field(default=0.0, description="Expected spend (a mean).")
+    max_calls: int = Field(
+        default=0, description="Upper bound: every lookup it could be asked, each a miss."
+    )
+    max_cost: float = Field(default=0.0, description="Upper bound: `maxCalls`, every one charged.")
+    reach: float = Field(
+        default=0.0,
+        description="How far the waterfall is expected to go: expected lookups per entity of "
+        "its type.",
+    )
+    by_key_kind: dict[str, KeyKindBasis] = Field(
+        default_factory=dict, description="The shares the expectation used, by kind of key."
+    )
+
+
+class BudgetPoint(Camel):
+    budget: float = Field(description="A budget to set (rounded up).")
+    share_of_fillable: float = Field(description="The share of the expected cells it fills.")
+    cells_filled: int
+
+
+class AtBudget(Camel):
+    """What the job's own budget is expected to buy."""
+
+    budget: float
+    cells_filled: int
+    share_of_fillable: float
+    expected_cost: float
+
+
+class BudgetGuidance(Camel):
+    points: list[BudgetPoint] = Field(
+        default_factory=list,
+        description="Which budget fills which share (50, 80, 90, 100 %) of the cells the job "
+        "is expected to fill, spending entity after entity in the job's order.",
+    )
+    expected_cells_filled: int = 0
+    at_budget: AtBudget | None = Field(
+        default=None, description="With a budget on the job: what that budget is expected to fill."
+    )
+
+
 class Estimate(Camel):
+    """What a job would buy, buying nothing: an expectation and an upper bound.
+
+    `expected*` figures are means, from each provider's observed shares (found, charged, fields
+    filled) or a stated prior; `max*` figures assume every lookup misses and is charged, so no
+    run spends more. Estimates stored before expected costs existed have only the entity, cell
+    and cache counts and `expectedProviderCalls` / `expectedCostByProvider` / `expectedCost`
+    (what they then computed); every newer figure reads as its default (`maxCost` null).
+    """
+
     unique_entities: int = 0
     cells: int = 0
     cells_without_identifier: int = 0
-    cache_hits: int = 0
-    expected_provider_calls: dict[str, int] = Field(default_factory=dict)
+    cache_hits: int = Field(default=0, description="Lookups the cache answers (free).")
+    expected_cost: float = Field(default=0.0, description="Expected spend (a mean).")
+    max_cost: float | None = Field(
+        default=None,
+        description="Upper bound on the spend: every uncached lookup charged (null for an "
+        "estimate made before it was computed). A budget caps the spend as well.",
+    )
+    budget: float | None = Field(default=None, description="The budget the job would run with.")
+    expected_cells_filled: int | None = Field(
+        default=None, description="Cells expected to end with a value."
+    )
+    cells_provider_unavailable: int = Field(
+        default=0,
+        description="Cells expected to be skipped: only an unavailable provider had them.",
+    )
+    expected_provider_calls: dict[str, float] = Field(
+        default_factory=dict, description="Expected lookups by provider (means, not whole calls)."
+    )
     expected_cost_by_provider: dict[str, float] = Field(default_factory=dict)
-    expected_cost: float = 0.0
+    max_provider_calls: dict[str, int] = Field(
+        default_factory=dict, description="Upper bound on lookups by provider."
+    )
+    max_cost_by_provider: dict[str, float] = Field(
+        default_factory=dict, description="Upper bound on spend by provider."
+    )
+    providers: dict[str, ProviderEstimate] = Field(
+        default_factory=dict,
+        description="Per provider: verdict, expected and upper-bound calls and cost, and the "
+        "basis of the expectation.",
+    )
+    unavailable_providers: dict[str, str] = Field(
+        default_factory=dict, description="Providers the preflight found unusable: name to reason."
+    )
+    budget_guidance: BudgetGuidance | None = None
+    guidance: str | None = Field(
+        default=None,
+        description='One sentence, e.g. "budget 1,100 fills ~50 %, ... and 2,200 all of the '
+        '~1,175 cells this job is expected to fill".',
+    )
 
 
 class JobOut(Camel):
@@ -186,7 +298,19 @@ class JobOut(Camel):
     cost: float
     budget: float | None
     cost_by_provider: dict[str, float]
-    provider_calls: dict[str, int]
+    provider_calls: dict[str, int] = Field(
+        description="Lookups that left the machine, by provider (what a vendor can bill)."
+    )
+    calls_not_sent: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Lookups attempted but never sent, by provider and reason (provider "
+        "unavailable, budget, refused): not in `providerCalls`, never charged.",
+    )
+    unavailable_providers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Providers the preflight found unusable when the job started: name to "
+        "reason. They were not called; the cells only they could fill are skipped.",
+    )
     run_id: str | None
     created_at: Timestamp | None
     started_at: Timestamp | None

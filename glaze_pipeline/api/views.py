@@ -97,6 +97,8 @@ def job_out(request: EnrichmentRequest, **extra: Any) -> JobOut:
         budget=request.budget,
         cost_by_provider=dict(request.cost_by_provider or {}),
         provider_calls=dict(request.provider_calls or {}),
+        calls_not_sent=dict(request.calls_not_sent or {}),
+        unavailable_providers=dict(request.unavailable_providers or {}),
         run_id=request.run_id,
         created_at=request.created_at,
         started_at=request.started_at,
