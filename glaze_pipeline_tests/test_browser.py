@@ -212,9 +212,15 @@ def test_run_fills_the_grid_live_and_ends_enriched(
         expect(page.locator("#estimate-cost")).to_be_visible(timeout=JOB_TIMEOUT_MS)
         facts = page.locator("#estimate-result dd").all_text_contents()
         assert facts[:2] == ["6", "3"], facts  # 6 cells, 3 companies (cells, unique entities)
+        # Three companies, each asked once; expected cost from the stated prior (80 % found,
+        # misses free), at most every call charged.
         expect(
             page.locator('#estimate-providers tr[data-provider="fake_company"] td')
-        ).to_have_text(["fake_company", "3", "3"])
+        ).to_have_text(["fake_company", "ok", "3", "2.4", "3"])
+        expect(page.locator("#estimate-max")).to_have_text("3")
+        expect(page.locator("#estimate-guidance")).to_contain_text("cells this job is expected")
+        title = page.locator('#estimate-providers tr[data-provider="fake_company"]')
+        assert "prior" in (title.get_attribute("title") or "")
 
         run_and_wait(page, "Enriched!")
         assert page.evaluate("() => window.__sameDocument") is True  # never reloaded

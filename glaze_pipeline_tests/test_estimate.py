@@ -141,6 +141,9 @@ def test_budget_guidance_quotes_the_spend_up_to_each_share() -> None:
     budgets = {point["share_of_fillable"]: point["budget"] for point in guidance["points"]}
     assert budgets == {0.5: 50, 0.8: 80, 0.9: 90, 1.0: 100}
     assert guidance["at_budget"]["cells_filled"] == 4
+    # One entity holding most cells: the shares it crosses are quoted once, at the largest.
+    lumpy = budget_guidance([(1.0, 1.0), (5.0, 9.0)])
+    assert [(p["budget"], p["share_of_fillable"]) for p in lumpy["points"]] == [(6.0, 1.0)]
     assert guidance_text(guidance) == (
         "budget 50 ~50%, 80 ~80%, 90 ~90% and 100 all of the ~10 cells this job is expected to fill"
     )

@@ -330,13 +330,15 @@ def budget_guidance(
         spent += cost
         filled += cells
         while shares and total_cells > 0 and filled >= shares[0] * total_cells - 1e-9:
-            points.append(
-                {
-                    "budget": _round_up(spent),
-                    "share_of_fillable": shares.pop(0),
-                    "cells_filled": round(filled),
-                }
-            )
+            point = {
+                "budget": _round_up(spent),
+                "share_of_fillable": shares.pop(0),
+                "cells_filled": round(filled),
+            }
+            if points and points[-1]["budget"] == point["budget"]:
+                points[-1] = point  # the same budget fills the larger share: quote that one
+            else:
+                points.append(point)
     guidance: dict[str, Any] = {"points": points, "expected_cells_filled": round(total_cells)}
     if budget is not None:
         spent = filled = 0.0

@@ -619,7 +619,7 @@ async function estimate() {
     return;
   }
   const e = job.estimate;
-  const providers = Object.keys({ ...e.expectedProviderCalls, ...e.expectedCostByProvider }).sort();
+  const providers = Object.entries(e.providers || {});
   result.replaceChildren(
     el(
       "dl",
@@ -628,6 +628,8 @@ async function estimate() {
       ...fact("Unique entities", e.uniqueEntities),
       ...fact("Cache hits", e.cacheHits),
       ...fact("Without identifier", e.cellsWithoutIdentifier),
+      ...fact("Expected filled", e.expectedCellsFilled),
+      ...fact("Provider unavailable", e.cellsProviderUnavailable),
     ),
     el(
       "table",
@@ -639,20 +641,28 @@ async function estimate() {
           "tr",
           {},
           el("th", {}, "Provider"),
+          el("th", {}, "Status"),
           el("th", { class: "num" }, "Calls"),
-          el("th", { class: "num" }, "Cost"),
+          el("th", { class: "num" }, "Expected"),
+          el("th", { class: "num" }, "At most"),
         ),
       ),
       el(
         "tbody",
         {},
-        ...providers.map((name) =>
+        ...providers.map(([name, p]) =>
           el(
             "tr",
-            { "data-provider": name },
+            { "data-provider": name, title: basisText(p) },
             el("td", {}, name),
-            el("td", { class: "num" }, String(e.expectedProviderCalls[name] || 0)),
-            el("td", { class: "num" }, displayCost(e.expectedCostByProvider[name])),
+            el(
+              "td",
+              { class: p.status === "ok" ? "" : "error-text" },
+              p.reason ? `${p.status}: ${p.reason}` : p.status,
+            ),
+            el("td", { class: "num" }, displayCost(p.expectedCalls)),
+            el("td", { class: "num" }, displayCost(p.expectedCost)),
+            el("td", { class: "num" }, displayCost(p.maxCost)),
           ),
         ),
       ),
@@ -662,13 +672,21 @@ async function estimate() {
         el(
           "tr",
           {},
-          el("th", {}, "Expected cost"),
-          el("th"),
+          el("th", { colspan: "3" }, "Cost"),
           el("th", { class: "num", id: "estimate-cost" }, displayCost(e.expectedCost)),
+          el("th", { class: "num", id: "estimate-max" }, displayCost(e.maxCost)),
         ),
       ),
     ),
+    el("p", { class: "muted", id: "estimate-guidance" }, e.guidance || ""),
   );
+}
+
+// Where an expected figure comes from, per kind of key ("by domain: from 2,300 lookups ...").
+function basisText(provider) {
+  return Object.entries(provider.byKeyKind || {})
+    .map(([kind, b]) => `by ${kind}: ${b.basis}`)
+    .join("; ");
 }
 
 function fact(label, value) {
