@@ -1130,6 +1130,121 @@ def bench_run(
     console.print(f"written to {output_dir}/results.json, results.md and chart.png")
 
 
+@bench.command("estimate")
+@click.option("--seeds", type=POSITIVE, default=3, show_default=True, help="Table pairs to run.")
+@click.option("--rows", type=POSITIVE, default=1000, show_default=True, help="Rows per table.")
+@click.option(
+    "--companies", type=POSITIVE, default=100, show_default=True, help="Companies per table."
+)
+@click.option(
+    "--premium-key-unset",
+    is_flag=True,
+    help="Run with GLAZE_PREMIUM_API_KEY unset: the estimate and the runs must say so.",
+)
+@click.option(
+    "--database-url",
+    default=None,
+    help="Put every seed's tables in this (fresh) database; default: throwaway SQLite per seed.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: bench_results/estimate.json (estimate_premium_key_unset.json with the flag).",
+)
+def bench_estimate(
+    seeds: int,
+    rows: int,
+    companies: int,
+    premium_key_unset: bool,
+    database_url: str | None,
+    output: Path | None,
+) -> None:
+    """The estimate against what the job then spends: per seed, enrich one table, estimate a
+    second of the same shape (other companies and people), enrich it, and compare; the mock
+    vendors' /_stats against the request's provider_calls. Exits 1 if the upper bound is ever
+    below the actual cost or the counters disagree (bugs); the 10 % target is reported."""
+    from glaze_pipeline.bench.estimate_accuracy import (
+        PREMIUM,
+        TARGET_ERROR_PCT,
+        EstimateBenchSettings,
+        run,
+    )
+
+    settings = EstimateBenchSettings(
+        seeds=seeds,
+        rows=rows,
+        companies=companies,
+        premium_key_set=not premium_key_unset,
+        database_url=database_url,
+    )
+    report = run(settings, echo=console.print)
+    output = output or Path(
+        "bench_results/estimate_premium_key_unset.json"
+        if premium_key_unset
+        else "bench_results/estimate.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report.as_dict(), indent=2))
+
+    grid = Table(
+        "seed",
+        "expected cost",
+        "max cost",
+        "actual cost",
+        "error %",
+        "max >= actual",
+        "mock requests / provider calls",
+        "mock billed",
+        title=f"estimate vs actual ({settings.rows:,} rows, {settings.companies:,} companies)",
+    )
+    for figures in report.seeds:
+        error = figures.error_pct
+        off_target = error is not None and abs(error) > TARGET_ERROR_PCT
+        grid.add_row(
+            str(figures.seed),
+            f"{figures.expected_cost:,.2f}",
+            f"{figures.max_cost:,.2f}",
+            f"{figures.actual_cost:,.2f}",
+            "-" if error is None else f"{error:+.1f}" + (" (over target)" if off_target else ""),
+            Text("yes") if figures.within_bound else Text("NO", style="red"),
+            f"{sum(figures.mock_requests.values()):,} / {sum(figures.provider_calls.values()):,}"
+            + ("" if figures.counters_match else " MISMATCH"),
+            f"{figures.mock_cost:,.2f}",
+        )
+    console.print(grid)
+    if premium_key_unset:
+        unset = Table(
+            "seed",
+            f"{PREMIUM} in the estimate",
+            "premium requests",
+            "cells failed",
+            "cells skipped (estimated)",
+            "request: unavailable_providers",
+            "request: error",
+            title="with GLAZE_PREMIUM_API_KEY unset",
+        )
+        for figures in report.seeds:
+            said = figures.premium_estimate
+            unset.add_row(
+                str(figures.seed),
+                f"{said.get('status', '-')}: {said.get('reason') or '-'}",
+                str(figures.premium_requests),
+                str(figures.cells_failed),
+                f"{figures.cells_skipped:,} ({figures.expected_cells_skipped:,})",
+                ", ".join(sorted(figures.unavailable_providers)) or "-",
+                figures.error or "-",
+            )
+        console.print(unset)
+    console.print(report.summary())
+    console.print(f"written to {output}")
+    problems = report.problems()
+    for problem in problems:
+        _print_error(problem)
+    if problems:
+        sys.exit(EXIT_INTERNAL)
+
+
 @cli.command()
 @click.pass_context
 def demo(ctx: click.Context) -> None:
