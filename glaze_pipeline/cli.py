@@ -517,6 +517,15 @@ def render_estimate(request_id: str, report: Mapping[str, Any]) -> Group:
     parts: list[Any] = [totals, providers]
     if report.get("guidance"):
         parts.append(Text(str(report["guidance"])))
+    at_budget = (report.get("budget_guidance") or {}).get("at_budget")
+    if at_budget:
+        parts.append(
+            Text(
+                f"with budget {at_budget['budget']:,.6g}: ~{at_budget['cells_filled']:,} cells "
+                f"(~{at_budget['share_of_fillable']:.0%} of what the job can fill), "
+                f"expected cost {at_budget['expected_cost']:,.2f}"
+            )
+        )
     return Group(*parts)
 
 

@@ -101,3 +101,25 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert "no column with key 'nope'" in result.stderr
     result = glaze(tmp_path, "show", "tbl_missing")
     assert result.returncode == 2 and "unknown table 'tbl_missing'" in result.stderr
+
+
+def test_estimate_prints_the_expectation_the_bound_and_the_guidance(tmp_path: Path) -> None:
+    import json
+
+    assert glaze(tmp_path, "seed").returncode == 0
+    grid = ("estimate", "tbl_leads", "--columns", "industry,employee_count", "--budget", "2")
+    result = glaze(tmp_path, *grid, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # one JSON object, nothing else on stdout
+    assert report["request_id"].startswith("req_")
+    assert 0 < report["expected_cost"] <= report["max_cost"]
+    company = report["providers"]["fake_company"]
+    assert {"status", "reason", "expected_calls", "expected_cost", "max_cost"} <= company.keys()
+    assert company["status"] == "ok" and company["reason"] is None
+    assert report["budget_guidance"]["at_budget"]["budget"] == 2
+
+    text = glaze(tmp_path, *grid)
+    assert text.returncode == 0, text.stderr
+    assert "upper bound" in text.stdout and "fake_company" in text.stdout
+    assert "cells this job is expected to fill" in text.stdout
+    assert "with budget 2:" in text.stdout
