@@ -534,14 +534,16 @@ def close_job(
         "duration_s": round(time.time() - plan.started, 3),
     }
     if plan.kind is RequestKind.ESTIMATE and request.estimate:
+        # The estimate's own figures first: they are what an estimate run is for.
         report = request.estimate
-        metadata.update(
-            expected_cost=report["expected_cost"],
-            max_cost=report["max_cost"],
-            expected_cells_filled=report["expected_cells_filled"],
-            estimate_providers=MetadataValue.json(report["providers"]),
-            budget_guidance=report["guidance"],
-        )
+        metadata = {
+            "expected_cost": report["expected_cost"],
+            "max_cost": report["max_cost"],
+            "budget_guidance": report["guidance"],
+            "expected_cells_filled": report["expected_cells_filled"],
+            "estimate_providers": MetadataValue.json(report["providers"]),
+            **metadata,
+        }
     if plan.kind is RequestKind.ENRICH:
         yield AssetMaterialization(asset_key=ENRICHED_TABLE, partition=table_id, metadata=metadata)
     if plan.kind is not RequestKind.ESTIMATE and spend.calls:
