@@ -18,7 +18,7 @@ from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.http import HttpSettings, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiConfig
 from glaze_pipeline.core.waterfall import Waterfall
-from glaze_pipeline.mock_server import COMPANY_LAYOUT, MockProviderServer
+from glaze_pipeline.mock_server import COMPANY_LAYOUT, MockConfig, MockProviderServer, VendorConfig
 
 # Small timeouts and backoffs: every resilience path runs in milliseconds.
 FAST_HTTP: dict[str, Any] = {
@@ -34,6 +34,27 @@ FAST_HTTP: dict[str, Any] = {
 }
 
 CHEAP_FIELDS = ("name", "domain", "industry", "employee_count", "location")
+
+
+def quiet_vendors() -> dict[str, VendorConfig]:
+    """The seed file's vendors, answering at once and knowing every entity (until a test
+    configures otherwise)."""
+    return {
+        "cheap": VendorConfig(
+            entity_type=EntityType.COMPANY, fields=list(CHEAP_FIELDS), cost_per_call=1.0
+        ),
+        "premium": VendorConfig(
+            entity_type=EntityType.COMPANY, cost_per_call=10.0, charges_misses=True
+        ),
+        "people": VendorConfig(entity_type=EntityType.PERSON, cost_per_call=3.0),
+    }
+
+
+def quiet_mock() -> MockProviderServer:
+    """A mock server of `quiet_vendors` (start it with `with`)."""
+    return MockProviderServer(
+        MockConfig(vendors=quiet_vendors(), site_not_found_rate=0.0, hang_s=5.0)
+    )
 
 
 def fast_http(**overrides: Any) -> HttpSettings:

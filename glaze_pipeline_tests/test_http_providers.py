@@ -52,9 +52,7 @@ from glaze_pipeline.core.providers.registry import describe_providers, load_prov
 from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
 from glaze_pipeline.mock_server import (
     COMPANY_LAYOUT,
-    MockConfig,
     MockProviderServer,
-    VendorConfig,
 )
 from glaze_pipeline_tests.provider_helpers import (
     CHEAP_FIELDS,
@@ -65,6 +63,7 @@ from glaze_pipeline_tests.provider_helpers import (
     configure_vendor,
     fake_dns,
     fast_http,
+    quiet_mock,
     run_waterfall,
     wait_until,
 )
@@ -73,23 +72,9 @@ SECRET = "sk-live-7f3a9c1e5b2d-DO-NOT-LOG"
 KEY_ENV = "GLAZE_TEST_VENDOR_KEY"
 
 
-def quiet_vendors() -> dict[str, VendorConfig]:
-    """Vendors that answer at once and know every entity, until a test says otherwise."""
-    return {
-        "cheap": VendorConfig(
-            entity_type=EntityType.COMPANY, fields=list(CHEAP_FIELDS), cost_per_call=1.0
-        ),
-        "premium": VendorConfig(
-            entity_type=EntityType.COMPANY, cost_per_call=10.0, charges_misses=True
-        ),
-        "people": VendorConfig(entity_type=EntityType.PERSON, cost_per_call=3.0),
-    }
-
-
 @pytest.fixture(scope="module")
 def mock_server() -> Iterator[MockProviderServer]:
-    config = MockConfig(vendors=quiet_vendors(), site_not_found_rate=0.0, hang_s=5.0)
-    with MockProviderServer(config) as server:
+    with quiet_mock() as server:
         yield server
 
 

@@ -31,12 +31,12 @@ from glaze_pipeline.core.providers.http import CircuitState, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiProvider
 from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
 from glaze_pipeline.core.redact import REDACTED, register_secret
-from glaze_pipeline.mock_server import MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline.mock_server import MockProviderServer
 from glaze_pipeline_tests.provider_helpers import (
-    CHEAP_FIELDS,
     company,
     company_vendor,
     configure_vendor,
+    quiet_mock,
 )
 
 KEY = "sk-preflight-5d2e9a71c4b8"
@@ -45,23 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 MOCK_FILE = REPO / "seed" / "providers.mock.yaml"
 
 
-def quiet_vendors() -> dict[str, VendorConfig]:
-    """The seed file's vendors, answering at once and knowing every entity."""
-    return {
-        "cheap": VendorConfig(
-            entity_type=EntityType.COMPANY, fields=list(CHEAP_FIELDS), cost_per_call=1.0
-        ),
-        "premium": VendorConfig(
-            entity_type=EntityType.COMPANY, cost_per_call=10.0, charges_misses=True
-        ),
-        "people": VendorConfig(entity_type=EntityType.PERSON, cost_per_call=3.0),
-    }
-
-
 @pytest.fixture(scope="module")
 def mock_server() -> Iterator[MockProviderServer]:
-    config = MockConfig(vendors=quiet_vendors(), site_not_found_rate=0.0, hang_s=5.0)
-    with MockProviderServer(config) as server:
+    with quiet_mock() as server:
         yield server
 
 
