@@ -483,13 +483,17 @@ def render_estimate(request_id: str, report: Mapping[str, Any]) -> Group:
         ("cells without identifier", "cells_without_identifier"),
         ("cache hits", "cache_hits"),
         ("expected cost", "expected_cost"),
+        ("~95 % of runs within", "expected_cost_range"),
         ("upper bound", "max_cost"),
         ("budget", "budget"),
         ("cells expected filled", "expected_cells_filled"),
         ("cells skipped: provider unavailable", "cells_provider_unavailable"),
     ):
-        if report.get(key) is not None:
-            totals.add_row(Text(label), Text(display_text(report[key])))
+        value = report.get(key)
+        if isinstance(value, list) and len(value) == 2:  # a range
+            value = f"{value[0]:,.2f} - {value[1]:,.2f}"
+        if value is not None:
+            totals.add_row(Text(label), Text(display_text(value)))
     providers = Table(
         "provider",
         "status",
@@ -1199,9 +1203,11 @@ def bench_estimate(
     grid = Table(
         "seed",
         "expected cost",
+        "~95 % range",
         "max cost",
         "actual cost",
         "error %",
+        "in range",
         "max >= actual",
         "mock requests / provider calls",
         "mock billed",
@@ -1213,9 +1219,11 @@ def bench_estimate(
         grid.add_row(
             str(figures.seed),
             f"{figures.expected_cost:,.2f}",
+            f"{figures.expected_range[0]:,.0f}-{figures.expected_range[1]:,.0f}",
             f"{figures.max_cost:,.2f}",
             f"{figures.actual_cost:,.2f}",
             "-" if error is None else f"{error:+.1f}" + (" (over target)" if off_target else ""),
+            "yes" if figures.within_range else "no",
             Text("yes") if figures.within_bound else Text("NO", style="red"),
             f"{sum(figures.mock_requests.values()):,} / {sum(figures.provider_calls.values()):,}"
             + ("" if figures.counters_match else " MISMATCH"),

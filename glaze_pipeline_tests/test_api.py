@@ -532,6 +532,8 @@ def test_estimate_model_reads_an_old_estimate() -> None:
         "cacheHits": 1,
         "expectedCost": 3.0,
         "maxCost": None,
+        "expectedCostSd": None,
+        "expectedCostRange": None,
         "budget": None,
         "expectedCellsFilled": None,
         "cellsProviderUnavailable": 0,

@@ -219,6 +219,7 @@ def test_run_fills_the_grid_live_and_ends_enriched(
         ).to_have_text(["fake_company", "ok", "3", "2.4", "3"])
         expect(page.locator("#estimate-max")).to_have_text("3")
         expect(page.locator("#estimate-guidance")).to_contain_text("cells this job is expected")
+        expect(page.locator("#estimate-range")).to_contain_text("About 95% of runs cost")
         title = page.locator('#estimate-providers tr[data-provider="fake_company"]')
         assert "prior" in (title.get_attribute("title") or "")
 

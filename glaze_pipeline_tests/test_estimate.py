@@ -78,6 +78,8 @@ def test_expected_walk_follows_the_shares() -> None:
     assert expected.cost["cheap"] == pytest.approx(0.7)
     assert expected.cost["premium"] == pytest.approx(3.0)
     assert expected.filled == pytest.approx(0.7 + 0.3 * 0.9)
+    # The cost is 1 (cheap found it, 70 %) or 10 (premium, which charges misses, 30 %).
+    assert expected.variance == pytest.approx((0.7 * 1 + 0.3 * 100) - 3.7**2)
 
 
 def test_a_value_under_the_threshold_fills_the_cell_but_keeps_the_walk_going() -> None:
@@ -240,6 +242,8 @@ def test_after_one_table_the_estimate_of_a_second_is_within_ten_percent(
     )
     assert report["max_cost"] >= actual.cost
     assert abs(report["expected_cost"] - actual.cost) <= 0.1 * actual.cost
+    low, high = report["expected_cost_range"]
+    assert low <= actual.cost <= high <= report["max_cost"]
     assert report["providers"]["cheap"]["by_key_kind"]["domain"]["lookups"] > 0
     assert "from " in report["providers"]["cheap"]["by_key_kind"]["domain"]["basis"]
     assert report["guidance"]

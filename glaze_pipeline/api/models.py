@@ -232,6 +232,16 @@ class Estimate(Camel):
     cells_without_identifier: int = 0
     cache_hits: int = Field(default=0, description="Lookups the cache answers (free).")
     expected_cost: float = Field(default=0.0, description="Expected spend (a mean).")
+    expected_cost_sd: float | None = Field(
+        default=None,
+        description="Standard deviation of the spend around `expectedCost`: chance in which "
+        "entities each vendor knows, plus the uncertainty of shares learnt from a short history.",
+    )
+    expected_cost_range: list[float] | None = Field(
+        default=None,
+        description="[low, high]: about 95 % of runs spend within it (two standard deviations, "
+        "never above `maxCost`).",
+    )
     max_cost: float | None = Field(
         default=None,
         description="Upper bound on the spend: every uncached lookup charged (null for an "

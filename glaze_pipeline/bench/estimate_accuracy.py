@@ -75,6 +75,7 @@ class SeedFigures:
     expected_cost: float
     max_cost: float
     actual_cost: float
+    expected_range: tuple[float, float]  # ~95 % of runs, by the estimate
     expected_calls: dict[str, float]
     max_calls: dict[str, int]
     provider_calls: dict[str, int]
@@ -98,6 +99,12 @@ class SeedFigures:
         if self.actual_cost <= 0:
             return None
         return (self.expected_cost - self.actual_cost) / self.actual_cost * 100
+
+    @property
+    def within_range(self) -> bool:
+        """The actual cost inside the estimate's ~95 % range (reported, not enforced)."""
+        low, high = self.expected_range
+        return low - 1e-6 <= self.actual_cost <= high + 1e-6
 
     @property
     def within_bound(self) -> bool:
@@ -225,7 +232,9 @@ def run(settings: EstimateBenchSettings, *, echo: Echo = lambda _line: None) -> 
             figures = measure_seed(settings, seed, url, mock.url, vendors)
             report.seeds.append(figures)
             echo(
-                f"seed {seed}: expected {figures.expected_cost:,.2f}, max {figures.max_cost:,.2f}, "
+                f"seed {seed}: expected {figures.expected_cost:,.2f} "
+                f"(~95 % within {figures.expected_range[0]:,.0f}-{figures.expected_range[1]:,.0f}), "
+                f"max {figures.max_cost:,.2f}, "
                 f"actual {figures.actual_cost:,.2f} ({figures.seconds:.1f} s)"
             )
     return report
@@ -284,6 +293,7 @@ def measure_seed(
         expected_cost=float(report.get("expected_cost", 0.0)),
         max_cost=float(report.get("max_cost", 0.0)),
         actual_cost=float(enriched.cost or 0.0),
+        expected_range=tuple(report.get("expected_cost_range") or (0.0, 0.0)),
         expected_calls=dict(report.get("expected_provider_calls") or {}),
         max_calls=dict(report.get("max_provider_calls") or {}),
         provider_calls={k: int(v) for k, v in (enriched.provider_calls or {}).items()},

@@ -114,10 +114,30 @@ class Walk:
     cache_hits: float = 0.0
     filled: float = 0.0  # expected fields that end with a value
     unavailable: float = 0.0  # expected fields left to an unusable provider
+    variance: float = 0.0  # of the entity's cost (of the total, once walks are added up)
 
 
 # (open fields, fields holding a value, fields an unusable provider was needed for) -> chance
 _State = tuple[frozenset[str], frozenset[str], frozenset[str]]
+
+
+class _Mass:
+    """One state's chance, with the first and second moments of the cost paid to reach it
+    (E[cost; state], E[cost²; state]): enough for the walk's mean and variance."""
+
+    __slots__ = ("chance", "cost", "square")
+
+    def __init__(self) -> None:
+        self.chance = self.cost = self.square = 0.0
+
+    def add(self, source: _Mass, share: float, mean: float = 0.0, variance: float = 0.0) -> None:
+        """Move `share` of `source` here, paying a cost of this `mean` and `variance` on the
+        way (independent of what was paid before)."""
+        self.chance += share * source.chance
+        self.cost += share * (source.cost + source.chance * mean)
+        self.square += share * (
+            source.square + 2 * mean * source.cost + source.chance * (mean * mean + variance)
+        )
 
 
 def walk(
@@ -132,15 +152,18 @@ def walk(
     """The expected walk of one entity (`rates` by provider name; None: the worst case)."""
     key = request.key
     result = Walk()
-    states: dict[_State, float] = {(request.fields, frozenset(), frozenset()): 1.0}
+    start = _Mass()
+    start.chance = 1.0
+    states: dict[_State, _Mass] = {(request.fields, frozenset(), frozenset()): start}
     for provider in order:
         if not supports(provider, key):
             continue
-        following: defaultdict[_State, float] = defaultdict(float)
-        for (open_, held, blocked), chance in states.items():
+        following: defaultdict[_State, _Mass] = defaultdict(_Mass)
+        for (open_, held, blocked), mass in states.items():
+            chance = mass.chance
             asked = open_ & provider.fields
             if not asked:
-                following[(open_, held, blocked)] += chance
+                following[(open_, held, blocked)].add(mass, 1.0)
                 continue
             answer = cached.get(provider.name)
             if answer is not None:
@@ -151,28 +174,54 @@ def walk(
                     for n in have
                     if answer.confidence.get(n, provider.confidence) * key.strength >= threshold
                 )
-                following[(open_ - done, held | have, blocked)] += chance
+                following[(open_ - done, held | have, blocked)].add(mass, 1.0)
                 continue
             if provider.name in unavailable:
-                following[(open_, held, blocked | asked)] += chance
+                following[(open_, held, blocked | asked)].add(mass, 1.0)
                 continue
             rate = rates[provider.name] if rates is not None else WORST
+            price = provider.cost_per_call
             result.calls[provider.name] = result.calls.get(provider.name, 0.0) + chance
             result.cost[provider.name] = (
-                result.cost.get(provider.name, 0.0) + chance * rate.charged * provider.cost_per_call
+                result.cost.get(provider.name, 0.0) + chance * rate.charged * price
             )
-            following[(open_, held, blocked)] += chance * (1 - rate.found)
+            when_found, when_missed = _charged_shares(rate, provider.charges_misses)
+            missed = _charge(price, when_missed)
+            following[(open_, held, blocked)].add(mass, 1 - rate.found, *missed)
             if rate.found <= 0:
                 continue
+            found = _charge(price, when_found)
             closing = provider.confidence * key.strength >= threshold
             for filled, share in _outcomes(asked, rate):
                 done = filled if closing else frozenset()
-                following[(open_ - done, held | filled, blocked)] += chance * rate.found * share
+                following[(open_ - done, held | filled, blocked)].add(
+                    mass, rate.found * share, *found
+                )
         states = following
-    for (_open, held, blocked), chance in states.items():
-        result.filled += chance * len(held)
-        result.unavailable += chance * len(blocked - held)
+    spent = square = 0.0
+    for (_open, held, blocked), mass in states.items():
+        result.filled += mass.chance * len(held)
+        result.unavailable += mass.chance * len(blocked - held)
+        spent += mass.cost
+        square += mass.square
+    result.variance = max(0.0, square - spent * spent)
     return result
+
+
+def _charged_shares(rate: Rates, charges_misses: bool) -> tuple[float, float]:
+    """(P(charged | found), P(charged | missed)) consistent with the overall charged share: a
+    vendor that charges misses charges every found lookup, one that does not charges no miss
+    (the shares an error, charged nothing, takes off the rest)."""
+    if charges_misses:
+        missed = (rate.charged - rate.found) / (1 - rate.found) if rate.found < 1 else 0.0
+        return 1.0, min(1.0, max(0.0, missed))
+    found = rate.charged / rate.found if rate.found > 0 else 0.0
+    return min(1.0, max(0.0, found)), 0.0
+
+
+def _charge(price: float, share: float) -> tuple[float, float]:
+    """Mean and variance of a charge of `price` made with chance `share`."""
+    return price * share, price * price * share * (1 - share)
 
 
 def _has(values: Mapping[str, Any], name: str) -> bool:
@@ -209,6 +258,9 @@ class EstimatePart:
     entities: dict[str, int] = field(default_factory=dict)  # by entity type
     cells_unavailable: float = 0.0  # expected cells skipped: only an unusable provider had them
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> key kind -> ...
+    # How much the expected cost moves when a provider's found share for a kind of key is one
+    # standard error higher: the share is learnt from a finite history, so it is uncertain too.
+    sensitivity: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def merge(self, other: EstimatePart) -> None:
         for mine, theirs in ((self.expected, other.expected), (self.worst, other.worst)):
@@ -221,6 +273,12 @@ class EstimatePart:
         for name, kinds in other.bases.items():
             for kind, basis in kinds.items():
                 self.bases.setdefault(name, {}).setdefault(kind, basis)
+        for pair, delta in other.sensitivity.items():
+            self.sensitivity[pair] = self.sensitivity.get(pair, 0.0) + delta
+
+    def cost_variance(self) -> float:
+        """Of the total expected cost: chance in each lookup plus the shares' uncertainty."""
+        return self.expected.variance + sum(d * d for d in self.sensitivity.values())
 
 
 def _add(total: Walk, part: Walk, times: float) -> None:
@@ -231,6 +289,7 @@ def _add(total: Walk, part: Walk, times: float) -> None:
     total.cache_hits += part.cache_hits * times
     total.filled += part.filled * times
     total.unavailable += part.unavailable * times
+    total.variance += part.variance * times  # entities answer independently
 
 
 def estimate_chunk(
@@ -302,7 +361,60 @@ def estimate_chunk(
     for kind, by_name in rates.items():
         for name, rate in by_name.items():
             part.bases.setdefault(name, {})[kind] = _basis(rate)
+            if name in unavailable:
+                continue
+            provider = next(p for p in providers if p.name == name)
+            changed = {**by_name, name: _one_error_higher(rate, provider.charges_misses)}
+            moved = 0.0
+            memo: dict[tuple[Any, ...], float] = {}  # uncached entities alike walk alike
+            for request in chunk:
+                key = request.key
+                if key.kind != kind:
+                    continue
+                sequence = order.get(key.type, [])
+                if provider not in sequence:
+                    continue
+                mine = {
+                    p.name: cached[(key.id, p.name)] for p in sequence if (key.id, p.name) in cached
+                }
+                same = (key.type, key.strength, request.fields)
+                if not mine and same in memo:
+                    moved += memo[same]
+                    continue
+                before, after = (
+                    walk(
+                        sequence,
+                        request,
+                        rates=shares,
+                        cached=mine,
+                        threshold=threshold,
+                        unavailable=unavailable,
+                    )
+                    for shares in (by_name, changed)
+                )
+                delta = sum(after.cost.values()) - sum(before.cost.values())
+                if not mine:
+                    memo[same] = delta
+                moved += delta
+            part.sensitivity[(name, kind)] = moved
     return part
+
+
+def _one_error_higher(rate: Rates, charges_misses: bool) -> Rates:
+    """`rate` with its found share one standard error higher (the charged share following
+    it as the vendor charges), for the estimate's sensitivity to a short history."""
+    weight = rate.lookups + PRIOR_WEIGHT
+    error = math.sqrt(max(rate.found * (1 - rate.found), 0.0) / weight)
+    found = min(1.0, rate.found + error)
+    when_found, when_missed = _charged_shares(rate, charges_misses)
+    return Rates(
+        found=found,
+        charged=found * when_found + (1 - found) * when_missed,
+        filled=rate.filled,
+        default_filled=rate.default_filled,
+        lookups=rate.lookups,
+        since=rate.since,
+    )
 
 
 def _basis(rate: Rates) -> dict[str, Any]:
@@ -417,6 +529,14 @@ def estimate_report(
         }
     expected_cost = round(sum(expected.cost.values()), 2)
     max_cost = round(sum(worst.cost.values()), 6)
+    # Chance alone (which entities each vendor turns out to know) spreads the cost around the
+    # expectation; ~95 % of runs land within two standard deviations. The rates' own
+    # uncertainty (a short history) is not in it.
+    spread = math.sqrt(part.cost_variance())
+    cost_range = [
+        round(max(0.0, expected_cost - 2 * spread), 2),
+        round(min(max_cost, expected_cost + 2 * spread), 2),
+    ]
     guidance = budget_guidance(part.curve, budget=budget)
     return {
         "unique_entities": entities,
@@ -424,6 +544,8 @@ def estimate_report(
         "cells_without_identifier": cells_without_identifier,
         "cache_hits": round(expected.cache_hits),
         "expected_cost": expected_cost,
+        "expected_cost_sd": round(spread, 2),
+        "expected_cost_range": cost_range,
         "max_cost": max_cost,
         "budget": budget,
         "expected_cells_filled": guidance["expected_cells_filled"],

@@ -678,6 +678,13 @@ async function estimate() {
         ),
       ),
     ),
+    el(
+      "p",
+      { class: "muted", id: "estimate-range" },
+      e.expectedCostRange
+        ? `About 95% of runs cost ${displayCost(e.expectedCostRange[0])} to ${displayCost(e.expectedCostRange[1])}.`
+        : "",
+    ),
     el("p", { class: "muted", id: "estimate-guidance" }, e.guidance || ""),
   );
 }
