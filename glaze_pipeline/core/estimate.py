@@ -254,7 +254,6 @@ class EstimatePart:
     worst: Walk = field(default_factory=Walk)
     # Per entity in the job's order: (expected cost, expected cells filled), for the guidance.
     curve: list[tuple[float, float]] = field(default_factory=list)
-    cells: int = 0
     entities: dict[str, int] = field(default_factory=dict)  # by entity type
     cells_unavailable: float = 0.0  # expected cells skipped: only an unusable provider had them
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> key kind -> ...
@@ -266,7 +265,6 @@ class EstimatePart:
         for mine, theirs in ((self.expected, other.expected), (self.worst, other.worst)):
             _add(mine, theirs, 1.0)
         self.curve.extend(other.curve)
-        self.cells += other.cells
         for kind, count in other.entities.items():
             self.entities[kind] = self.entities.get(kind, 0) + count
         self.cells_unavailable += other.cells_unavailable
@@ -312,13 +310,30 @@ def estimate_chunk(
         )
     rates: dict[str, dict[str, Rates]] = {}  # key kind -> provider -> rates
     part = EstimatePart()
+
+    def walk_with(
+        request: EntityRequest,
+        sequence: Sequence[Provider],
+        shares: Mapping[str, Rates] | None,
+        mine: Mapping[str, CachedAnswer],
+    ) -> Walk:
+        return walk(
+            sequence,
+            request,
+            rates=shares,
+            cached=mine,
+            threshold=threshold,
+            unavailable=unavailable,
+        )
+
+    # Each entity once: its walks (shared by uncached entities alike), kept for the
+    # sensitivity pass below with what it needs.
+    walked: list[tuple[EntityRequest, list[Provider], dict[str, CachedAnswer], float]] = []
     shared: dict[tuple[Any, ...], tuple[Walk, Walk]] = {}
     for request in chunk:
         key = request.key
         sequence = order.get(key.type, [])
-        if key.kind not in rates:
-            rates[key.kind] = {}
-        by_name = rates[key.kind]
+        by_name = rates.setdefault(key.kind, {})
         for provider in sequence:
             if provider.name not in by_name:
                 seen = observations.get((provider.name, key.kind))
@@ -330,69 +345,39 @@ def estimate_chunk(
         walks = shared.get(signature) if not mine else None
         if walks is None:
             walks = (
-                walk(
-                    sequence,
-                    request,
-                    rates=by_name,
-                    cached=mine,
-                    threshold=threshold,
-                    unavailable=unavailable,
-                ),
-                walk(
-                    sequence,
-                    request,
-                    rates=None,
-                    cached=mine,
-                    threshold=threshold,
-                    unavailable=unavailable,
-                ),
+                walk_with(request, sequence, by_name, mine),
+                walk_with(request, sequence, None, mine),
             )
             if not mine:
                 shared[signature] = walks
         expected, worst = walks
         _add(part.expected, expected, 1.0)
         _add(part.worst, worst, 1.0)
-        cells = request.cells or len(request.fields)
-        part.cells += cells
         part.entities[key.type.value] = part.entities.get(key.type.value, 0) + 1
-        per_field = cells / max(1, len(request.fields))
+        per_field = (request.cells or len(request.fields)) / max(1, len(request.fields))
         part.cells_unavailable += expected.unavailable * per_field
-        part.curve.append((sum(expected.cost.values()), expected.filled * per_field))
+        spend = sum(expected.cost.values())
+        part.curve.append((spend, expected.filled * per_field))
+        walked.append((request, sequence, mine, spend))
+
+    by_provider = {provider.name: provider for provider in providers}
     for kind, by_name in rates.items():
         for name, rate in by_name.items():
             part.bases.setdefault(name, {})[kind] = _basis(rate)
             if name in unavailable:
                 continue
-            provider = next(p for p in providers if p.name == name)
+            provider = by_provider[name]
             changed = {**by_name, name: _one_error_higher(rate, provider.charges_misses)}
             moved = 0.0
             memo: dict[tuple[Any, ...], float] = {}  # uncached entities alike walk alike
-            for request in chunk:
-                key = request.key
-                if key.kind != kind:
+            for request, sequence, mine, spend in walked:
+                if request.key.kind != kind or provider not in sequence:
                     continue
-                sequence = order.get(key.type, [])
-                if provider not in sequence:
-                    continue
-                mine = {
-                    p.name: cached[(key.id, p.name)] for p in sequence if (key.id, p.name) in cached
-                }
-                same = (key.type, key.strength, request.fields)
+                same = (request.key.type, request.key.strength, request.fields)
                 if not mine and same in memo:
                     moved += memo[same]
                     continue
-                before, after = (
-                    walk(
-                        sequence,
-                        request,
-                        rates=shares,
-                        cached=mine,
-                        threshold=threshold,
-                        unavailable=unavailable,
-                    )
-                    for shares in (by_name, changed)
-                )
-                delta = sum(after.cost.values()) - sum(before.cost.values())
+                delta = sum(walk_with(request, sequence, changed, mine).cost.values()) - spend
                 if not mine:
                     memo[same] = delta
                 moved += delta
