@@ -7,6 +7,7 @@ from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
     GlazeDatabase,
+    LanguageModel,
     PreEnrichment,
     ProgressChannel,
 )
@@ -27,6 +28,7 @@ def build_definitions(
             "providers": EnrichmentProviders(config_file=providers_file),
             "progress": ProgressChannel(),
             "pre_enrichment": PreEnrichment(),
+            "llm": LanguageModel(),
         },
     )
 

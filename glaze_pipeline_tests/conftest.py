@@ -29,6 +29,7 @@ APP_TABLES = (
     "columns",
     "tables",
     "provider_observations",
+    "llm_calls",
 )
 
 

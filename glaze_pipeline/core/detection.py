@@ -609,6 +609,7 @@ class ColumnSpec:
     id: str
     key: str
     field: FieldRef | None
+    prompt: str | None = None  # an AI column's template (its field is then an `ai_` field)
 
 
 @dataclass(frozen=True)

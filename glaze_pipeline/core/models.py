@@ -57,6 +57,21 @@ class RequestKind(enum.StrEnum):
     ENRICH = "enrich"
     ESTIMATE = "estimate"
     PRE_ENRICH = "pre_enrich"
+    # The AI workflows of seed 003: each proposes, nothing is written until it is accepted.
+    TABLE_SUGGESTIONS = "table_suggestions"
+    COLUMN_SUGGESTIONS = "column_suggestions"
+    ROW_SUGGESTIONS = "row_suggestions"
+    TABLE_GENERATION = "table_generation"
+
+
+AI_REQUEST_KINDS = frozenset(
+    {
+        RequestKind.TABLE_SUGGESTIONS,
+        RequestKind.COLUMN_SUGGESTIONS,
+        RequestKind.ROW_SUGGESTIONS,
+        RequestKind.TABLE_GENERATION,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

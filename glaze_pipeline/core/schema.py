@@ -66,6 +66,8 @@ class GlazeColumn(Base):
     data_type: Mapped[str] = mapped_column(String(20), default="text")
     # The catalogue field this column means (`company.industry`); None: inferred from `key`.
     field: Mapped[str | None] = mapped_column(String(60))
+    # An AI column's prompt template (core/ai/columns.py); None: a catalogue field or input.
+    prompt: Mapped[str | None] = mapped_column(Text)
     position: Mapped[int] = mapped_column(Integer, default=0)
 
 
@@ -156,6 +158,8 @@ class EnrichmentRequest(Base):
     # Lookups that never left the machine, by provider and reason: {name: {reason: n}}.
     calls_not_sent: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
+    # An AI request's outcome: its proposal (table, columns, rows), notes and usage.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     entities_done: Mapped[int] = mapped_column(Integer, default=0)
     # A re-executed run's request points at the request of the run it re-executes.
     retry_of: Mapped[str | None] = mapped_column(String(40))
@@ -216,3 +220,23 @@ class ProviderObservation(Base):
     fields: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LlmCallRecord(Base):
+    """One attempt at one LLM call: what it cost in tokens and credits, and how it ended."""
+
+    __tablename__ = "llm_calls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    operation: Mapped[str] = mapped_column(String(60))
+    prompt_version: Mapped[str] = mapped_column(String(80))
+    model: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

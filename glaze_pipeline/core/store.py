@@ -38,6 +38,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from glaze_pipeline.core.ai.columns import ai_field, check_template
 from glaze_pipeline.core.detection import ColumnSpec
 from glaze_pipeline.core.errors import (
     InputError,
@@ -83,7 +84,13 @@ def _check_definition(name: str, columns: Sequence[ColumnDef], table_id: str | N
     if len(set(keys)) != len(keys):
         raise InputError(f"duplicate column keys in {keys}")
     for column in columns:
-        if column.field:
+        if column.prompt is not None:
+            if column.field:
+                raise InputError(
+                    f"column {column.key!r} has both a field and an AI prompt: give one"
+                )
+            check_template(column.prompt)
+        elif column.field:
             parse_field(column.field)
 
 
@@ -110,6 +117,7 @@ class ColumnDef:
     field: str | None = None
     data_type: str = "text"
     id: str | None = None  # stable ids for seed data; generated when None
+    prompt: str | None = None  # an AI column's template (core/ai/columns.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +128,11 @@ class ColumnInfo:
     field: str | None
     position: int
     data_type: str = "text"
+    prompt: str | None = None
 
     def spec(self) -> ColumnSpec:
+        if self.prompt is not None:
+            return ColumnSpec(self.id, self.key, ai_field(self.prompt), self.prompt)
         return ColumnSpec(self.id, self.key, column_field(self.key, self.field))
 
 
@@ -246,6 +257,7 @@ class Store:
                     label=column.label or column.key,
                     data_type=column.data_type,
                     field=column.field,
+                    prompt=column.prompt,
                     position=position,
                 )
                 for position, column in enumerate(columns)
@@ -282,7 +294,8 @@ class Store:
             table.id,
             table.name,
             tuple(
-                ColumnInfo(c.id, c.key, c.label, c.field, c.position, c.data_type) for c in columns
+                ColumnInfo(c.id, c.key, c.label, c.field, c.position, c.data_type, c.prompt)
+                for c in columns
             ),
         )
 
@@ -355,6 +368,7 @@ class Store:
                         label=column.label or column.key,
                         data_type=column.data_type,
                         field=column.field,
+                        prompt=column.prompt,
                         position=position,
                     )
                 )

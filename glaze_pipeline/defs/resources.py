@@ -1,7 +1,9 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
@@ -18,6 +20,9 @@ from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.registry import load_providers
 from glaze_pipeline.core.settings import database_url, pre_enrich_budget, redis_url
 from glaze_pipeline.core.store import Store
+
+if TYPE_CHECKING:
+    from glaze_pipeline.core.ai.client import LlmSettings
 
 
 class GlazeDatabase(ConfigurableResource):
@@ -117,3 +122,30 @@ class PreEnrichment(ConfigurableResource):
 
     def resolved_budget(self) -> float:
         return pre_enrich_budget(self.budget)
+
+
+class LanguageModel(ConfigurableResource):
+    """The LLM that AI jobs and AI columns ask (OpenAI-compatible Chat Completions).
+
+    Each setting, else its GLAZE_LLM_* variable read when a step asks for it (never at import):
+    `base_url` (GLAZE_LLM_BASE_URL), `model` (GLAZE_LLM_MODEL), `api_key` (GLAZE_LLM_API_KEY).
+    A job that needs no LLM never reads them, so none is required to enrich.
+    """
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+
+    def settings(self) -> "LlmSettings":
+        """The resolved settings; LlmConfigError names the variable that is missing or bad."""
+        from glaze_pipeline.core.ai.client import LlmSettings
+
+        env = dict(os.environ)
+        for name, value in (
+            ("GLAZE_LLM_BASE_URL", self.base_url),
+            ("GLAZE_LLM_MODEL", self.model),
+            ("GLAZE_LLM_API_KEY", self.api_key),
+        ):
+            if value is not None:
+                env[name] = value
+        return LlmSettings.from_env(env)
