@@ -61,6 +61,7 @@ from glaze_pipeline.core.schema import (
     GlazeColumn,
     GlazeRow,
     GlazeTable,
+    LlmCallRecord,
     ProviderObservation,
 )
 from glaze_pipeline.core.settings import database_url
@@ -153,6 +154,16 @@ class TableInfo:
 
     def specs(self) -> list[ColumnSpec]:
         return [column.spec() for column in self.columns]
+
+
+@dataclass(frozen=True, slots=True)
+class LlmUsage:
+    """A request's LLM usage: attempts, tokens in and out, credits."""
+
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -876,6 +887,43 @@ class Store:
             if request is None:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
             return request
+
+    def record_llm_calls(self, request_id: str | None, calls: Sequence[Any]) -> None:
+        """Write LLM attempts (`core.ai.client.LlmCall`s) to `llm_calls`, one statement."""
+        if not calls:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "request_id": request_id,
+                "operation": call.operation,
+                "prompt_version": call.prompt_version,
+                "model": call.model,
+                "attempt": call.attempt,
+                "outcome": call.outcome,
+                "prompt_tokens": call.prompt_tokens,
+                "completion_tokens": call.completion_tokens,
+                "cost": call.cost,
+                "latency_ms": call.latency_ms,
+                "error": call.error,
+                "at": now,
+            }
+            for call in calls
+        ]
+        with self.engine.begin() as connection:
+            connection.execute(insert(LlmCallRecord), rows)
+
+    def llm_usage(self, request_id: str) -> LlmUsage:
+        """What a request's LLM calls used, summed over every attempt."""
+        query = select(
+            func.count(),
+            func.coalesce(func.sum(LlmCallRecord.prompt_tokens), 0),
+            func.coalesce(func.sum(LlmCallRecord.completion_tokens), 0),
+            func.coalesce(func.sum(LlmCallRecord.cost), 0.0),
+        ).where(LlmCallRecord.request_id == request_id)
+        with self.engine.connect() as connection:
+            calls, prompt, completion, cost = connection.execute(query).one()
+        return LlmUsage(int(calls), int(prompt), int(completion), round(float(cost), 6))
 
     def record_observations(self, observed: Mapping[tuple[str, str], Observation]) -> None:
         """Add what a chunk's lookups answered to each (provider, key kind)'s history.
