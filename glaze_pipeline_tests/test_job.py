@@ -164,7 +164,12 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     import redis
 
     from glaze_pipeline.defs.jobs import enrich_table
-    from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+    from glaze_pipeline.defs.resources import (
+        EnrichmentProviders,
+        GlazeDatabase,
+        LanguageModel,
+        ProgressChannel,
+    )
 
     table = seed_generated(pg_store, rows=30, unique_companies=3)
     client = redis.Redis.from_url(redis_url)
@@ -186,6 +191,7 @@ def test_progress_is_published_on_redis(postgres_url: str, pg_store: Store, redi
     job = Definitions(
         jobs=[enrich_table],
         resources={
+            "llm": LanguageModel(),
             "glaze_db": GlazeDatabase(url=postgres_url),
             "providers": EnrichmentProviders(),
             "progress": channel,

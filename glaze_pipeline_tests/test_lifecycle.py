@@ -26,7 +26,12 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.definitions import build_definitions
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.resources import (
+    EnrichmentProviders,
+    GlazeDatabase,
+    LanguageModel,
+    ProgressChannel,
+)
 
 
 @dataclass
@@ -61,6 +66,7 @@ def definitions(store: Store, provider: Provider) -> Definitions:
     return Definitions(
         jobs=[enrich_table],
         resources={
+            "llm": LanguageModel(),
             "glaze_db": GlazeDatabase(url=store.url),
             "providers": FixedProviders(),
             "progress": ProgressChannel(),

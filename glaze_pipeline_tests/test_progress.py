@@ -32,7 +32,12 @@ from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store, TableInfo
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.resources import (
+    EnrichmentProviders,
+    GlazeDatabase,
+    LanguageModel,
+    ProgressChannel,
+)
 from glaze_pipeline.defs.sensors import (
     STALE_AFTER_ENV,
     request_on_run_canceled,
@@ -146,6 +151,7 @@ def job_defs(store: Store, channel: ProgressChannel) -> Any:
     return Definitions(
         jobs=[enrich_table],
         resources={
+            "llm": LanguageModel(),
             "glaze_db": GlazeDatabase(url=store.url),
             "providers": EnrichmentProviders(),
             "progress": channel,

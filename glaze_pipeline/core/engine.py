@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from glaze_pipeline.core.ai.columns import InvalidPromptError, check_template
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import AnswerCache
 from glaze_pipeline.core.detection import (
@@ -241,8 +242,9 @@ def cell_ref(row_id: str, key: str) -> str:
 def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarget:
     """Validate a selection against the table; raises a GlazeError naming the problem.
 
-    Nothing is written here. Row ids are checked page by page during detection, which also
-    writes nothing.
+    A column fills either a catalogue field or, with a prompt (an AI column), its `ai_` field
+    through the LLM; a whole-table job includes both. Nothing is written here. Row ids are
+    checked page by page during detection, which also writes nothing.
     """
     table = store.get_table(table_id)
     by_id = table.column_by_id()
@@ -261,12 +263,13 @@ def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarg
             names = ", ".join(f"{c.key!r} ({c.id})" for c in unmapped)
             raise InvalidSelectionError(
                 f"columns map to no enrichment field: {names}; give them a field such as "
-                "'company.industry'"
+                "'company.industry', or an AI prompt such as 'Does {company} sell to "
+                "enterprises? Answer yes or no.'"
             )
-        return tuple(specs[column_id] for column_id in ids)
+        return checked(specs[column_id] for column_id in ids)
 
     if selection.whole_table:
-        columns = tuple(spec for spec in specs.values() if spec.field is not None)
+        columns = checked(spec for spec in specs.values() if spec.field is not None)
         if not columns:
             raise InvalidSelectionError(f"table {table_id} has no column that maps to a field")
         return JobTarget(table_id, columns, identifiers, only_empty=True)
@@ -285,6 +288,19 @@ def resolve_target(store: Store, table_id: str, selection: Selection) -> JobTarg
     columns = wanted(selection.column_ids)
     row_ids = tuple(dict.fromkeys(selection.row_ids)) if selection.row_ids else None
     return JobTarget(table_id, columns, identifiers, row_ids=row_ids, overwrite=selection.overwrite)
+
+
+def checked(columns: Iterable[ColumnSpec]) -> tuple[ColumnSpec, ...]:
+    """`columns`, with each AI column's template checked again before anything is asked: a
+    template stored before today's rules is refused here with the reason, not mid-job."""
+    columns = tuple(columns)
+    for column in columns:
+        if column.prompt is not None:
+            try:
+                check_template(column.prompt)
+            except InvalidPromptError as error:
+                raise InvalidPromptError(f"column {column.key!r}: {error}") from None
+    return columns
 
 
 def start_job(
@@ -420,7 +436,8 @@ def enrich_chunk(
     flush. `unavailable` (provider -> reason, the preflight's verdicts): never called.
 
     What the lookups answered is added to the providers' history (`Store.record_observations`)
-    for later estimates.
+    for later estimates, and the LLM attempts of AI columns go to `llm_calls` at the end of the
+    chunk, however it ends.
     """
     started = time.perf_counter()
     requests = RequestRepository(store)
@@ -504,6 +521,7 @@ def enrich_chunk(
         finally:
             if not budget.unlimited:
                 requests.return_budget(request_id, budget.unused)
+            record_llm_calls(store, request_id, providers)
     if interrupted is not None:
         raise JobCancelled(f"request {request_id}: the run was terminated") from interrupted
     if "error" in outcome:
@@ -521,6 +539,25 @@ def enrich_chunk(
         seconds=time.perf_counter() - started,
         stopped=watch.stop_reason if waterfall.stopped else None,
     )
+
+
+def record_llm_calls(store: Store, request_id: str, providers: Iterable[Provider]) -> int:
+    """Write the LLM attempts the providers made since the last time (an AI column's provider
+    keeps them: `take_llm_calls`) to `llm_calls`, for the request; returns how many.
+
+    Best effort: the tokens are a record of usage, the credits are in the spend ledger, so a
+    failed write is logged and the chunk's answers are kept."""
+    calls: list[Any] = []
+    for provider in providers:
+        take = getattr(provider, "take_llm_calls", None)
+        if callable(take):
+            calls.extend(take())
+    if calls:
+        try:
+            store.record_llm_calls(request_id, calls)
+        except Exception as error:
+            log.warning("could not record %d LLM calls of %s: %s", len(calls), request_id, error)
+    return len(calls)
 
 
 def _drain(finished: threading.Event, requests: RequestRepository, request_id: str) -> None:

@@ -60,6 +60,7 @@ class Rates:
     default_filled: float
     lookups: int = 0
     since: datetime | None = None
+    prior_found: float = PRIOR_FOUND
 
     def fill(self, name: str) -> float:
         return self.filled.get(name, self.default_filled)
@@ -67,8 +68,8 @@ class Rates:
     def basis(self) -> str:
         if self.lookups == 0:
             return (
-                f"prior, no history yet: {PRIOR_FOUND:.0%} found, "
-                f"{PRIOR_FILLED:.0%} of a found record's fields filled"
+                f"prior, no history yet: {self.prior_found:.0%} found, "
+                f"{self.default_filled:.0%} of a found record's fields filled"
             )
         since = f" since {self.since:%Y-%m-%d}" if self.since is not None else ""
         return f"from {self.lookups:,} lookups{since}"
@@ -80,8 +81,14 @@ WORST = Rates(found=0.0, charged=1.0, filled={}, default_filled=0.0)
 def observed_rates(
     provider: Provider, observation: Observation | None, since: datetime | None = None
 ) -> Rates:
-    """The provider's shares for one kind of key: its history, smoothed toward the prior."""
-    prior_charged = PRIOR_FOUND + (1 - PRIOR_FOUND) * float(provider.charges_misses)
+    """The provider's shares for one kind of key: its history, smoothed toward the prior.
+
+    A provider that says it `always_answers` (an LLM answers every question it is asked) has a
+    prior of every lookup found and every field filled; any other, PRIOR_FOUND and PRIOR_FILLED.
+    """
+    always = bool(getattr(provider, "always_answers", False))
+    prior_found, prior_filled = (1.0, 1.0) if always else (PRIOR_FOUND, PRIOR_FILLED)
+    prior_charged = prior_found + (1 - prior_found) * float(provider.charges_misses)
     seen = observation or Observation()
     weight = seen.lookups + PRIOR_WEIGHT
 
@@ -89,16 +96,17 @@ def observed_rates(
         return (count + prior * PRIOR_WEIGHT) / weight
 
     filled = {
-        name: (hits + PRIOR_FILLED * PRIOR_WEIGHT) / (asked + PRIOR_WEIGHT)
+        name: (hits + prior_filled * PRIOR_WEIGHT) / (asked + PRIOR_WEIGHT)
         for name, (asked, hits) in seen.fields.items()
     }
     return Rates(
-        found=share(seen.found, PRIOR_FOUND),
+        found=share(seen.found, prior_found),
         charged=share(seen.charged, prior_charged),
         filled=filled,
-        default_filled=PRIOR_FILLED,
+        default_filled=prior_filled,
         lookups=seen.lookups,
         since=since if seen.lookups else None,
+        prior_found=prior_found,
     )
 
 
@@ -399,6 +407,7 @@ def _one_error_higher(rate: Rates, charges_misses: bool) -> Rates:
         default_filled=rate.default_filled,
         lookups=rate.lookups,
         since=rate.since,
+        prior_found=rate.prior_found,
     )
 
 

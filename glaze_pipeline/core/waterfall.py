@@ -128,7 +128,9 @@ class _Progress:
             confidence = answer.confidence.get(name, provider.confidence) * key.strength
             current = self.best.get(name)
             if current is None or confidence > current.confidence:
-                self.best[name] = FieldValue(value, confidence, provider.name, answer.fetched_at)
+                self.best[name] = FieldValue(
+                    value, confidence, provider_source(provider), answer.fetched_at
+                )
 
     def stopped(self, key: EntityKey) -> EntityOutcome:
         outcome = FieldOutcome(CellStatus.SKIPPED, error=CANCELLED)
@@ -222,6 +224,13 @@ def supports(provider: Provider, key: EntityKey) -> bool:
     """Providers may declare which key kinds they can look up (`supports(key)`); default: all."""
     check = getattr(provider, "supports", None)
     return True if check is None else bool(check(key))
+
+
+def provider_source(provider: Provider) -> str:
+    """What a cell filled by `provider` records as its source: the provider's `source` when it
+    says more than its name (an LLM names its model and prompt version), else its name."""
+    source = getattr(provider, "source", None)
+    return source if isinstance(source, str) and source else provider.name
 
 
 def unavailable_now(provider: Provider) -> str | None:

@@ -28,6 +28,7 @@ from dagster import (
 )
 
 from glaze_pipeline.core import engine, queue
+from glaze_pipeline.core.ai.client import LlmConfigError
 from glaze_pipeline.core.engine import (
     ApplySummary,
     ChunkResult,
@@ -47,12 +48,19 @@ from glaze_pipeline.core.models import (
 )
 from glaze_pipeline.core.preflight import check_providers, unusable
 from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
+from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.llm_column import ai_column_providers, price_per_answer
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
 from glaze_pipeline.defs.config import EnrichTableConfig
-from glaze_pipeline.defs.resources import EnrichmentProviders, GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.resources import (
+    EnrichmentProviders,
+    GlazeDatabase,
+    LanguageModel,
+    ProgressChannel,
+)
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,20 @@ def adopt_request(
     raise GlazeError(f"request {request.id} is already running under run {request.run_id}")
 
 
+def ai_providers(llm: LanguageModel, target: JobTarget) -> list[Provider]:
+    """The providers of the target's AI columns, one per template; none (and no LLM setting
+    read) when it has none. An LLM that is not configured makes them unavailable with the
+    reason: their cells end skipped, and nothing is spent."""
+    columns = [column for column in target.columns if column.prompt is not None]
+    if not columns:
+        return []
+    try:
+        settings, price = llm.settings(), price_per_answer()
+    except LlmConfigError as error:
+        return list(ai_column_providers(columns, None, problem=str(error)))
+    return list(ai_column_providers(columns, settings, price=price))
+
+
 def tag_run(context: OpExecutionContext, tags: dict[str, str]) -> None:
     """Tags on the run whatever launched it (the Launchpad, the CLI, a re-execution)."""
     context.instance.add_run_tags(context.run_id, tags)
@@ -219,6 +241,7 @@ def detect_entities(
     glaze_db: GlazeDatabase,
     providers: EnrichmentProviders,
     progress: ProgressChannel,
+    llm: LanguageModel,
 ) -> Iterator[Output | DynamicOutput]:
     started = time.time()
     store = glaze_db.store()
@@ -264,7 +287,13 @@ def detect_entities(
             cells_total=detection.cells_total,
             rows_total=detection.rows_read,
         )
-        unavailable = preflight(context, requests, request_id, providers, detection.entities)
+        unavailable = preflight(
+            context,
+            requests,
+            request_id,
+            [*providers.providers(), *ai_providers(llm, target)],
+            detection.entities,
+        )
         with progress.publisher() as publisher:
             publisher.publish(
                 "started",
@@ -307,12 +336,12 @@ def preflight(
     context: OpExecutionContext,
     requests: RequestRepository,
     request_id: str,
-    providers: EnrichmentProviders,
+    providers: list[Provider],
     entities: list[EntityRequest],
 ) -> dict[str, str]:
     """Check the providers this job may ask before it buys anything; an unusable one is named
     once, on the request and in the run's log, and no step calls it."""
-    relevant = engine.relevant_providers(providers.providers(), entities)
+    relevant = engine.relevant_providers(providers, entities)
     unavailable = unusable(check_providers(relevant))
     for name, reason in sorted(unavailable.items()):
         context.log.warning(
@@ -338,6 +367,7 @@ def enrich_entities(
     glaze_db: GlazeDatabase,
     providers: EnrichmentProviders,
     progress: ProgressChannel,
+    llm: LanguageModel,
 ) -> ChunkResult:
     store = glaze_db.store()
     requests = RequestRepository(store)
@@ -372,12 +402,15 @@ def enrich_entities(
                 progress=percent(total_done, plan.entities) * ENRICH_SHARE // 100,
             )
 
+        # The AI columns' LLM client lives as long as this step (its connections belong to
+        # the event loop enrich_chunk runs); their LLM attempts are recorded by the chunk.
+        step_providers = [*providers.providers(), *ai_providers(llm, plan.target)]
         with providers.sharing(store) as sharing:
             result = engine.enrich_chunk(
                 store,
                 plan.request_id,
                 chunk,
-                providers.providers(),
+                step_providers,
                 plan.settings,
                 cache=sharing.cache,
                 flight=sharing.flight,
@@ -483,6 +516,7 @@ def close_job(
     glaze_db: GlazeDatabase,
     providers: EnrichmentProviders,
     progress: ProgressChannel,
+    llm: LanguageModel,
 ) -> Iterator[AssetMaterialization | Output]:
     store = glaze_db.store()
     requests = RequestRepository(store)
@@ -500,7 +534,7 @@ def close_job(
             cells_without_identifier=plan.cells_without_identifier,
             cancelled=applied.stopped,
             estimate=applied.estimate,
-            providers=providers.providers(),
+            providers=[*providers.providers(), *ai_providers(llm, plan.target)],
             unavailable=plan.unavailable,
             budget=plan.settings.budget,
         )
@@ -533,6 +567,17 @@ def close_job(
         "apply_statements": summary.statements,
         "duration_s": round(time.time() - plan.started, 3),
     }
+    usage = store.llm_usage(plan.request_id)
+    if usage.calls:
+        # The AI columns' LLM attempts: tokens and their cost (the credits are in `cost`).
+        metadata["llm_usage"] = MetadataValue.json(
+            {
+                "calls": usage.calls,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "token_cost": usage.cost,
+            }
+        )
     if plan.kind is RequestKind.ESTIMATE and request.estimate:
         # The estimate's own figures first: they are what an estimate run is for.
         report = request.estimate

@@ -110,3 +110,13 @@ def fill_template(template: str, key: EntityKey) -> str:
     """The question for one entity; an identifier it lacks reads as `unknown`."""
     variables = {name: value or "unknown" for name, value in entity_variables(key).items()}
     return template.strip().format(**variables)
+
+
+def question_input(template: str, key: EntityKey) -> dict[str, str]:
+    """What the `ai_column` prompt is given for one entity: the filled question, and who it is
+    about (the prompt passes it as data inside `<input>`, never as instructions)."""
+    return {
+        "template": fill_template(template, key),
+        "entity_type": key.type.value,
+        "entity": key.value,
+    }
