@@ -1,4 +1,6 @@
-"""Launch, watch and terminate `enrich_table` runs through Dagster's GraphQL API.
+"""Launch, watch and terminate Glaze's runs through Dagster's GraphQL API: `enrich_table`
+(`launch_enrich`), and any job by name (`launch_run`: the AI jobs `table_suggestions`,
+`column_suggestions`, `row_suggestions`, `table_generation`, whose first op takes the config).
 
 The Glaze app is not Python, so the contract is the raw GraphQL below: the documents are
 module constants, shown verbatim in `docs/graphql.md`, and this client is their reference

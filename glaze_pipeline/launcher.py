@@ -37,7 +37,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from glaze_pipeline.core import queue
+from glaze_pipeline.core.ai.workflow import AI_JOBS
 from glaze_pipeline.core.errors import ConfigError, ServiceUnavailableError
+from glaze_pipeline.core.queue import ENRICH_JOB
 from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.store import Store
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "glaze_requests"
 
-# (request, op config, tags) -> Dagster run id
+# (request, its first op's config, tags) -> Dagster run id. The job is the request's kind's
+# (`queue.job_run`): enrich_table, or an AI job.
 LaunchFunction = Callable[[queue.ClaimedRequest, dict[str, Any], dict[str, str]], str]
 # How many more runs may start now; None: no limit here.
 Capacity = Callable[[], int | None]
@@ -237,9 +240,9 @@ def graphql_launch(graphql_url: str) -> RunStarter:
     Dagster must answer and serve `enrich_table` now: a wrong URL or a webserver that is down
     is a ServiceUnavailableError, a webserver whose loaded code has no such job a ConfigError,
     before anything is claimed. A code location still loading (or failing to) is only logged:
-    it may be ready by the first launch, and a launch it cannot serve is refused per request."""
+    it may be ready by the first launch, and a launch it cannot serve (an AI job its code does
+    not have yet, say) is refused per request."""
     from glaze_pipeline.graphql_client import (
-        ENRICH_JOB,
         CodeLocationError,
         DagsterGraphQLClient,
         GraphQLTransportError,
@@ -263,8 +266,11 @@ def graphql_launch(graphql_url: str) -> RunStarter:
         log.warning("launcher: %s; launching anyway", _one_line(error))
 
     def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
+        job_name, run_config = queue.job_run(request.kind, config)
         try:
-            return client.launch_enrich(config, tags=tags)
+            if job_name == ENRICH_JOB:
+                return client.launch_enrich(config, tags=tags)
+            return client.launch_run(job_name, run_config, tags=tags)
         except (RunConfigInvalidError, JobNotFoundError) as error:
             raise LaunchRejected(str(error)) from error
         except GraphQLTransportError:
@@ -282,9 +288,10 @@ def fork_launch(
 ) -> RunStarter:
     """Start each run in a child forked from this warm process, at most `max_runs` at once.
 
-    The child executes `enrich_table` against $DAGSTER_HOME's instance with its own
-    connections. `capacity` counts the free slots, so the launcher claims no more than it can
-    start and the rest waits in the queue, for this launcher or the sensor.
+    The child executes the request's job (`enrich_table`, or an AI job) against
+    $DAGSTER_HOME's instance with its own connections. `capacity` counts the free slots, so the
+    launcher claims no more than it can start and the rest waits in the queue, for this
+    launcher or the sensor.
     """
     if max_runs < 1:
         raise ValueError(f"max_runs must be >= 1, got {max_runs}")
@@ -294,7 +301,11 @@ def fork_launch(
     from glaze_pipeline.core.detection import normalize_domain
     from glaze_pipeline.definitions import build_definitions
 
-    job = build_definitions(database_url, providers_file).get_job_def("enrich_table")
+    definitions = build_definitions(database_url, providers_file)
+    jobs = {
+        name: definitions.get_job_def(name)
+        for name in (ENRICH_JOB, *(job_name for job_name, _ in AI_JOBS.values()))
+    }
     normalize_domain("warm.example.com")  # load the suffix list now, not in every child
     with DagsterInstance.get():
         # Create (or migrate) the instance's storage once here: children forked at the same
@@ -315,6 +326,8 @@ def fork_launch(
     def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
         if capacity() < 1:
             raise AtCapacity(f"{len(children)} runs in progress")
+        job_name, run_config = queue.job_run(request.kind, config)
+        job = jobs[job_name]
         run_id = make_new_run_id()
         pid = os.fork()
         if pid == 0:  # the child: execute, then leave without running the parent's cleanup
@@ -322,7 +335,7 @@ def fork_launch(
             try:
                 with DagsterInstance.get() as instance:
                     result = job.execute_in_process(
-                        run_config={"ops": {"detect_entities": {"config": config}}},
+                        run_config=run_config,
                         instance=instance,
                         tags=tags,
                         run_id=run_id,

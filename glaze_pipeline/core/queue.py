@@ -17,9 +17,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from glaze_pipeline.core.ai.workflow import ai_run_config, check_task
 from glaze_pipeline.core.engine import JobSettings, JobTarget, resolve_target
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError
-from glaze_pipeline.core.models import RequestKind, RequestStatus, RowStatus, Selection
+from glaze_pipeline.core.models import (
+    AI_REQUEST_KINDS,
+    RequestKind,
+    RequestStatus,
+    RowStatus,
+    Selection,
+)
 from glaze_pipeline.core.progress import ProgressPublisher, publish_finished
 from glaze_pipeline.core.requests import (
     PRIORITY_DEFAULT,
@@ -31,6 +38,8 @@ from glaze_pipeline.core.requests import (
 from glaze_pipeline.core.store import Store
 
 __all__ = [
+    "ENRICH_JOB",
+    "ENRICH_OP",
     "PRIORITY_DEFAULT",
     "PRIORITY_PRE_ENRICH",
     "ActiveRequest",
@@ -40,6 +49,7 @@ __all__ = [
     "claim_launchable",
     "close_for_run",
     "enqueue",
+    "job_run",
     "launch_config",
     "reconcile",
     "request_cancel",
@@ -116,13 +126,33 @@ def close_for_run(
     return closed
 
 
+ENRICH_JOB = "enrich_table"
+ENRICH_OP = "detect_entities"  # the op of enrich_table that takes the run config
+
+
+def job_run(kind: RequestKind | str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(job name, full run config) of a request's run, from its first op's config: an AI kind
+    runs its own job (core/ai/workflow.AI_JOBS), everything else `enrich_table`."""
+    if kind in AI_REQUEST_KINDS:
+        return ai_run_config(kind, config)
+    return ENRICH_JOB, {"ops": {ENRICH_OP: {"config": dict(config)}}}
+
+
 @dataclass(frozen=True)
 class Launchable:
-    """A claimed, valid request: its run's op config and tags."""
+    """A claimed, valid request: its first op's config, its run's tags, which job runs it."""
 
     request: ClaimedRequest
     config: dict[str, Any]
     tags: dict[str, str]
+
+    @property
+    def job_name(self) -> str:
+        return job_run(self.request.kind, self.config)[0]
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        return job_run(self.request.kind, self.config)[1]
 
 
 def claim_launchable(
@@ -151,7 +181,7 @@ def claim_launchable(
                 settle_ended(store, request.id, publisher)
             rejected.append((request.id, reason))
             continue
-        if config["kind"] == RequestKind.ENRICH.value:
+        if target is not None and config["kind"] == RequestKind.ENRICH.value:
             hold_queued(store, request.id, target)
         launchable.append(Launchable(request, config, run_tags(request)))
     return launchable, rejected
@@ -169,17 +199,21 @@ def hold_queued(store: Store, request_id: str, target: JobTarget) -> int:
 
 
 def launch_config(store: Store, request: ClaimedRequest) -> dict[str, Any]:
-    """The enrich_table op config for a claimed request; raises GlazeError when it is invalid."""
+    """The first op's config for a claimed request; raises GlazeError when it is invalid."""
     return _launch(store, request)[0]
 
 
-def _launch(store: Store, request: ClaimedRequest) -> tuple[dict[str, Any], JobTarget]:
+def _launch(store: Store, request: ClaimedRequest) -> tuple[dict[str, Any], JobTarget | None]:
     try:
         kind = RequestKind(request.kind)
     except ValueError:
-        raise InvalidSelectionError(
-            f"unknown kind {request.kind!r}: use enrich, estimate or pre_enrich"
-        ) from None
+        kinds = ", ".join(k.value for k in RequestKind)
+        raise InvalidSelectionError(f"unknown kind {request.kind!r}: use one of {kinds}") from None
+    if kind in AI_REQUEST_KINDS:
+        if request.budget is not None:
+            raise InvalidSelectionError(f"{kind.value} takes no budget")
+        task = check_task(store, kind, request.table_id, request.selection)
+        return task.op_config(request.id), None
     try:
         selection = Selection.model_validate(request.selection)
     except ValidationError as error:

@@ -284,6 +284,32 @@ class RequestRepository:
         ]
         return sorted(claimed, key=lambda r: (-r.priority, r.id))
 
+    def claim_one(self, request_id: str) -> ClaimedRequest | None:
+        """Claim this very request (queued -> launched) for a caller that runs it itself (the
+        CLI's in-process run); None when it is not queued (a sensor or launcher got it first,
+        a cancel, an ending), so it is never run twice."""
+        with self.store.engine.begin() as connection:
+            moved = self._move_locked(
+                connection,
+                request_id,
+                QUEUED,
+                LAUNCHED,
+                values={"launched_at": utcnow()},
+                reason="claimed to run in process",
+                run_id=None,
+            )
+        if not moved:
+            return None
+        request = self.get(request_id)
+        return ClaimedRequest(
+            id=request.id,
+            table_id=request.table_id,
+            kind=request.kind,
+            selection=request.selection,
+            budget=request.budget,
+            priority=request.priority,
+        )
+
     def attach_run(self, request_id: str, run_id: str) -> bool:
         """Note the run launched for a claimed request (status unchanged)."""
         with self.store.engine.begin() as connection:
@@ -462,6 +488,16 @@ class RequestRepository:
                 .values(updated_at=utcnow(), **counters)
             )
         return bool(result.rowcount)
+
+    def record_result(self, request_id: str, result: Mapping[str, Any]) -> bool:
+        """An AI request's proposal so far (each step adds to it), while it runs."""
+        with self.store.engine.begin() as connection:
+            updated = connection.execute(
+                update(EnrichmentRequest)
+                .where(EnrichmentRequest.id == request_id, _status_in((RUNNING,)))
+                .values(updated_at=utcnow(), result=dict(result))
+            )
+        return bool(updated.rowcount)
 
     def record_unavailable(self, request_id: str, unavailable: Mapping[str, str]) -> bool:
         """The providers the preflight found unusable, with their reasons (once per job)."""

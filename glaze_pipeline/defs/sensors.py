@@ -31,6 +31,7 @@ from dagster._core.storage.tags import RUN_KEY_TAG  # "dagster/run_key", not re-
 from glaze_pipeline.core import queue
 from glaze_pipeline.core.models import RequestKind, RequestStatus
 from glaze_pipeline.core.store import Store, utcnow
+from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import GlazeDatabase, PreEnrichment, ProgressChannel
 
@@ -41,12 +42,18 @@ CLAIMS_PER_TICK = 25
 STALE_AFTER_ENV = "GLAZE_STALE_AFTER_SECONDS"
 
 
+# Every job a queued request may run, and so every job whose runs close a request.
+REQUEST_JOBS = [enrich_table, *AI_JOB_DEFS]
+
+
 def request_runs(launchable: list[queue.Launchable]) -> list[RunRequest]:
-    """One RunRequest per valid claimed request; its id is the run key (never launched twice)."""
+    """One RunRequest per valid claimed request, for its kind's job; its id is the run key
+    (never launched twice)."""
     return [
         RunRequest(
             run_key=item.request.id,
-            run_config={"ops": {"detect_entities": {"config": item.config}}},
+            job_name=item.job_name,
+            run_config=item.run_config,
             tags=item.tags,
         )
         for item in launchable
@@ -54,10 +61,11 @@ def request_runs(launchable: list[queue.Launchable]) -> list[RunRequest]:
 
 
 @sensor(
-    job=enrich_table,
+    jobs=REQUEST_JOBS,
     minimum_interval_seconds=1,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Claims queued enrichment_requests (priority order) and launches enrich_table.",
+    description="Claims queued enrichment_requests (priority order) and launches each one's "
+    "job: enrich_table, or the AI job of its kind.",
 )
 def enrichment_queue_sensor(
     context: SensorEvaluationContext, glaze_db: GlazeDatabase, progress: ProgressChannel
@@ -86,10 +94,10 @@ def _request_id(store: Store, run_id: str, tags: dict[str, str]) -> str | None:
 
 
 @run_failure_sensor(
-    monitored_jobs=[enrich_table],
+    monitored_jobs=REQUEST_JOBS,
     default_status=DefaultSensorStatus.RUNNING,
-    description="A failed enrich_table run ends its request `failed` with the reason, lets go "
-    "of its rows and announces it.",
+    description="A failed enrich_table or AI run ends its request `failed` with the reason, "
+    "lets go of its rows and announces it.",
 )
 def request_on_run_failure(
     context: RunFailureSensorContext, glaze_db: GlazeDatabase, progress: ProgressChannel
@@ -110,10 +118,10 @@ def request_on_run_failure(
 
 @run_status_sensor(
     run_status=DagsterRunStatus.CANCELED,
-    monitored_jobs=[enrich_table],
+    monitored_jobs=REQUEST_JOBS,
     default_status=DefaultSensorStatus.RUNNING,
-    description="A cancelled enrich_table run ends its request `cancelled`, lets go of its rows "
-    "and announces it.",
+    description="A cancelled enrich_table or AI run ends its request `cancelled`, lets go of "
+    "its rows and announces it.",
 )
 def request_on_run_canceled(
     context: RunStatusSensorContext, glaze_db: GlazeDatabase, progress: ProgressChannel
