@@ -415,6 +415,35 @@ def set_field(ctx: click.Context, table_id: str, column: str, field: str) -> Non
     _print_table_ids(table_id, store)
 
 
+@cli.command("add-column")
+@click.argument("table_id")
+@click.argument("key")
+@click.option("--label", default="", help="The column's label (default: its key).")
+@click.option("--field", default=None, help="The catalogue field it means, e.g. company.industry.")
+@click.option(
+    "--prompt",
+    default=None,
+    help="An AI column's question over the entity, e.g. "
+    "'Does {company} sell to enterprises? Answer yes or no.'",
+)
+@click.pass_context
+def add_column(
+    ctx: click.Context,
+    table_id: str,
+    key: str,
+    label: str,
+    field: str | None,
+    prompt: str | None,
+) -> None:
+    """Add a column: an input, a catalogue field (--field) or an AI column (--prompt), which
+    enrichment fills through the LLM, one call per unique company or person."""
+    from glaze_pipeline.core.store import ColumnDef
+
+    store = _store(ctx)
+    store.add_column(table_id, ColumnDef(key, label, field=field, prompt=prompt))
+    _print_table_ids(table_id, store)
+
+
 @cli.command()
 @selection_options
 @click.option("--chunk-size", type=POSITIVE, default=500, show_default=True)
@@ -955,6 +984,32 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
         listener.close()
 
 
+@cli.command("mock-llm")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8766, show_default=True)
+@click.option("--api-key", default=None, help="Answer 401 unless this bearer key is sent.")
+def mock_llm(host: str, port: int, api_key: str | None) -> None:
+    """Serve a local OpenAI-compatible LLM stand-in with deterministic answers (loopback)."""
+    import socket
+
+    from glaze_pipeline.mock_llm import serve
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    console.print(
+        f"mock LLM on http://{host}:{port}/v1 (set GLAZE_LLM_BASE_URL to it; stats: /_stats)"
+    )
+    try:
+        serve(host, port, api_key=api_key, sock=listener)
+    finally:
+        listener.close()
+
+
 @cli.command()
 @click.option(
     "--config", "config_file", default=None, help="Providers YAML (else GLAZE_PROVIDERS_FILE)."
@@ -1358,6 +1413,15 @@ def hide_password(url: str) -> str:
         return "(an unparsable URL)"
     host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _register_ai() -> None:
+    from glaze_pipeline.ai_cli import ai
+
+    cli.add_command(ai)
+
+
+_register_ai()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from glaze_pipeline.api import auth, pages, realtime
+from glaze_pipeline.api import ai, auth, pages, realtime
 from glaze_pipeline.api.models import (
     CellBody,
     ColumnBody,
@@ -127,6 +127,10 @@ def create_app(
         responses=_errors(400, 401, 403, 404, 422),
     )
     app.include_router(_job_read_routes(), responses=_errors(401, 403, 404, 422))
+    app.include_router(
+        ai.ai_routes(), dependencies=[auth.RequireKey], responses=_errors(400, 401, 403, 404, 422)
+    )
+    app.include_router(ai.ai_read_routes(), responses=_errors(401, 403, 404, 422))
     app.include_router(_table_route(), responses=_errors(401, 404))
     app.include_router(realtime.router)
     app.include_router(pages.router)
@@ -337,7 +341,13 @@ def _api_routes() -> APIRouter:
     def add_column(request: Request, table_id: str, body: ColumnBody) -> ColumnOut:
         column = _store(request).add_column(
             table_id,
-            ColumnDef(body.key, body.label or "", field=body.field, data_type=body.data_type),
+            ColumnDef(
+                body.key,
+                body.label or "",
+                field=body.field,
+                data_type=body.data_type,
+                prompt=body.prompt,
+            ),
         )
         return _column_out(column)
 
@@ -640,8 +650,9 @@ def _column_out(column: ColumnInfo) -> ColumnOut:
         key=column.key,
         label=column.label,
         data_type=column.data_type,
-        field=str(spec.field) if spec.field is not None else None,
+        field=str(spec.field) if spec.field is not None and spec.prompt is None else None,
         position=column.position,
+        prompt=column.prompt,
     )
 
 

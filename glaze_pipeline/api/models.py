@@ -355,6 +355,9 @@ class ColumnOut(Camel):
     data_type: str
     field: str | None = Field(description="The catalogue field the column means, if any.")
     position: int
+    prompt: str | None = Field(
+        default=None, description="An AI column's question (its cells are filled by the LLM)."
+    )
 
 
 class TableSummary(Camel):
@@ -385,6 +388,13 @@ class ColumnBody(CamelIn):
     label: Text | None = Field(default=None, min_length=1, max_length=200)
     data_type: Literal["text", "number", "url", "email", "json"] = "text"
     field: Text | None = Field(default=None, min_length=1, max_length=60)
+    prompt: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2000,
+        description="An AI column: a question over the entity's identifiers, e.g. "
+        "'Does {company} sell to enterprises? Answer yes or no.'",
+    )
 
 
 class CellBody(CamelIn):
@@ -404,3 +414,71 @@ class ErrorOut(BaseModel):
 
 class Health(Camel):
     status: Literal["ok"]
+
+
+# -- AI workflows (seed 003) -------------------------------------------------------------------
+
+AiStatus = Literal["pending", "running", "completed", "failed"]
+
+
+class AiGenerateBody(CamelIn):
+    """Seed 003's `POST /api/ai`: the table-generation workflow (table, columns, rows)."""
+
+    context: Text = Field(min_length=1, max_length=20_000)
+    table_id: Text | None = Field(default=None, min_length=1, max_length=40)
+    rows: int = Field(default=10, ge=1, le=200, description="How many rows to propose.")
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+
+
+class AiTableBody(CamelIn):
+    context: Text = Field(min_length=1, max_length=20_000)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+
+
+class AiColumnsBody(CamelIn):
+    table_id: Text = Field(min_length=1, max_length=40)
+    context: Text | None = Field(
+        default=None, min_length=1, max_length=20_000, description="Default: the table's own."
+    )
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+
+
+class AiRowsBody(AiColumnsBody):
+    count: int = Field(ge=1, le=200, description="How many rows to propose.")
+
+
+class AiJobQueued(Camel):
+    job_id: str
+    table_id: str
+    kind: str
+    status: AiStatus
+    public_access_token: str
+    token_expires_at: Timestamp
+
+
+class AiJobOut(Camel):
+    """Seed 003's JobStatus, plus what the engine knows (`state`, `kind`, `tableId`, `cost`)."""
+
+    id: str
+    kind: str
+    status: AiStatus
+    state: str
+    progress: int = Field(ge=0, le=100)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    table_id: str
+    cost: float = 0.0
+    started_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
+
+
+class AiAcceptBody(CamelIn):
+    rows: bool = Field(default=True, description="false: columns only.")
+
+
+class AiAccepted(Camel):
+    table_id: str
+    created: bool
+    columns_added: list[str]
+    rows_added: int
+    rows_duplicate: int

@@ -1,0 +1,245 @@
+"""`glaze ai ...`: seed 003's AI workflows from the command line.
+
+Each command queues an AI request (the same record the API and the sensor use), runs its
+Dagster job in process, and prints the proposal; nothing touches a table until it is accepted
+(`--accept`, or `glaze ai accept REQUEST_ID` later), which writes all of it or none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from glaze_pipeline.core.models import RequestKind
+
+
+def _cli() -> Any:
+    # The main CLI imports this module to register the group: import it back lazily.
+    from glaze_pipeline import cli
+
+    return cli
+
+
+def _check_llm() -> None:
+    """Refuse before anything is queued when the LLM is not configured (names the variable)."""
+    from glaze_pipeline.core.ai.client import LlmSettings
+
+    LlmSettings.from_env()
+
+
+@click.group()
+def ai() -> None:
+    """AI workflows: propose a table, its columns and rows with an LLM, then accept them.
+
+    The LLM is any OpenAI-compatible Chat Completions server: GLAZE_LLM_BASE_URL (e.g.
+    http://127.0.0.1:8766/v1 for `glaze mock-llm`), GLAZE_LLM_MODEL, GLAZE_LLM_API_KEY.
+    """
+
+
+def _run(
+    ctx: click.Context,
+    kind: RequestKind,
+    context: str,
+    *,
+    table_id: str | None,
+    count: int | None,
+    accept: bool,
+) -> None:
+    from glaze_pipeline.core.ai.workflow import enqueue_ai
+    from glaze_pipeline.defs.ai_jobs import run_ai_in_process
+
+    cli = _cli()
+    store = cli._store(ctx)
+    _check_llm()
+    enqueued = enqueue_ai(store, kind, context, table_id=table_id, count=count)
+    request = run_ai_in_process(
+        ctx.find_root().obj.get("database_url"), enqueued.request_id, debug=ctx.obj["debug"]
+    )
+    cli.console.print(render_proposal(request.id, kind, request.result or {}))
+    if request.status not in ("succeeded", "partial"):
+        cli.console.print(Text(f"request {request.id} ended {request.status}: {request.error}"))
+        return
+    if accept:
+        _accept(ctx, request.id, with_rows=True)
+    else:
+        cli.console.print(f"accept it with: glaze ai accept {request.id}")
+
+
+@ai.command()
+@click.argument("context")
+@click.option(
+    "--rows",
+    "count",
+    type=click.IntRange(1, 200),
+    default=10,
+    show_default=True,
+    help="How many rows to propose.",
+)
+@click.option("--table", "table_id", default=None, help="Extend this table instead.")
+@click.option("--accept", is_flag=True, help="Create (or extend) the table with the proposal.")
+@click.pass_context
+def generate(
+    ctx: click.Context, context: str, count: int, table_id: str | None, accept: bool
+) -> None:
+    """The table-generation workflow: a table, then its columns, then rows, each step told
+    what the ones before proposed. CONTEXT says what the table is for, e.g. "B2B payment
+    companies in the Nordics, for outbound sales"."""
+    _run(ctx, RequestKind.TABLE_GENERATION, context, table_id=table_id, count=count, accept=accept)
+
+
+@ai.command("table")
+@click.argument("context")
+@click.pass_context
+def table_command(ctx: click.Context, context: str) -> None:
+    """Propose a table (name, description, what each row is) for CONTEXT."""
+    _run(ctx, RequestKind.TABLE_SUGGESTIONS, context, table_id=None, count=None, accept=False)
+
+
+@ai.command()
+@click.argument("table_id")
+@click.option("--context", default="", help="What the columns are for (default: the table's).")
+@click.option("--accept", is_flag=True, help="Add the proposed columns to the table.")
+@click.pass_context
+def columns(ctx: click.Context, table_id: str, context: str, accept: bool) -> None:
+    """Propose columns for an existing table: identifiers, enrichment fields, AI columns."""
+    _run(
+        ctx,
+        RequestKind.COLUMN_SUGGESTIONS,
+        context or _table_context(ctx, table_id),
+        table_id=table_id,
+        count=None,
+        accept=accept,
+    )
+
+
+@ai.command()
+@click.argument("table_id")
+@click.option("--count", type=click.IntRange(1, 200), required=True, help="Rows to propose.")
+@click.option("--context", default="", help="Which rows to look for (default: the table's).")
+@click.option("--accept", is_flag=True, help="Add the proposed rows (duplicates skipped).")
+@click.pass_context
+def rows(ctx: click.Context, table_id: str, count: int, context: str, accept: bool) -> None:
+    """Propose rows for an existing table, deduplicated against the rows it has."""
+    _run(
+        ctx,
+        RequestKind.ROW_SUGGESTIONS,
+        context or _table_context(ctx, table_id),
+        table_id=table_id,
+        count=count,
+        accept=accept,
+    )
+
+
+@ai.command("accept")
+@click.argument("request_id")
+@click.option("--no-rows", is_flag=True, help="Columns only (a table-generation proposal).")
+@click.pass_context
+def accept_command(ctx: click.Context, request_id: str, no_rows: bool) -> None:
+    """Write a completed proposal: create or extend its table, all or nothing. Accepting the
+    same proposal again adds nothing."""
+    _accept(ctx, request_id, with_rows=not no_rows)
+
+
+@ai.command("show")
+@click.argument("request_id")
+@click.pass_context
+def show_command(ctx: click.Context, request_id: str) -> None:
+    """Show an AI request: its status (seed 003's view) and its proposal."""
+    from glaze_pipeline.core.ai.workflow import ai_status
+
+    cli = _cli()
+    request = cli._store(ctx).get_request(request_id)
+    view = ai_status(request)
+    grid = Table(title=f"AI request {request.id}", show_header=False)
+    grid.add_column("field")
+    grid.add_column("value")
+    for name in ("kind", "status", "state", "progress", "tableId", "cost", "error"):
+        grid.add_row(name, Text(str(view.get(name, "-") if view.get(name) is not None else "-")))
+    cli.console.print(grid)
+    if request.result:
+        cli.console.print(render_proposal(request.id, RequestKind(request.kind), request.result))
+
+
+def _accept(ctx: click.Context, request_id: str, *, with_rows: bool) -> None:
+    from glaze_pipeline.core.ai.accept import accept_proposal
+
+    cli = _cli()
+    store = cli._store(ctx)
+    accepted = accept_proposal(store, request_id, with_rows=with_rows)
+    verb = "created" if accepted.created else "extended"
+    cli.console.print(
+        f"{verb} table {accepted.table_id}: {len(accepted.columns_added)} columns added"
+        + (f" ({', '.join(accepted.columns_added)})" if accepted.columns_added else "")
+        + f", {accepted.rows_added} rows added, {accepted.rows_duplicate} duplicate rows skipped"
+    )
+    cli.console.print(f"table id: {accepted.table_id}")
+    cli.console.print(f"enrich it with: glaze enrich {accepted.table_id}")
+
+
+def _table_context(ctx: click.Context, table_id: str) -> str:
+    """A table's own name and description: what its columns and rows are for by default."""
+    record = _cli()._store(ctx).table_records(table_id=table_id)[0][0]
+    return f"{record.name}: {record.description}" if record.description else record.name
+
+
+def render_proposal(request_id: str, kind: RequestKind, result: Mapping[str, Any]) -> Group:
+    """A proposal as a person reads it: the table, its columns, its rows, what was dropped."""
+    parts: list[Any] = []
+    table = result.get("table")
+    if isinstance(table, Mapping):
+        grid = Table(title=f"proposed table ({request_id})", show_header=False)
+        grid.add_column("field")
+        grid.add_column("value")
+        for name in ("name", "description", "entityType"):
+            value = table.get(name, table.get("entity_type") if name == "entityType" else None)
+            grid.add_row(name, Text(str(value if value is not None else "-")))
+        parts.append(grid)
+    columns = result.get("columns")
+    if isinstance(columns, Sequence) and columns:
+        grid = Table("key", "label", "role", "fills from", title="proposed columns")
+        for column in columns:
+            if not isinstance(column, Mapping):
+                continue
+            source = column.get("field") or (
+                f"AI: {column['prompt']}" if column.get("prompt") else "-"
+            )
+            grid.add_row(
+                Text(str(column.get("key"))),
+                Text(str(column.get("label"))),
+                Text(str(column.get("role"))),
+                Text(str(source)),
+            )
+        parts.append(grid)
+    rows = result.get("rows")
+    if isinstance(rows, Sequence) and rows:
+        keys: list[str] = []
+        for row in rows:
+            values = row.get("values", row) if isinstance(row, Mapping) else {}
+            keys.extend(k for k in values if k not in keys)
+        grid = Table(*keys, title=f"proposed rows ({len(rows)})")
+        for row in rows:
+            values = row.get("values", row) if isinstance(row, Mapping) else {}
+            grid.add_row(*(Text(str(values.get(key, ""))) for key in keys))
+        parts.append(grid)
+    notes = result.get("notes")
+    if isinstance(notes, Sequence) and notes:
+        parts.append(Text("notes:\n" + "\n".join(f"  - {note}" for note in notes)))
+    usage = result.get("usage")
+    if isinstance(usage, Mapping):
+        versions = result.get("promptVersions") or {}
+        parts.append(
+            Text(
+                f"model {result.get('model', '-')}, prompts "
+                f"{', '.join(str(v) for v in (versions.values() if isinstance(versions, Mapping) else versions)) or '-'}; "
+                f"{usage.get('calls', 0)} LLM calls, {usage.get('promptTokens', 0)} + "
+                f"{usage.get('completionTokens', 0)} tokens, cost {usage.get('cost', 0)}"
+            )
+        )
+    if not parts:
+        parts.append(Text(f"{kind.value}: no proposal"))
+    return Group(*parts)
