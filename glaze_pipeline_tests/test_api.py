@@ -635,6 +635,7 @@ def test_table_json_and_html(server: Server) -> None:
             "dataType": "text",
             "field": "company.industry",
             "position": 6,
+            "prompt": None,
         }
         browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
         page = client.get(f"/tables/{LEADS}", headers={"Accept": browser})
@@ -680,6 +681,7 @@ def test_add_column(server: Server) -> None:
             "dataType": "text",
             "field": "company.industry",
             "position": 2,
+            "prompt": None,
         }
         explicit = client.post(
             path, json={"key": "size", "dataType": "number", "field": "company.employee_count"}
@@ -701,6 +703,21 @@ def test_add_column(server: Server) -> None:
         assert bad_key.status_code == 422
         assert bad_key.json()["detail"][0]["loc"] == ["body", "key"]
         assert len(client.get(f"/tables/{table['id']}").json()["columns"]) == 5
+
+        # An AI column: its cells are the LLM's answers, asked once per company.
+        question = "Does {company} sell to enterprises? Answer yes or no."
+        ai = client.post(path, json={"key": "enterprise", "prompt": question})
+        assert ai.status_code == 201, ai.text
+        assert (ai.json()["prompt"], ai.json()["field"]) == (question, None)
+        for body, words in (
+            ({"key": "ai_bad", "prompt": "Is {ceo} nice?"}, "unknown placeholder {ceo}"),
+            ({"key": "ai_braces", "prompt": "Is {company nice?"}, "braces"),
+            ({"key": "ai_both", "prompt": question, "field": "company.industry"}, "both"),
+        ):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 422, refused.text
+            assert words in refused.json()["detail"], refused.text
+        assert len(client.get(f"/tables/{table['id']}").json()["columns"]) == 6
 
 
 def test_edit_cell(server: Server) -> None:
