@@ -1354,10 +1354,14 @@ def demo(ctx: click.Context) -> None:
 def _print_table_ids(table_id: str, store: Store) -> None:
     info = store.get_table(table_id)
     console.print(Text.assemble("table ", (display_text(info.name), "bold"), f": {info.id}"))
-    grid = Table("column key", "column id", "field")
+    grid = Table("column key", "column id", "fills from")
     for column in info.columns:
         spec = column.spec()
-        grid.add_row(column.key, column.id, str(spec.field) if spec.field else "-")
+        if column.prompt is not None:
+            source = f"AI ({spec.field.entity_type.value}): {column.prompt}" if spec.field else "-"
+        else:
+            source = str(spec.field) if spec.field else "-"
+        grid.add_row(column.key, column.id, Text(display_text(source)))
     console.print(grid)
 
 

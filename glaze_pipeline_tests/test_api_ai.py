@@ -170,6 +170,8 @@ def test_keys_and_tokens(server: Server) -> None:
     with server.client() as client:
         first = client.post("/ai/table-suggestions", json={"context": CONTEXT}).json()
         second = client.post("/ai/table-suggestions", json={"context": CONTEXT + "!"}).json()
+    for job in (first, second):  # done before the next test queues its faults
+        assert wait_for_ai_job(server, job["jobId"])["status"] == "completed"
     import httpx
 
     with httpx.Client(base_url=server.base_url, timeout=30) as anonymous:
@@ -193,7 +195,8 @@ def test_keys_and_tokens(server: Server) -> None:
 
 
 def test_cancel_a_running_ai_job(server: Server, llm: MockLlmServer) -> None:
-    llm.faults([{"mode": "hang", "timeout_s": 30, "times": 1}])
+    # Every table proposal hangs until the test ends (the reset), so the job is mid-call.
+    llm.faults([{"mode": "hang", "timeout_s": 60, "times": 100, "operation": "table_suggestions"}])
     try:
         with server.client() as client:
             job_id = client.post("/ai/table-suggestions", json={"context": CONTEXT}).json()["jobId"]

@@ -159,7 +159,8 @@ def test_unknown_table_column_row_and_request_are_one_line(
         (
             ("enrich", notes.id, "--columns", "notes"),
             f"error: columns map to no enrichment field: 'notes' ({notes_column}); give them a "
-            "field such as 'company.industry'",
+            "field such as 'company.industry', or an AI prompt such as 'Does {company} sell to "
+            "enterprises? Answer yes or no.'",
         ),
         (("status", "req_nope"), "error: unknown request 'req_nope'"),
         (("cancel", "req_nope"), "error: unknown request 'req_nope'"),
