@@ -214,6 +214,11 @@ function turnPage(step) {
   loadRows().catch(showError);
 }
 
+/** A column a job can fill: a catalogue field, or an AI column's question. */
+function fillable(column) {
+  return Boolean(column.field || column.prompt);
+}
+
 function renderGrid() {
   $("#grid thead tr").replaceChildren(
     el("th", { class: "rownum corner" }, "#"),
@@ -224,13 +229,20 @@ function renderGrid() {
         {
           "data-column-id": column.id,
           "data-column-key": column.key,
-          class: column.field ? "column" : "column no-field",
-          title: column.field
-            ? `${column.key} → ${column.field}: click to select the column`
-            : `${column.key} maps to no field: it cannot be enriched`,
+          class: fillable(column) ? "column" : "column no-field",
+          title: column.prompt
+            ? `${column.key} is an AI column, asked once per company or person: ` +
+              `"${column.prompt}". Click to select it`
+            : column.field
+              ? `${column.key} → ${column.field}: click to select the column`
+              : `${column.key} maps to no field: it cannot be enriched`,
         },
         el("span", { class: "label" }, column.label),
-        el("span", { class: "field" }, column.field || "no field"),
+        el(
+          "span",
+          { class: column.prompt ? "field ai" : "field" },
+          column.prompt ? "AI column" : column.field || "no field",
+        ),
       ),
     ),
   );
@@ -279,7 +291,7 @@ function renderCell(td, row, column) {
   const meta = row.meta[column.key];
   td.textContent = value;
   td.className = meta && meta.status ? `cell cell-${meta.status}` : "cell";
-  if (!column.field) td.classList.add("no-field");
+  if (!fillable(column)) td.classList.add("no-field");
   const id = `${row.id}\n${column.key}`;
   const job = grid.job;
   if (isFollowing() && job.pending.has(id) && !job.live.has(id)) td.classList.add("pending");
