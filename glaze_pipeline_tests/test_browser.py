@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
+from glaze_pipeline.mock_llm import MockLlmServer
 from glaze_pipeline.mock_server import MockConfig, MockProviderServer
 from glaze_pipeline_tests.api_helpers import served
 
@@ -393,3 +394,43 @@ def test_sign_in_link_then_polling_when_the_stream_is_refused(
         assert_moved_forward(statuses(page), "Enriched!")
         stored = stored_rows(server)["row_leads_03"]["data"]["industry"]
         expect(cell(page, "row_leads_03", "industry")).to_have_text(str(stored))
+
+
+def test_an_ai_column_is_selected_and_filled_by_the_llm(browser: Browser, tmp_path: Path) -> None:
+    """An AI column (added through the API, as the app does) is selectable like any field; Run
+    fills it through the mock LLM, one question per company, and each cell says its source."""
+    question = "Does {company} sell to enterprises? Answer yes or no."
+    rows = ["row_leads_01", "row_leads_02", "row_leads_03"]
+    with (
+        MockLlmServer() as llm,
+        glaze_serve(tmp_path, GLAZE_LLM_BASE_URL=llm.url) as server,
+        open_page(browser, server) as page,
+    ):
+        body = json.dumps(
+            {"key": "enterprise", "label": "Sells to enterprises?", "prompt": question}
+        )
+        added = urllib.request.Request(
+            f"{server.url}/tables/{TABLE}/columns",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(added, timeout=10) as response:
+            assert response.status == 201
+        open_grid(page, server)
+        header = page.locator('#grid th[data-column-key="enterprise"]')
+        expect(header.locator(".field")).to_have_text("AI column")
+        assert question in (header.get_attribute("title") or "")
+        select_grid(page, ["enterprise"], rows)
+        expect(page.locator("#selection-count")).to_have_text("3 cells selected")
+        run_and_wait(page, "Enriched!")
+        stored = stored_rows(server)
+        for row_id in rows:
+            value = stored[row_id]["data"]["enterprise"]
+            assert value in ("yes", "no"), (row_id, value)
+            td = cell(page, row_id, "enterprise")
+            expect(td).to_have_text(value)
+            expect(td).to_have_class(re.compile(r"\bcell-done\b"))
+            assert "glaze-mock-1" in (td.get_attribute("title") or "")
+        assert llm.stats()["by_operation"] == {"ai_column": 3}  # three companies, one call each
+        save_screenshot(page, tmp_path, "grid-ai-column.png")
