@@ -51,15 +51,23 @@ def _run(
     accept: bool,
 ) -> None:
     from glaze_pipeline.core.ai.workflow import enqueue_ai
+
+    _check_llm()
+    store = _cli()._store(ctx)
+    store.upgrade()  # a fresh embedded database gets its schema, as `glaze seed` does
+    enqueued = enqueue_ai(store, kind, context, table_id=table_id, count=count)
+    _run_queued(ctx, enqueued.request_id, accept=accept)
+
+
+def _run_queued(ctx: click.Context, request_id: str, *, accept: bool) -> None:
+    """Run a queued AI request's job in process, print its proposal, accept it if asked."""
     from glaze_pipeline.defs.ai_jobs import run_ai_in_process
 
     cli = _cli()
-    store = cli._store(ctx)
-    _check_llm()
-    enqueued = enqueue_ai(store, kind, context, table_id=table_id, count=count)
     request = run_ai_in_process(
-        ctx.find_root().obj.get("database_url"), enqueued.request_id, debug=ctx.obj["debug"]
+        ctx.find_root().obj.get("database_url"), request_id, debug=ctx.obj["debug"]
     )
+    kind = RequestKind(request.kind)
     cli.console.print(render_proposal(request.id, kind, request.result or {}))
     if request.status not in ("succeeded", "partial"):
         cli.console.print(Text(f"request {request.id} ended {request.status}: {request.error}"))
@@ -143,6 +151,19 @@ def accept_command(ctx: click.Context, request_id: str, no_rows: bool) -> None:
     """Write a completed proposal: create or extend its table, all or nothing. Accepting the
     same proposal again adds nothing."""
     _accept(ctx, request_id, with_rows=not no_rows)
+
+
+@ai.command("retry")
+@click.argument("request_id")
+@click.option("--accept", is_flag=True, help="Write the proposal when it succeeds.")
+@click.pass_context
+def retry_command(ctx: click.Context, request_id: str, accept: bool) -> None:
+    """Ask a failed or cancelled AI request again, as a new request (its retry_of)."""
+    from glaze_pipeline.core.ai.workflow import retry_ai
+
+    _check_llm()
+    retried = retry_ai(_cli()._store(ctx), request_id)
+    _run_queued(ctx, retried.request_id, accept=accept)
 
 
 @ai.command("show")

@@ -22,6 +22,7 @@ from glaze_pipeline.core.ai.workflow import (
     AiEnqueued,
     ai_status,
     enqueue_ai,
+    retry_ai,
     run_ai,
 )
 from glaze_pipeline.core.engine import JobCancelled, RequestWatch
@@ -437,3 +438,48 @@ def test_ai_status_follows_the_request_lifecycle(store: Store) -> None:
     view = ai_status(requests.get(cancelled.request_id))
     assert (view["status"], view["state"]) == ("failed", "cancelled")
     assert "cancel" in view["error"]
+
+
+def test_a_failed_request_is_retried_as_a_new_one(store: Store, llm: MockLlmServer) -> None:
+    """Seed 003's retryJob: the same ask (kind, payload, reserved table) as a new request that
+    points at the failed one; a request that succeeded or still runs is not retried."""
+    llm.faults([{"mode": "bad_request"}])
+    failed = enqueue_ai(store, RequestKind.TABLE_GENERATION, CONTEXT, count=4)
+    with pytest.raises(AIJobError):
+        run_request(store, failed, llm)
+    # What the job's error handling records when the step fails for good.
+    assert RequestRepository(store).fail(failed.request_id, "HTTP 400 from the LLM")
+    with pytest.raises(InputError, match="is running"):
+        retry_ai(store, enqueue_and_start(store))
+    retried = retry_ai(store, failed.request_id)
+    assert retried.request_id != failed.request_id
+    assert retried.table_id == failed.table_id  # the new table's reserved id, kept
+    again = store.get_request(retried.request_id)
+    assert (again.kind, again.retry_of, again.selection) == (
+        "table_generation",
+        failed.request_id,
+        {"context": CONTEXT, "count": 4},
+    )
+    done = run_request(store, retried, llm)
+    assert done.status == "succeeded"
+    assert ai_status(done)["retryOf"] == failed.request_id
+    with pytest.raises(InputError, match="is succeeded: only a failed or cancelled"):
+        retry_ai(store, retried.request_id)
+    enrich = queue.enqueue(store, "tbl_anything", {"whole_table": True})
+    with pytest.raises(InputError, match="not an AI request"):
+        retry_ai(store, enrich)
+
+
+def enqueue_and_start(store: Store) -> str:
+    """An AI request left running (adopted by a run that is still going)."""
+    enqueued = enqueue_ai(store, RequestKind.TABLE_SUGGESTIONS, CONTEXT)
+    requests = RequestRepository(store)
+    requests.claim_one(enqueued.request_id)
+    requests.adopt(enqueued.request_id, "run-still-going")
+    return enqueued.request_id
+
+
+def test_a_table_named_by_the_caller_must_exist(store: Store) -> None:
+    with pytest.raises(UnknownTableError, match="tbl_nope"):
+        enqueue_ai(store, RequestKind.TABLE_GENERATION, CONTEXT, table_id="tbl_nope")
+    assert request_count(store) == 0

@@ -22,7 +22,7 @@ from glaze_pipeline.api.models import (
 )
 from glaze_pipeline.core import queue
 from glaze_pipeline.core.ai.accept import accept_proposal
-from glaze_pipeline.core.ai.workflow import ai_status, enqueue_ai
+from glaze_pipeline.core.ai.workflow import ai_status, enqueue_ai, retry_ai
 from glaze_pipeline.core.errors import UnknownRequestError
 from glaze_pipeline.core.models import (
     AI_REQUEST_KINDS,
@@ -49,11 +49,20 @@ def _queued(
     count: int | None = None,
     idempotency_key: str | None = None,
 ) -> AiJobQueued:
-    store = _store(request)
     enqueued = enqueue_ai(
-        store, kind, context, table_id=table_id, count=count, idempotency_key=idempotency_key
+        _store(request),
+        kind,
+        context,
+        table_id=table_id,
+        count=count,
+        idempotency_key=idempotency_key,
     )
-    job = RequestRepository(store).get(enqueued.request_id)
+    return _answer(request, enqueued.request_id)
+
+
+def _answer(request: Request, job_id: str) -> AiJobQueued:
+    """A queued AI job as the app reads it, with a token for it alone."""
+    job = RequestRepository(_store(request)).get(job_id)
     signer: auth.TokenSigner = request.app.state.signer
     token, expires = signer.issue_job_token(job.id, job.table_id)
     return AiJobQueued(
@@ -148,6 +157,16 @@ def ai_routes() -> APIRouter:
         if RequestStatus(job.status) not in TERMINAL_REQUEST_STATUSES:
             queue.request_cancel(store, job_id, request.app.state.publisher)
         return AiJobOut.model_validate(ai_status(RequestRepository(store).get(job_id)))
+
+    @router.post(
+        "/jobs/{job_id}/retry", response_model=AiJobQueued, status_code=status.HTTP_202_ACCEPTED
+    )
+    def retry(request: Request, job_id: str) -> AiJobQueued:
+        """Seed 003's retryJob: a failed or cancelled AI job asked again, as a new job (its
+        `retryOf` is this one) on the same table; 422 for a job that succeeded or still runs."""
+        store = _store(request)
+        _ai_job(store, job_id)
+        return _answer(request, retry_ai(store, job_id).request_id)
 
     @router.post("/jobs/{job_id}/accept", response_model=AiAccepted)
     def accept(request: Request, job_id: str, body: AiAcceptBody | None = None) -> AiAccepted:

@@ -468,6 +468,7 @@ class AiJobOut(Camel):
     error: str | None = None
     table_id: str
     cost: float = 0.0
+    retry_of: str | None = Field(default=None, description="The job this one retries.")
     started_at: Timestamp | None = None
     completed_at: Timestamp | None = None
 

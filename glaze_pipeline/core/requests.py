@@ -157,6 +157,7 @@ class RequestRepository:
         priority: int = PRIORITY_DEFAULT,
         idempotency_key: str | None = None,
         cells_total: int = 0,
+        retry_of: str | None = None,
     ) -> str:
         """Queue a request as the app would; the same idempotency key yields the same request.
 
@@ -185,6 +186,7 @@ class RequestRepository:
             "idempotency_key": idempotency_key,
             "status": QUEUED.value,
             "cells_total": max(0, int(cells_total)),
+            "retry_of": retry_of,
             "created_at": now,
             "updated_at": now,
         }

@@ -225,6 +225,9 @@ def enqueue_ai(
         if kind in NEEDS_TABLE:
             raise InputError(f"{kind.value} needs the id of the table to suggest for")
         table_id = _reserved_table_id(kind, idempotency_key)
+    else:
+        check_text("table id", table_id, MAX_ID)
+        store.get_table(table_id)  # a table named by the caller must exist (UnknownTableError)
     task = check_task(store, kind, table_id, {"context": context, "count": count})
     requests = RequestRepository(store)
     request_id = requests.enqueue(
@@ -239,6 +242,30 @@ def enqueue_ai(
             f"{request_id} on table {task.table_id}: use another key"
         )
     return AiEnqueued(request_id, task.table_id)
+
+
+def retry_ai(store: Store, request_id: str) -> AiEnqueued:
+    """Seed 003's retryJob: a new request asking what a failed or cancelled AI request asked
+    (same kind, payload and table, the new table's reserved id included), pointing at it
+    (`retry_of`). A request that succeeded, or has not ended, is not retried."""
+    request = store.get_request(request_id)
+    kind = RequestKind(request.kind)
+    if kind not in AI_REQUEST_KINDS:
+        raise InputError(f"request {request_id} is an {kind.value} request, not an AI request")
+    state = RequestStatus(request.status)
+    if state not in (RequestStatus.FAILED, RequestStatus.CANCELLED):
+        raise InputError(
+            f"request {request_id} is {state.value}: only a failed or cancelled AI request is "
+            "retried"
+        )
+    task = check_task(store, kind, request.table_id, request.selection)
+    retried = RequestRepository(store).enqueue(
+        task.table_id,
+        task.payload.model_dump(exclude_none=True),
+        kind=kind,
+        retry_of=request.id,
+    )
+    return AiEnqueued(retried, task.table_id)
 
 
 def _reserved_table_id(kind: RequestKind, idempotency_key: str | None) -> str:
@@ -289,6 +316,7 @@ def ai_status(request: EnrichmentRequest) -> dict[str, Any]:
         "completedAt": request.finished_at,
         "tableId": request.table_id,
         "cost": round(cost or 0.0, 6),
+        "retryOf": request.retry_of,
     }
 
 
