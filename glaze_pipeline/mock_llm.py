@@ -34,7 +34,6 @@ foreground (`glaze mock-llm`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -47,12 +46,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from glaze_pipeline import loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8766
@@ -458,16 +458,15 @@ class _Counters:
     completion_tokens: int = 0
 
 
-class MockLlmState:
+class MockLlmState(loopback.Pauses):
     """Faults and counters, shared by the server thread and the thread that reads them."""
 
     def __init__(self, *, api_key: str | None = None) -> None:
+        super().__init__()
         self.api_key = api_key
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._counters = _Counters()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
 
     def add_faults(self, faults: list[Fault]) -> None:
         with self._lock:
@@ -523,22 +522,6 @@ class MockLlmState:
         with self._lock:
             self._counters = _Counters()
             self._faults.clear()
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep, but wake up at once when the server is stopping (so shutdown never hangs)."""
-        if seconds <= 0:
-            return
-        if self._stopping is None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = asyncio.Event()
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-
-    def wake_sleepers(self) -> None:
-        """Called from another thread when the server stops: ends every pause."""
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(stopping.set)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -692,19 +675,6 @@ async def _chat(
 # --- running it ----------------------------------------------------------------------------
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, *, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        timeout_keep_alive=30,
-    )
-
-
 def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -712,19 +682,13 @@ def serve(
     api_key: str | None = None,
     sock: socket.socket | None = None,
 ) -> None:
-    """Run the mock LLM in the foreground until interrupted (`glaze mock-llm`).
-
-    `sock`: a socket the caller already bound to host:port, so that a port in use was
-    reported by the caller before anything started."""
+    """Run the mock LLM in the foreground until interrupted (`glaze mock-llm`); `sock` as in
+    `loopback.serve`."""
     state = MockLlmState(api_key=api_key)
-    server = uvicorn.Server(_uvicorn_config(create_app(state), host, port, log_level="info"))
-    try:
-        server.run(sockets=[sock] if sock is not None else None)
-    finally:
-        state.wake_sleepers()
+    loopback.serve(create_app(state), host, port, sock=sock, on_stop=state.wake_sleepers)
 
 
-class MockLlmServer:
+class MockLlmServer(loopback.LoopbackServer):
     """The mock LLM on a free loopback port, in a background thread; a context manager.
 
     with MockLlmServer() as llm:
@@ -735,56 +699,15 @@ class MockLlmServer:
 
     def __init__(self, api_key: str | None = None, *, host: str = DEFAULT_HOST) -> None:
         self.state = MockLlmState(api_key=api_key)
-        self.host = host
-        self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        super().__init__(
+            create_app(self.state), name="mock LLM", host=host, on_stop=self.state.wake_sleepers
+        )
 
     @property
     def url(self) -> str:
-        """The base URL a client is given (GLAZE_LLM_BASE_URL)."""
+        """The base URL a client is given (GLAZE_LLM_BASE_URL); `/_stats`, `/_reset` and
+        `/_faults` are at `root_url`."""
         return f"{self.root_url}/v1"
-
-    @property
-    def root_url(self) -> str:
-        """Where `/_stats`, `/_reset` and `/_faults` are."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 10.0) -> MockLlmServer:
-        # Bind first, then hand the socket over: the port is ours before the server starts.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self._socket = sock
-        self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(
-            _uvicorn_config(create_app(self.state), self.host, self.port, log_level="warning")
-        )
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="mock-llm", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the mock LLM server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self._server is not None:
-            self.state.wake_sleepers()
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive() and self._server is not None:
-                self._server.force_exit = True
-                self._thread.join(timeout_s)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
 
     def faults(self, faults: list[Mapping[str, Any]]) -> None:
         """Queue faults for the next requests (see the module docstring for the modes)."""
@@ -795,9 +718,3 @@ class MockLlmServer:
 
     def reset(self) -> None:
         self.state.reset()
-
-    def __enter__(self) -> MockLlmServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

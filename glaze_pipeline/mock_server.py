@@ -32,23 +32,20 @@ foreground (`glaze mock-providers`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
 import random
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Literal
 from urllib.parse import quote
 
-import uvicorn
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.applications import Starlette
@@ -62,6 +59,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
+from glaze_pipeline import loopback
 from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.fake import fake_value
@@ -283,18 +281,17 @@ class _VendorCounters:
     statuses: Counter[str] = field(default_factory=Counter)
 
 
-class MockState:
+class MockState(loopback.Pauses):
     """Config and counters, shared by the server thread and the thread that reads them."""
 
     def __init__(self, config: MockConfig) -> None:
+        super().__init__()
         self._initial = config
         self.config = config
         self._lock = threading.Lock()
         self._vendors: dict[str, _VendorCounters] = {}
         self._site = _VendorCounters()
         self.rng = random.Random(config.seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
 
     def counters(self, vendor: str) -> _VendorCounters:
         with self._lock:
@@ -381,22 +378,6 @@ class MockState:
         with self._lock:
             self.config = self.config.merged(patch)
             return self.config
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep, but wake up at once when the server is stopping (so shutdown never hangs)."""
-        if seconds <= 0:
-            return
-        if self._stopping is None:
-            self._loop = asyncio.get_running_loop()
-            self._stopping = asyncio.Event()
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-
-    def wake_sleepers(self) -> None:
-        """Called from another thread when the server stops: ends every pause."""
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(stopping.set)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -698,20 +679,6 @@ def _deep_merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any
 # --- running it ----------------------------------------------------------------------------
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, *, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        # Many concurrent clients in benchmarks: keep-alive saves a handshake per call.
-        timeout_keep_alive=30,
-    )
-
-
 def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -719,19 +686,13 @@ def serve(
     *,
     sock: socket.socket | None = None,
 ) -> None:
-    """Run the mock in the foreground until interrupted (`glaze mock-providers`).
-
-    `sock`: a socket the caller already bound to host:port, so that a port in use was
-    reported by the caller before anything started."""
+    """Run the mock in the foreground until interrupted (`glaze mock-providers`); `sock` as in
+    `loopback.serve`."""
     state = MockState(config or MockConfig())
-    server = uvicorn.Server(_uvicorn_config(create_app(state=state), host, port, log_level="info"))
-    try:
-        server.run(sockets=[sock] if sock is not None else None)
-    finally:
-        state.wake_sleepers()
+    loopback.serve(create_app(state=state), host, port, sock=sock, on_stop=state.wake_sleepers)
 
 
-class MockProviderServer:
+class MockProviderServer(loopback.LoopbackServer):
     """The mock on a free loopback port, in a background thread; a context manager.
 
     with MockProviderServer() as mock:
@@ -742,15 +703,16 @@ class MockProviderServer:
 
     def __init__(self, config: MockConfig | None = None, *, host: str = DEFAULT_HOST) -> None:
         self.state = MockState(config or MockConfig())
-        self.host = host
-        self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        super().__init__(
+            create_app(state=self.state),
+            name="mock provider",
+            host=host,
+            on_stop=self.state.wake_sleepers,
+        )
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.root_url
 
     def vendor_url(self, vendor: str) -> str:
         return f"{self.url}/{vendor}"
@@ -758,60 +720,14 @@ class MockProviderServer:
     def site_url(self, domain: str) -> str:
         return f"{self.url}/site/{domain}/"
 
-    def start(self, timeout_s: float = 10.0) -> MockProviderServer:
-        # Bind first, then hand the socket over: the port is ours before the server starts.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self._socket = sock
-        self.port = sock.getsockname()[1]
-        app = create_app(state=self.state)
-        self._server = uvicorn.Server(
-            _uvicorn_config(app, self.host, self.port, log_level="warning")
-        )
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="mock-providers", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the mock provider server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self._server is not None:
-            self.state.wake_sleepers()
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive() and self._server is not None:
-                self._server.force_exit = True
-                self._thread.join(timeout_s)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
-
     def stats(self) -> dict[str, Any]:
         return self.state.snapshot()
-
-    def open_connections(self) -> int:
-        """Client connections the server holds open now (tests check clients close theirs)."""
-        return len(self._server.server_state.connections) if self._server is not None else 0
 
     def reset(self, *, config: bool = False) -> None:
         self.state.reset(config=config)
 
     def configure(self, patch: Mapping[str, Any]) -> MockConfig:
         return self.state.configure(patch)
-
-    def __enter__(self) -> MockProviderServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def load_mock_config(path: str | None) -> MockConfig:

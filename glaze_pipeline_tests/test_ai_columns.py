@@ -9,7 +9,6 @@ saw, which is what "one LLM call per entity" is checked against.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,15 +40,13 @@ from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
 from glaze_pipeline.definitions import build_definitions
 from glaze_pipeline.defs.assets import ENRICHED_TABLE
 from glaze_pipeline.mock_llm import MockLlmServer, ai_answer
+from glaze_pipeline_tests import llm_helpers
 
 QUESTION = "Does {company} sell to enterprises? Answer yes or no."
 MODEL = "glaze-mock-1"
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[MockLlmServer]:
-    with MockLlmServer() as server:
-        yield server
+llm_server = llm_helpers.llm_server
 
 
 @pytest.fixture

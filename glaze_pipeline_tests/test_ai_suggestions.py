@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -39,6 +39,8 @@ from glaze_pipeline.core.detection import company_domain, normalize_email
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
 from glaze_pipeline.core.fields import parse_field
 from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline_tests import llm_helpers
+from glaze_pipeline_tests.llm_helpers import Sleeps
 
 CONTEXT = "B2B payment companies in the Nordics, for outbound sales"
 PEOPLE = "CTOs of fintech startups in Berlin"
@@ -49,24 +51,13 @@ INJECTION = (
 R = TypeVar("R")
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[MockLlmServer]:
-    with MockLlmServer() as server:
-        yield server
-
-
-@pytest.fixture
-def llm(llm_server: MockLlmServer) -> MockLlmServer:
-    llm_server.reset()
-    return llm_server
+llm_server = llm_helpers.llm_server
+llm = llm_helpers.llm
 
 
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[LlmCall] = []
-
-    async def no_sleep(self, seconds: float) -> None:
-        return None
 
 
 def using(
@@ -81,7 +72,7 @@ def using(
         async with LlmClient(
             LlmSettings(base_url=llm.url, **settings),
             on_call=recorder.calls.append,
-            sleep=recorder.no_sleep,
+            sleep=Sleeps(),
         ) as client:
             return await work(client)
 

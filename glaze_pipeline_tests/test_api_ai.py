@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline_tests import llm_helpers
 from glaze_pipeline_tests.api_helpers import Server, served
 from glaze_pipeline_tests.test_realtime import stream
 
@@ -22,20 +23,18 @@ API_KEY = "ai-test-api-key-0123456789abcdef"
 CONTEXT = "B2B payment companies in the Nordics, for outbound sales"
 
 
-@pytest.fixture(scope="module")
-def llm() -> Iterator[MockLlmServer]:
-    with MockLlmServer() as server:
-        yield server
+llm_server = llm_helpers.llm_server
+llm = llm_helpers.llm
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, llm: MockLlmServer) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, llm_server: MockLlmServer) -> Iterator[Server]:
     """API keys, the launcher, the mock LLM (SQLite: the embedded default)."""
     home = tmp_path_factory.mktemp("serve-ai")
     with served(
         home,
         api_key=API_KEY,
-        extra_env={"GLAZE_LLM_BASE_URL": llm.url, "GLAZE_LLM_MODEL": "glaze-mock-1"},
+        extra_env={"GLAZE_LLM_BASE_URL": llm_server.url, "GLAZE_LLM_MODEL": "glaze-mock-1"},
     ) as running:
         yield running
 
@@ -59,7 +58,6 @@ def wait_for_enrich_job(
 
 
 def test_generate_accept_enrich(server: Server, llm: MockLlmServer) -> None:
-    llm.reset()
     with server.client() as client:
         queued = client.post("/ai", json={"context": CONTEXT, "rows": 5})
         assert queued.status_code == 202, queued.text

@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,6 +25,8 @@ from glaze_pipeline.core.ai import (
 )
 from glaze_pipeline.core.ai.prompts import prompt_names
 from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline_tests import llm_helpers
+from glaze_pipeline_tests.llm_helpers import Sleeps
 
 MESSAGES = [
     {"role": "system", "content": "glaze-operation: ai_column\nAnswer in JSON."},
@@ -33,26 +34,8 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[MockLlmServer]:
-    with MockLlmServer() as server:
-        yield server
-
-
-@pytest.fixture
-def llm(llm_server: MockLlmServer) -> MockLlmServer:
-    llm_server.reset()
-    return llm_server
-
-
-class Sleeps:
-    """An injected sleep: records the waits, never waits."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
+llm_server = llm_helpers.llm_server
+llm = llm_helpers.llm
 
 
 def run(coro: Any) -> Any:

@@ -15,20 +15,13 @@ import pytest
 from glaze_pipeline.core.ai import load_prompt
 from glaze_pipeline.core.detection import company_domain, linkedin_slug, normalize_email
 from glaze_pipeline.mock_llm import MockLlmServer, ai_answer, tokens
+from glaze_pipeline_tests import llm_helpers
 
 CONTEXT = "B2B payment companies in the Nordics"
 
 
-@pytest.fixture(scope="module")
-def llm_server() -> Iterator[MockLlmServer]:
-    with MockLlmServer() as server:
-        yield server
-
-
-@pytest.fixture
-def llm(llm_server: MockLlmServer) -> MockLlmServer:
-    llm_server.reset()
-    return llm_server
+llm_server = llm_helpers.llm_server
+llm = llm_helpers.llm
 
 
 @pytest.fixture

@@ -48,10 +48,15 @@ from glaze_pipeline.core.engine import RequestWatch
 from glaze_pipeline.core.errors import GlazeError, InputError
 from glaze_pipeline.core.models import RequestKind, RequestStatus
 from glaze_pipeline.core.progress import percent
-from glaze_pipeline.core.requests import Adoption, RequestRepository
+from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.store import Store, new_id
-from glaze_pipeline.defs.jobs import reject_request, request_closed_on_error, tag_run
+from glaze_pipeline.defs.jobs import (
+    adopt_request,
+    reject_request,
+    request_closed_on_error,
+    tag_run,
+)
 from glaze_pipeline.defs.resources import GlazeDatabase, LanguageModel, ProgressChannel
 
 # Dagster retries of one step, on top of the LLM client's own retries of each call.
@@ -98,43 +103,17 @@ class RetryableLlmError(Exception):
 def adopt_ai_request(
     context: OpExecutionContext, requests: RequestRepository, request_id: str | None, task: AiTask
 ) -> str:
-    """The request this run serves: the queued one, the one this run already recorded (a
-    retried first step), or a new record; a re-execution of an ended request gets a new one
-    pointing at it (`retry_of`). Anything else that names an ended or taken request is refused.
-    """
-    run_id = context.run_id
-    request_id = request_id or requests.store.request_for_run(run_id)
-    if request_id is None:
-        return requests.create_running(
-            table_id=task.table_id,
-            kind=task.kind,
-            selection=task.payload.model_dump(exclude_none=True),
-            budget=None,
-            run_id=run_id,
-        )
-    adoption = requests.adopt(request_id, run_id)
-    if adoption in (Adoption.ADOPTED, Adoption.ALREADY):
-        return request_id
-    request = requests.get(request_id)
-    if adoption is Adoption.ENDED and context.run.parent_run_id is not None:
-        retry = requests.create_running(
-            table_id=request.table_id,
-            kind=RequestKind(request.kind),
-            selection=request.selection,
-            budget=None,
-            run_id=run_id,
-            retry_of=request.id,
-        )
-        context.log.info(
-            f"re-execution: request {request.id} ended {request.status}; "
-            f"this run records its work as {retry} (retry of {request.id})"
-        )
-        return retry
-    if adoption is Adoption.ENDED:
-        raise GlazeError(
-            f"request {request.id} already ended {request.status}: enqueue a new request"
-        )
-    raise GlazeError(f"request {request.id} is already running under run {request.run_id}")
+    """The request this run serves (see `adopt_request`); without one named, the one this run
+    already recorded (a retried first step) before a new record."""
+    return adopt_request(
+        context,
+        requests,
+        request_id or requests.store.request_for_run(context.run_id),
+        table_id=task.table_id,
+        kind=task.kind,
+        selection=task.payload.model_dump(exclude_none=True),
+        budget=None,
+    )
 
 
 def open_request(

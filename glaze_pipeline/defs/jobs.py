@@ -6,9 +6,10 @@ would buy overhead, not speed.
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from dagster import (
     AssetMaterialization,
@@ -44,7 +45,6 @@ from glaze_pipeline.core.models import (
     EntityRequest,
     RequestKind,
     RequestStatus,
-    Selection,
 )
 from glaze_pipeline.core.preflight import check_providers, unusable
 from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
@@ -167,30 +167,29 @@ ENRICH_RETRIES = 1
 def adopt_request(
     context: OpExecutionContext,
     requests: RequestRepository,
-    config: EnrichTableConfig,
-    target: JobTarget,
-    selection: Selection,
-    settings: JobSettings,
+    request_id: str | None,
+    *,
+    table_id: str,
     kind: RequestKind,
+    selection: Mapping[str, Any],
+    budget: float | None,
 ) -> str:
-    """The request this run serves: the queued one it was launched for, or a new record.
+    """The request this run serves: the queued one it was launched for (`request_id`), or,
+    when none is named, a new record of the run's table, kind, selection and budget.
 
     A request that already ended is history: a re-executed run (the UI's "Re-execute") gets a
     new request pointing at it (`retry_of`), and anything else that names it is refused.
+    Both the enrich job and the AI jobs serve their requests this way.
     """
     run_id = context.run_id
-    if config.request_id is None:
+    if request_id is None:
         return requests.create_running(
-            table_id=target.table_id,
-            kind=kind,
-            selection=selection.model_dump(mode="json"),
-            budget=settings.budget,
-            run_id=run_id,
+            table_id=table_id, kind=kind, selection=selection, budget=budget, run_id=run_id
         )
-    adoption = requests.adopt(config.request_id, run_id)
+    adoption = requests.adopt(request_id, run_id)
     if adoption in (Adoption.ADOPTED, Adoption.ALREADY):
-        return config.request_id
-    request = requests.get(config.request_id)
+        return request_id
+    request = requests.get(request_id)
     if adoption is Adoption.ENDED and context.run.parent_run_id is not None:
         retry = requests.create_running(
             table_id=request.table_id,
@@ -257,7 +256,15 @@ def detect_entities(
         raise Failure(description=message, allow_retries=False) from None
     try:
         target = engine.resolve_target(store, config.table_id, selection)
-        request_id = adopt_request(context, requests, config, target, selection, settings, kind)
+        request_id = adopt_request(
+            context,
+            requests,
+            config.request_id,
+            table_id=target.table_id,
+            kind=kind,
+            selection=selection.model_dump(mode="json"),
+            budget=settings.budget,
+        )
     except GlazeError as error:
         if config.request_id is not None:
             reject_request(store, config.request_id, str(error), progress)
