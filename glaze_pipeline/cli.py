@@ -953,14 +953,27 @@ def serve(ctx: click.Context, host: str, port: int, no_launcher: bool, max_runs:
     run_server(options, announce=lambda line: console.print(line, soft_wrap=True, markup=False))
 
 
+def _listen(host: str, port: int) -> Any:
+    """A socket bound to host:port, before the server says where it listens: a port in use is
+    one line (ConfigError), not uvicorn's exit 3."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener
+
+
 @cli.command("mock-providers")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
 @click.option("--config", "config_file", default=None, help="Mock config (YAML or JSON).")
 def mock_providers(host: str, port: int, config_file: str | None) -> None:
     """Serve the mock provider APIs (real HTTP on loopback) for development and benchmarks."""
-    import socket
-
     import yaml
 
     from glaze_pipeline.mock_server import load_mock_config, serve
@@ -969,14 +982,7 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
         config = load_mock_config(config_file)
     except (OSError, ValueError, yaml.YAMLError) as error:  # missing, bad JSON/YAML or fields
         raise ConfigError(f"cannot use mock config {config_file}: {error}") from error
-    # Bind before saying where it listens: a port in use is one line, not uvicorn's exit 3.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        listener.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener = _listen(host, port)
     console.print(f"mock providers on http://{host}:{port} (stats: /_stats, reset: POST /_reset)")
     try:
         serve(host, port, config, sock=listener)
@@ -990,17 +996,9 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
 @click.option("--api-key", default=None, help="Answer 401 unless this bearer key is sent.")
 def mock_llm(host: str, port: int, api_key: str | None) -> None:
     """Serve a local OpenAI-compatible LLM stand-in with deterministic answers (loopback)."""
-    import socket
-
     from glaze_pipeline.mock_llm import serve
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        listener.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener = _listen(host, port)
     console.print(
         f"mock LLM on http://{host}:{port}/v1 (set GLAZE_LLM_BASE_URL to it; stats: /_stats)"
     )

@@ -155,6 +155,8 @@ def test_bad_input_is_refused_and_nothing_is_queued(server: Server) -> None:
         )
         assert unknown.status_code == 404
         assert "tbl_nope" in unknown.text
+        extend = client.post("/ai", json={"tableId": "tbl_nope", "context": CONTEXT})
+        assert extend.status_code == 404 and "tbl_nope" in extend.text
         assert client.get("/ai/jobs/req_0000000000000000").status_code == 404
         # An enrichment job is not an AI job.
         enrich = client.post(
@@ -212,3 +214,12 @@ def test_cancel_a_running_ai_job(server: Server, llm: MockLlmServer) -> None:
             assert refused.status_code == 422, refused.text
     finally:
         llm.reset()
+    # Retried (seed 003's retryJob): a new job asking the same, which now succeeds.
+    with server.client() as client:
+        retried = client.post(f"/ai/jobs/{job_id}/retry")
+        assert retried.status_code == 202, retried.text
+        again = wait_for_ai_job(server, retried.json()["jobId"])
+        assert (again["status"], again["retryOf"]) == ("completed", job_id), again
+        assert again["result"]["table"]["name"]
+        twice = client.post(f"/ai/jobs/{again['id']}/retry")
+        assert twice.status_code == 422 and "only a failed or cancelled" in twice.text
