@@ -198,6 +198,8 @@ def _accept(ctx: click.Context, request_id: str, *, with_rows: bool) -> None:
         + (f" ({', '.join(accepted.columns_added)})" if accepted.columns_added else "")
         + f", {accepted.rows_added} rows added, {accepted.rows_duplicate} duplicate rows skipped"
     )
+    for note in accepted.notes:
+        cli.console.print(Text(f"  - {note}"))
     cli.console.print(f"table id: {accepted.table_id}")
     cli.console.print(f"enrich it with: glaze enrich {accepted.table_id}")
 

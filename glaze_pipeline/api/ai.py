@@ -182,6 +182,7 @@ def ai_routes() -> APIRouter:
             columns_added=list(accepted.columns_added),
             rows_added=accepted.rows_added,
             rows_duplicate=accepted.rows_duplicate,
+            notes=list(accepted.notes),
         )
 
     return router

@@ -483,3 +483,4 @@ class AiAccepted(Camel):
     columns_added: list[str]
     rows_added: int
     rows_duplicate: int
+    notes: list[str] = Field(default_factory=list, description="What was left out, and why.")
