@@ -800,9 +800,26 @@ def _glaze_error_classes() -> dict[str, type[GlazeError]]:
 
 
 def render_request(request: Any) -> Table:
+    from glaze_pipeline.core.models import AI_REQUEST_KINDS
+
     grid = Table(title=f"request {request.id}", show_header=False)
     grid.add_column("field")
     grid.add_column("value")
+    if request.kind in AI_REQUEST_KINDS:  # steps and LLM calls, not cells and entities
+        for name, value in (
+            ("status", request.status),
+            ("table", request.table_id),
+            ("kind", request.kind),
+            ("run", request.run_id or "-"),
+            ("progress", f"{request.entities_done}/{request.entities} steps"),
+            ("LLM calls", str((request.provider_calls or {}).get("llm", 0))),
+            ("cost", f"{request.cost:g}"),
+            ("retry of", request.retry_of or "-"),
+            ("error", request.error or "-"),
+            ("proposal", f"glaze ai show {request.id}"),
+        ):
+            grid.add_row(name, Text(str(value)))
+        return grid
     total = request.cells_total or 0
     answered = (request.cells_done or 0) + (request.cells_not_found or 0)
     for name, value in (

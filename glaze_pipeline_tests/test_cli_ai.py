@@ -83,6 +83,10 @@ def test_generate_accept_then_enrich(tmp_path: Path, llm: MockLlmServer) -> None
         shown = run(tmp_path, "ai", "show", request_id)
         assert shown.returncode == 0, shown.stderr
         assert "completed" in shown.stdout and "proposed rows" in shown.stdout
+        status = run(tmp_path, "status", request_id)
+        assert status.returncode == 0, status.stderr
+        assert "3/3 steps" in status.stdout and "LLM calls" in status.stdout
+        assert "cells" not in status.stdout  # an AI request fills no cell
     finally:
         store.dispose()
 
