@@ -186,6 +186,12 @@ def show_command(ctx: click.Context, request_id: str) -> None:
         cli.console.print(render_proposal(request.id, RequestKind(request.kind), request.result))
 
 
+def _table_context(ctx: click.Context, table_id: str) -> str:
+    from glaze_pipeline.core.ai.workflow import table_context
+
+    return table_context(_cli()._store(ctx), table_id)
+
+
 def _accept(ctx: click.Context, request_id: str, *, with_rows: bool) -> None:
     from glaze_pipeline.core.ai.accept import accept_proposal
 
@@ -202,12 +208,6 @@ def _accept(ctx: click.Context, request_id: str, *, with_rows: bool) -> None:
         cli.console.print(Text(f"  - {note}"))
     cli.console.print(f"table id: {accepted.table_id}")
     cli.console.print(f"enrich it with: glaze enrich {accepted.table_id}")
-
-
-def _table_context(ctx: click.Context, table_id: str) -> str:
-    """A table's own name and description: what its columns and rows are for by default."""
-    record = _cli()._store(ctx).table_records(table_id=table_id)[0][0]
-    return f"{record.name}: {record.description}" if record.description else record.name
 
 
 def render_proposal(request_id: str, kind: RequestKind, result: Mapping[str, Any]) -> Group:

@@ -25,8 +25,8 @@ from typing import Any, Self
 
 import httpx
 
-ENRICH_JOB = "enrich_table"
-ENRICH_OP = "detect_entities"
+from glaze_pipeline.core.queue import ENRICH_JOB, ENRICH_OP
+
 DEFAULT_REPOSITORY = "__repository__"  # the repository a `Definitions` object becomes
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)  # launchRun validates config over gRPC
 

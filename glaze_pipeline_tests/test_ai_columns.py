@@ -29,11 +29,7 @@ from glaze_pipeline.core.errors import InvalidSelectionError
 from glaze_pipeline.core.models import EntityKey, EntityType, Selection
 from glaze_pipeline.core.preflight import check_providers
 from glaze_pipeline.core.providers.base import FatalProviderError, TransientProviderError
-from glaze_pipeline.core.providers.llm_column import (
-    ai_column_providers,
-    price_per_answer,
-    provider_name,
-)
+from glaze_pipeline.core.providers.llm_column import ai_column_providers, provider_name
 from glaze_pipeline.core.schema import GlazeColumn
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
@@ -139,9 +135,14 @@ def test_question_input_and_provider_names() -> None:
 
 
 def test_price_per_answer() -> None:
+    def price_per_answer(env: dict[str, str]) -> float:
+        return LlmSettings.from_env(
+            {"GLAZE_LLM_BASE_URL": "http://llm.test/v1", **env}
+        ).price_per_answer
+
     assert price_per_answer({}) == 1.0
     assert price_per_answer({"GLAZE_LLM_PRICE_PER_ANSWER": "0.25"}) == 0.25
-    for bad in ("cheap", "-1", "nan"):
+    for bad in ("cheap", "-1", "nan", "inf"):
         with pytest.raises(LlmConfigError, match="GLAZE_LLM_PRICE_PER_ANSWER"):
             price_per_answer({"GLAZE_LLM_PRICE_PER_ANSWER": bad})
 
@@ -183,13 +184,13 @@ def test_provider_lookup_and_errors_over_http(llm: MockLlmServer) -> None:
     key = EntityKey(EntityType.COMPANY, "domain", "acme.com")
 
     async def ask(settings: LlmSettings) -> Any:
-        [provider] = ai_column_providers([AI_SPEC], settings, price=2.0)
+        [provider] = ai_column_providers([AI_SPEC], settings)
         try:
             return provider, await provider.lookup(key, provider.fields)
         finally:
             await provider.aclose()
 
-    settings = LlmSettings(base_url=llm.url, model=MODEL, backoff_s=0.01)
+    settings = LlmSettings(base_url=llm.url, model=MODEL, backoff_s=0.01, price_per_answer=2.0)
     provider, answer = asyncio.run(ask(settings))
     expected = ai_answer(fill_template(QUESTION, key))
     assert answer.values == {provider.field.name: expected["answer"]}

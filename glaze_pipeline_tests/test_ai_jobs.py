@@ -104,6 +104,13 @@ def instance() -> Iterator[DagsterInstance]:
 
 def test_the_definitions_hold_every_ai_job_with_its_first_op() -> None:
     Definitions.validate_loadable(defs)
+    # Run configs written outside the code (Launchpad, scripts) name these: they stay put.
+    assert AI_JOBS == {
+        RequestKind.TABLE_SUGGESTIONS: ("table_suggestions", "propose_table"),
+        RequestKind.COLUMN_SUGGESTIONS: ("column_suggestions", "propose_columns"),
+        RequestKind.ROW_SUGGESTIONS: ("row_suggestions", "propose_rows"),
+        RequestKind.TABLE_GENERATION: ("table_generation", "generate_table"),
+    }
     for kind in AI_REQUEST_KINDS:
         job_name, op_name = AI_JOBS[kind]
         job = defs.get_job_def(job_name)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from glaze_pipeline.core.ai import (
@@ -131,8 +132,9 @@ def test_table_then_columns_then_rows(llm: MockLlmServer) -> None:
         (columns, "column_suggestions.v1"),
         (rows, "row_suggestions.v1"),
     ):
-        assert suggestion.prompt_version == version and suggestion.calls == 1
-        assert suggestion.model == "glaze-mock-1" and suggestion.prompt_tokens > 0
+        usage = suggestion.usage
+        assert usage.prompt_version == version and usage.calls == 1
+        assert usage.model == "glaze-mock-1" and usage.prompt_tokens > 0
     assert llm.stats()["by_operation"] == {
         "table_suggestions": 1,
         "column_suggestions": 1,
@@ -141,8 +143,31 @@ def test_table_then_columns_then_rows(llm: MockLlmServer) -> None:
     shown = rows.as_json()
     assert shown["promptVersion"] == "row_suggestions.v1"
     assert shown["value"][0] == {"values": rows.value[0].values}
-    assert shown["usage"]["calls"] == 1 and shown["usage"]["promptTokens"] == rows.prompt_tokens
-    json.dumps(table.as_json()), json.dumps(columns.as_json())  # serialisable
+    assert (
+        shown["usage"]["calls"] == 1 and shown["usage"]["promptTokens"] == rows.usage.prompt_tokens
+    )
+    # Stored results and the app read this shape: keys, order and names are a contract.
+    assert json.dumps(table.as_json()) == json.dumps(
+        {
+            "value": {
+                "name": table.value.name,
+                "description": table.value.description,
+                "entity_type": "company",
+            },
+            "notes": [],
+            "promptVersion": "table_suggestions.v1",
+            "model": "glaze-mock-1",
+            "usage": {
+                "promptTokens": table.usage.prompt_tokens,
+                "completionTokens": table.usage.completion_tokens,
+                "cost": 0.0,
+                "calls": 1,
+            },
+        }
+    )
+    assert json.loads(json.dumps(columns.as_json()))["value"] == [
+        column.model_dump(mode="json") for column in columns.value
+    ]
 
 
 def test_a_people_table(llm: MockLlmServer) -> None:
@@ -178,6 +203,27 @@ def test_an_existing_table_keeps_its_entity_type(llm: MockLlmServer) -> None:
     assert result.value.entity_type == "person"
 
 
+def test_a_model_that_changes_an_existing_tables_entity_type_is_overruled() -> None:
+    proposal = {"name": "Payments", "description": "Payment companies", "entity_type": "company"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        message = {"role": "assistant", "content": json.dumps(proposal)}
+        return httpx.Response(200, json={"model": "m-1", "choices": [{"message": message}]})
+
+    async def go() -> Any:
+        settings = LlmSettings(base_url="http://llm.test/v1")
+        async with LlmClient(settings, transport=httpx.MockTransport(answer)) as client:
+            table = TableSpec("Founders", None, "person")
+            return await suggest_table(client, "payment companies", table=table)
+
+    result = asyncio.run(go())
+
+    assert (result.value.name, result.value.entity_type) == ("Payments", "person")
+    assert result.notes == (
+        "entity type kept as 'person': the table exists (the model proposed 'company')",
+    )
+
+
 def test_usage_of_every_attempt_is_summed(llm: MockLlmServer) -> None:
     llm.faults(
         [
@@ -197,10 +243,10 @@ def test_usage_of_every_attempt_is_summed(llm: MockLlmServer) -> None:
     )
 
     assert [call.outcome for call in recorder.calls] == ["retried", "ok", "ok"]
-    assert result.calls == 3 == llm.stats()["requests"]
-    assert result.prompt_tokens == sum(c.prompt_tokens for c in recorder.calls)
-    assert result.completion_tokens == sum(c.completion_tokens for c in recorder.calls)
-    assert result.cost == round(sum(c.cost for c in recorder.calls), 6) > 0
+    assert result.usage.calls == 3 == llm.stats()["requests"]
+    assert result.usage.prompt_tokens == sum(c.prompt_tokens for c in recorder.calls)
+    assert result.usage.completion_tokens == sum(c.completion_tokens for c in recorder.calls)
+    assert result.usage.cost == round(sum(c.cost for c in recorder.calls), 6) > 0
     assert len(result.value) == 3
 
 

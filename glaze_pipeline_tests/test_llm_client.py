@@ -24,7 +24,7 @@ from glaze_pipeline.core.ai import (
     load_prompt,
 )
 from glaze_pipeline.core.ai.prompts import prompt_names
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.mock_llm import MockLlmServer, ai_answer
 from glaze_pipeline_tests import llm_helpers
 from glaze_pipeline_tests.llm_helpers import Sleeps
 
@@ -280,6 +280,7 @@ def test_settings_from_env() -> None:
         ({"GLAZE_LLM_BASE_URL": "ftp://llm.example"}, "GLAZE_LLM_BASE_URL"),
         ({"GLAZE_LLM_TIMEOUT_SECONDS": "soon"}, "GLAZE_LLM_TIMEOUT_SECONDS"),
         ({"GLAZE_LLM_TIMEOUT_SECONDS": "-1"}, "GLAZE_LLM_TIMEOUT_SECONDS"),
+        ({"GLAZE_LLM_TIMEOUT_SECONDS": "inf"}, "GLAZE_LLM_TIMEOUT_SECONDS"),
         ({"GLAZE_LLM_MAX_ATTEMPTS": "0"}, "GLAZE_LLM_MAX_ATTEMPTS"),
         ({"GLAZE_LLM_MAX_ATTEMPTS": "2.5"}, "GLAZE_LLM_MAX_ATTEMPTS"),
         ({"GLAZE_LLM_PRICE_INPUT": "nan"}, "GLAZE_LLM_PRICE_INPUT"),
@@ -348,7 +349,17 @@ def test_a_valid_answer_needs_no_repair(llm: MockLlmServer) -> None:
     answer = run(go())
 
     assert answer.value.answer in ("yes", "no") and 0 <= answer.value.confidence <= 1
-    assert (answer.calls, answer.repaired, answer.prompt_version) == (1, False, "ai_column.v1")
+    expected = ai_answer("Is acme.com B2B?")
+    assert (answer.value.answer, answer.value.confidence) == (
+        expected["answer"],
+        expected["confidence"],
+    )
+    usage = answer.usage
+    assert (usage.calls, answer.repaired, usage.prompt_version) == (1, False, "ai_column.v1")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        calls[0].prompt_tokens,
+        calls[0].completion_tokens,
+    )
     assert answer.value == run(go()).value  # deterministic
 
 
@@ -368,14 +379,14 @@ def test_an_invalid_answer_is_repaired_once(llm: MockLlmServer, mode: str) -> No
 
     answer = run(go())
 
-    assert (answer.calls, answer.repaired) == (2, True)
+    assert (answer.usage.calls, answer.repaired) == (2, True)
     assert llm.stats()["requests"] == 2
     assert [c.outcome for c in calls] == ["ok", "ok"]
     # The repair request carries the first answer and the error: it is the longer prompt.
     assert calls[1].prompt_tokens > calls[0].prompt_tokens
-    assert answer.prompt_tokens == sum(c.prompt_tokens for c in calls)
-    assert answer.completion_tokens == sum(c.completion_tokens for c in calls)
-    assert answer.cost == round(sum(c.cost for c in calls), 6) > 0
+    assert answer.usage.prompt_tokens == sum(c.prompt_tokens for c in calls)
+    assert answer.usage.completion_tokens == sum(c.completion_tokens for c in calls)
+    assert answer.usage.cost == round(sum(c.cost for c in calls), 6) > 0
 
 
 def test_an_answer_invalid_twice_is_not_retryable(llm: MockLlmServer) -> None:

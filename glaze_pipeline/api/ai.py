@@ -22,7 +22,7 @@ from glaze_pipeline.api.models import (
 )
 from glaze_pipeline.core import queue
 from glaze_pipeline.core.ai.accept import accept_proposal
-from glaze_pipeline.core.ai.workflow import ai_status, enqueue_ai, retry_ai
+from glaze_pipeline.core.ai.workflow import ai_status, enqueue_ai, retry_ai, table_context
 from glaze_pipeline.core.errors import UnknownRequestError
 from glaze_pipeline.core.models import (
     AI_REQUEST_KINDS,
@@ -83,11 +83,6 @@ def _ai_job(store: Store, job_id: str) -> EnrichmentRequest:
     return job
 
 
-def _table_context(store: Store, table_id: str) -> str:
-    record = store.table_records(table_id=table_id)[0][0]
-    return f"{record.name}: {record.description}" if record.description else record.name
-
-
 def ai_routes() -> APIRouter:
     """The routes that need an API key (or a session)."""
     router = APIRouter(prefix="/ai", tags=["ai"])
@@ -122,7 +117,7 @@ def ai_routes() -> APIRouter:
     )
     def column_suggestions(request: Request, body: AiColumnsBody) -> AiJobQueued:
         """Propose columns for an existing table (identifiers, enrichment fields, AI columns)."""
-        context = body.context or _table_context(_store(request), body.table_id)
+        context = body.context or table_context(_store(request), body.table_id)
         return _queued(
             request,
             RequestKind.COLUMN_SUGGESTIONS,
@@ -136,7 +131,7 @@ def ai_routes() -> APIRouter:
     )
     def row_suggestions(request: Request, body: AiRowsBody) -> AiJobQueued:
         """Propose `count` rows for an existing table, deduplicated against its rows."""
-        context = body.context or _table_context(_store(request), body.table_id)
+        context = body.context or table_context(_store(request), body.table_id)
         return _queued(
             request,
             RequestKind.ROW_SUGGESTIONS,

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
@@ -66,6 +66,9 @@ from glaze_pipeline.core.schema import (
 )
 from glaze_pipeline.core.settings import database_url
 from glaze_pipeline.core.status import aggregate_row
+
+if TYPE_CHECKING:
+    from glaze_pipeline.core.ai.client import LlmCall
 
 ID_CHUNK = 5000  # ids per IN (...) list (SQLite allows 32,766 parameters)
 
@@ -888,8 +891,8 @@ class Store:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
             return request
 
-    def record_llm_calls(self, request_id: str | None, calls: Sequence[Any]) -> None:
-        """Write LLM attempts (`core.ai.client.LlmCall`s) to `llm_calls`, one statement."""
+    def record_llm_calls(self, request_id: str | None, calls: Sequence[LlmCall]) -> None:
+        """Write LLM attempts to `llm_calls`, one statement."""
         if not calls:
             return
         now = utcnow()

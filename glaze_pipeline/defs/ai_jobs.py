@@ -165,6 +165,18 @@ def retried_when_worth_it(last_try: bool) -> Iterator[None]:
         raise
 
 
+def readopt(context: OpExecutionContext, state: AiState, store: Store) -> AiState:
+    """A later op's state, its request adopted by this run: the same request on a retried
+    step, a new one (`retry_of`) on a re-execution of a run whose request ended."""
+    try:
+        request_id = adopt_ai_request(
+            context, RequestRepository(store), state.request_id, state.task
+        )
+    except GlazeError as error:
+        raise Failure(description=str(error), allow_retries=False) from None
+    return replace(state, request_id=request_id)
+
+
 def ai_step(
     context: OpExecutionContext,
     state: AiState,
@@ -173,14 +185,11 @@ def ai_step(
     llm: LanguageModel,
     progress: ProgressChannel,
 ) -> AiState:
-    """Run one step of the request; any ending it meets is recorded with the truth."""
+    """Run one step of the request this run adopted; any ending it meets is recorded with the
+    truth."""
     requests = RequestRepository(store)
     table_id = state.task.table_id
-    try:
-        request_id = adopt_ai_request(context, requests, state.request_id, state.task)
-    except GlazeError as error:
-        raise Failure(description=str(error), allow_retries=False) from None
-    state = replace(state, request_id=request_id)
+    request_id = state.request_id
     last_try = context.retry_number >= AI_RETRIES
     with (
         request_closed_on_error(store, request_id, progress, table_id, retryable=not last_try),
@@ -325,7 +334,8 @@ def generate_columns(
     llm: LanguageModel,
     progress: ProgressChannel,
 ) -> AiState:
-    return ai_step(context, state, "columns", glaze_db.store(), llm, progress)
+    store = glaze_db.store()
+    return ai_step(context, readopt(context, state, store), "columns", store, llm, progress)
 
 
 @op(
@@ -343,7 +353,7 @@ def generate_rows(
     progress: ProgressChannel,
 ) -> Output:
     store = glaze_db.store()
-    state = ai_step(context, state, "rows", store, llm, progress)
+    state = ai_step(context, readopt(context, state, store), "rows", store, llm, progress)
     return close_request(context, state, store, progress)
 
 

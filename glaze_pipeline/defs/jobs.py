@@ -49,7 +49,7 @@ from glaze_pipeline.core.models import (
 from glaze_pipeline.core.preflight import check_providers, unusable
 from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
 from glaze_pipeline.core.providers.base import Provider
-from glaze_pipeline.core.providers.llm_column import ai_column_providers, price_per_answer
+from glaze_pipeline.core.providers.llm_column import ai_column_providers
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
@@ -219,10 +219,10 @@ def ai_providers(llm: LanguageModel, target: JobTarget) -> list[Provider]:
     if not columns:
         return []
     try:
-        settings, price = llm.settings(), price_per_answer()
+        settings = llm.settings()
     except LlmConfigError as error:
         return list(ai_column_providers(columns, None, problem=str(error)))
-    return list(ai_column_providers(columns, settings, price=price))
+    return list(ai_column_providers(columns, settings))
 
 
 def tag_run(context: OpExecutionContext, tags: dict[str, str]) -> None:

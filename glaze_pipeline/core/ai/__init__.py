@@ -12,7 +12,7 @@ from glaze_pipeline.core.ai.client import (
     LlmSettings,
 )
 from glaze_pipeline.core.ai.prompts import Prompt, PromptError, load_prompt
-from glaze_pipeline.core.ai.structured import Structured, ask
+from glaze_pipeline.core.ai.structured import AnswerUsage, Structured, ask
 from glaze_pipeline.core.ai.suggestions import (
     MAX_AI_COLUMNS,
     MAX_COLUMNS,
@@ -41,6 +41,7 @@ __all__ = [
     "MAX_ROWS",
     "AIJobError",
     "AiColumnAnswer",
+    "AnswerUsage",
     "ColumnProposal",
     "Completion",
     "LlmCall",

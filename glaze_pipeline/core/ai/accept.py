@@ -148,9 +148,11 @@ def _accept(
                     f"table {table_id} exists: its name {name!r} is kept "
                     f"(proposed: {proposal.table.name!r})"
                 )
-        _add_columns(connection, table_id, proposal.columns, _columns(connection, table_id), plan)
+        columns = _add_columns(
+            connection, table_id, proposal.columns, _columns(connection, table_id), plan
+        )
         if with_rows and proposal.rows:
-            _add_rows(connection, table_id, proposal, _columns(connection, table_id), plan)
+            _add_rows(connection, table_id, proposal, columns, plan)
     return Accepted(
         table_id=table_id,
         created=plan.created,
@@ -221,8 +223,9 @@ def _add_columns(
     proposed: Sequence[ProposedColumn],
     existing: Sequence[_Column],
     plan: _Plan,
-) -> None:
-    """Insert the proposed columns the table lacks; map every row key to the column holding it."""
+) -> list[_Column]:
+    """Insert the proposed columns the table lacks; map every row key to the column holding it.
+    The table's columns afterwards, in position order (no second read in the transaction)."""
     by_key = {column.key: column for column in existing}
     by_meaning = {column.meaning: column for column in existing if column.meaning}
     plan.keys = {column.key: column.key for column in existing}
@@ -263,30 +266,28 @@ def _add_columns(
         plan.columns_added.append(column.key)
     if already:
         plan.notes.append(f"columns already in the table, not added again: {', '.join(already)}")
+    return list(by_key.values())
 
 
 def _column_values(column: ProposedColumn) -> dict[str, Any]:
     """A proposed column as stored, checked as the store checks a new table's columns."""
     check_text("column key", column.key, MAX_COLUMN_KEY)
     check_text(f"label of column {column.key!r}", column.label, MAX_COLUMN_LABEL)
+    # An AI column is filled by its prompt, any other by its catalogue field: never both.
     if column.role == "ai":
         if not column.prompt:
             raise InputError(f"AI column {column.key!r} has no prompt")
-        return {
-            "key": column.key,
-            "label": column.label,
-            "data_type": column.data_type,
-            "field": None,
-            "prompt": check_template(column.prompt),
-        }
-    if not column.field:
-        raise InputError(f"{column.role} column {column.key!r} names no catalogue field")
+        catalogue_field, prompt = None, check_template(column.prompt)
+    else:
+        if not column.field:
+            raise InputError(f"{column.role} column {column.key!r} names no catalogue field")
+        catalogue_field, prompt = str(parse_field(column.field)), None
     return {
         "key": column.key,
         "label": column.label,
         "data_type": column.data_type,
-        "field": str(parse_field(column.field)),
-        "prompt": None,
+        "field": catalogue_field,
+        "prompt": prompt,
     }
 
 

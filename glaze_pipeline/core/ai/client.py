@@ -16,7 +16,7 @@ appears in an error or a log line.
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import os
 import random
 import time
@@ -66,6 +66,7 @@ class LlmSettings:
     max_backoff_s: float = 20.0
     price_input_per_1k: float = 0.0  # credits per 1,000 prompt tokens
     price_output_per_1k: float = 0.0  # credits per 1,000 completion tokens
+    price_per_answer: float = 1.0  # credits per AI cell answer, the job's budget unit
     max_tokens: int = 4000
 
     @classmethod
@@ -73,8 +74,8 @@ class LlmSettings:
         """The settings from GLAZE_LLM_* variables (`env`, else the process environment).
 
         GLAZE_LLM_BASE_URL is required; GLAZE_LLM_MODEL, GLAZE_LLM_API_KEY,
-        GLAZE_LLM_TIMEOUT_SECONDS, GLAZE_LLM_MAX_ATTEMPTS, GLAZE_LLM_PRICE_INPUT and
-        GLAZE_LLM_PRICE_OUTPUT are optional. A bad value is an LlmConfigError naming its variable.
+        GLAZE_LLM_TIMEOUT_SECONDS, GLAZE_LLM_MAX_ATTEMPTS, GLAZE_LLM_PRICE_INPUT,
+        GLAZE_LLM_PRICE_OUTPUT and GLAZE_LLM_PRICE_PER_ANSWER are optional. A bad value is an LlmConfigError naming its variable.
         """
         env = os.environ if env is None else env
         base_url = (env.get("GLAZE_LLM_BASE_URL") or "").strip()
@@ -99,6 +100,7 @@ class LlmSettings:
             max_attempts=int(_number(env, "GLAZE_LLM_MAX_ATTEMPTS", 4, minimum=1, whole=True)),
             price_input_per_1k=_number(env, "GLAZE_LLM_PRICE_INPUT", 0.0, minimum=0.0),
             price_output_per_1k=_number(env, "GLAZE_LLM_PRICE_OUTPUT", 0.0, minimum=0.0),
+            price_per_answer=_number(env, "GLAZE_LLM_PRICE_PER_ANSWER", 1.0, minimum=0.0),
         )
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
@@ -136,6 +138,8 @@ def _number(
         raise LlmConfigError(f"{variable} must be {kind}, got {raw!r}") from None
     if not value >= minimum:  # also refuses NaN
         raise LlmConfigError(f"{variable} must be at least {minimum:g}, got {raw!r}")
+    if not math.isfinite(value):  # an infinite price or timeout is a typo, not a setting
+        raise LlmConfigError(f"{variable} must be a finite number, got {raw!r}")
     return value
 
 
@@ -157,7 +161,8 @@ class LlmCall:
 
 @dataclass(frozen=True)
 class Completion:
-    """The answer of one `complete`, with the tokens and cost of all its attempts."""
+    """The answer of one `complete`: its tokens and cost (a failed attempt reports none), and
+    how many HTTP attempts it took."""
 
     text: str
     model: str
@@ -265,8 +270,6 @@ class LlmClient:
         }
         if json_output:
             body["response_format"] = {"type": "json_object"}
-        prompt_tokens = completion_tokens = 0
-        cost = 0.0
         attempts = max(1, settings.max_attempts)
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
@@ -299,10 +302,8 @@ class LlmClient:
                     ) from None
                 await self._sleep(self._wait(attempt, failure.retry_after))
                 continue
-            call_cost = settings.cost(answer.prompt_tokens, answer.completion_tokens)
-            prompt_tokens += answer.prompt_tokens
-            completion_tokens += answer.completion_tokens
-            cost += call_cost
+            # A failed attempt has no usage to report, so the answer's is the completion's.
+            cost = settings.cost(answer.prompt_tokens, answer.completion_tokens)
             self._record(
                 LlmCall(
                     operation=operation,
@@ -312,16 +313,16 @@ class LlmClient:
                     outcome="ok",
                     prompt_tokens=answer.prompt_tokens,
                     completion_tokens=answer.completion_tokens,
-                    cost=call_cost,
+                    cost=cost,
                     latency_ms=_ms_since(started),
                 )
             )
             return Completion(
                 text=answer.text,
                 model=answer.model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost=round(cost, 6),
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                cost=cost,
                 attempts=attempt,
             )
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
@@ -363,11 +364,12 @@ class LlmClient:
                 )
             hint = " (check GLAZE_LLM_API_KEY)" if status in (401, 403) else ""
             raise _Failure(f"HTTP {status}{hint}{said}", retryable=False)
-        return _parse_answer(response)
+        return _parse_answer(response, asked_model=body["model"])
 
 
-def _parse_answer(response: httpx.Response) -> _Answer:
-    """The text and usage of a Chat Completions answer; a body of another shape is refused."""
+def _parse_answer(response: httpx.Response, *, asked_model: str) -> _Answer:
+    """The text and usage of a Chat Completions answer; a body of another shape is refused.
+    A server that does not name its model is taken to have used `asked_model`."""
     try:
         payload = response.json()
         message = payload["choices"][0]["message"]
@@ -383,7 +385,7 @@ def _parse_answer(response: httpx.Response) -> _Answer:
     model = payload.get("model") if isinstance(payload.get("model"), str) else ""
     return _Answer(
         text=text,
-        model=model or str(json.loads(response.request.content).get("model", "")),
+        model=model or asked_model,
         prompt_tokens=_tokens(usage.get("prompt_tokens"), response.request.content.decode()),
         completion_tokens=_tokens(usage.get("completion_tokens"), text),
     )

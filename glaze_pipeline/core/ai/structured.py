@@ -30,16 +30,24 @@ REPAIR_MESSAGE = (
 
 
 @dataclass(frozen=True)
-class Structured(Generic[T]):
-    """A validated answer, with the tokens, cost and HTTP attempts of every call it took."""
+class AnswerUsage:
+    """What one answer took: the prompt version and model that gave it, and the tokens,
+    credits and HTTP attempts of every call it took (a repair included)."""
 
-    value: T
     prompt_version: str
     model: str
     prompt_tokens: int
     completion_tokens: int
     cost: float
     calls: int
+
+
+@dataclass(frozen=True)
+class Structured(Generic[T]):
+    """A validated answer and what it took."""
+
+    value: T
+    usage: AnswerUsage
     repaired: bool
 
 
@@ -80,16 +88,15 @@ async def ask(
                 retryable=False,
             ) from None
         repaired = True
-    return Structured(
-        value=value,
+    usage = AnswerUsage(
         prompt_version=prompt.version,
         model=completions[-1].model,
         prompt_tokens=sum(c.prompt_tokens for c in completions),
         completion_tokens=sum(c.completion_tokens for c in completions),
         cost=round(sum(c.cost for c in completions), 6),
         calls=sum(c.attempts for c in completions),
-        repaired=repaired,
     )
+    return Structured(value=value, usage=usage, repaired=repaired)
 
 
 def parse_answer(text: str, output: type[T]) -> T:

@@ -35,7 +35,7 @@ from glaze_pipeline.core.ai.columns import (
     placeholders,
 )
 from glaze_pipeline.core.ai.prompts import load_prompt
-from glaze_pipeline.core.ai.structured import Structured, ask
+from glaze_pipeline.core.ai.structured import AnswerUsage, ask
 from glaze_pipeline.core.detection import (
     NAME_MAX_CHARS,
     company_domain,
@@ -258,12 +258,7 @@ class Suggestion(Generic[T]):
 
     value: T  # TableProposal | list[ColumnProposal] | list[RowProposal]
     notes: tuple[str, ...]
-    prompt_version: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost: float
-    calls: int
+    usage: AnswerUsage
 
     def as_json(self) -> dict[str, Any]:
         value: Any = self.value
@@ -276,31 +271,19 @@ class Suggestion(Generic[T]):
             ]
         else:
             shown = value
+        usage = self.usage
         return {
             "value": shown,
             "notes": list(self.notes),
-            "promptVersion": self.prompt_version,
-            "model": self.model,
+            "promptVersion": usage.prompt_version,
+            "model": usage.model,
             "usage": {
-                "promptTokens": self.prompt_tokens,
-                "completionTokens": self.completion_tokens,
-                "cost": self.cost,
-                "calls": self.calls,
+                "promptTokens": usage.prompt_tokens,
+                "completionTokens": usage.completion_tokens,
+                "cost": usage.cost,
+                "calls": usage.calls,
             },
         }
-
-
-def _suggestion(value: T, notes: Sequence[str], answer: Structured[Any]) -> Suggestion[T]:
-    return Suggestion(
-        value=value,
-        notes=tuple(notes),
-        prompt_version=answer.prompt_version,
-        model=answer.model,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens,
-        cost=answer.cost,
-        calls=answer.calls,
-    )
 
 
 class _Notes:
@@ -346,7 +329,7 @@ async def suggest_table(
             f"(the model proposed {proposal.entity_type!r})"
         )
         proposal = proposal.model_copy(update={"entity_type": table.entity_type})
-    return _suggestion(proposal, notes, answer)
+    return Suggestion(proposal, tuple(notes), answer.usage)
 
 
 async def suggest_columns(
@@ -370,7 +353,7 @@ async def suggest_columns(
             f"LLM column_suggestions: no usable column in the answer ({_why(notes)})",
             retryable=False,
         )
-    return _suggestion(columns, notes, answer)
+    return Suggestion(columns, tuple(notes), answer.usage)
 
 
 async def suggest_rows(
@@ -401,7 +384,7 @@ async def suggest_rows(
         raise AIJobError(
             f"LLM row_suggestions: no usable row in the answer ({_why(notes)})", retryable=False
         )
-    return _suggestion(rows, notes, answer)
+    return Suggestion(rows, tuple(notes), answer.usage)
 
 
 def _why(notes: Sequence[str]) -> str:
@@ -467,7 +450,7 @@ def _check_column(item: Any, entity_type: str) -> tuple[ColumnProposal | None, s
         problem = _check_question(column.prompt, entity_type)
         if problem is not None:
             return None, problem
-        return column.model_copy(update={"field": None, "prompt": column.prompt}), None
+        return column.model_copy(update={"field": None}), None
     if not column.field:
         return None, f"a {column.role} column must name a catalogue field"
     try:
@@ -522,7 +505,8 @@ def row_columns(table: TableSpec) -> tuple[tuple[ColumnProposal, ...], list[str]
 def row_identifiers(values: Mapping[str, Any], columns: Sequence[ColumnProposal]) -> frozenset[str]:
     """The EntityKey ids (`company:domain:acme.com`, `person:email:...`) a row's identifier
     values give: what `known_identifiers` holds for the rows a table already has."""
-    return frozenset(_identity(_clean_row(values, columns)[0], columns))
+    by_key = {column.key: column for column in columns}
+    return frozenset(_identity(_clean_row(values, by_key)[0], columns))
 
 
 def check_rows(
@@ -535,6 +519,7 @@ def check_rows(
     """The usable rows among a model's `items` (at most `count`), and notes on what went."""
     entity_type = _check_entity_type(table.entity_type)
     columns = tuple(columns) if columns is not None else row_columns(table)[0]
+    by_key = {column.key: column for column in columns}
     known = set(table.known_identifiers)
     seen: set[str] = set()
     kept: list[RowProposal] = []
@@ -550,7 +535,7 @@ def check_rows(
         if not isinstance(item, dict):
             dropped["not an object"] += 1
             continue
-        values, strays, bad = _clean_row(item, columns)
+        values, strays, bad = _clean_row(item, by_key)
         stray_keys.update(strays)
         bad_values.update(bad)
         identity = _identity(values, columns)
@@ -571,11 +556,10 @@ def check_rows(
 
 
 def _clean_row(
-    item: Mapping[str, Any], columns: Sequence[ColumnProposal]
+    item: Mapping[str, Any], by_key: Mapping[str, ColumnProposal]
 ) -> tuple[dict[str, str], list[str], list[str]]:
-    """(identifier values as they will be stored, keys outside the columns, keys whose value
-    was unusable)."""
-    by_key = {column.key: column for column in columns}
+    """(identifier values as they will be stored, keys outside the columns `by_key`, keys whose
+    value was unusable)."""
     values: dict[str, str] = {}
     strays: list[str] = []
     bad: list[str] = []

@@ -35,6 +35,7 @@ from pydantic.alias_generators import to_camel
 
 from glaze_pipeline.core.ai.client import LlmCall, LlmClient, LlmSettings
 from glaze_pipeline.core.ai.columns import MAX_TEMPLATE, template_entity_type
+from glaze_pipeline.core.ai.structured import AnswerUsage
 from glaze_pipeline.core.ai.suggestions import (
     KEY_PATTERN,
     MAX_LABEL,
@@ -85,7 +86,8 @@ AI_JOBS: dict[RequestKind, tuple[str, str]] = {
 }
 # The kinds that work on a table that must exist; the others may propose a new one.
 NEEDS_TABLE = frozenset({RequestKind.COLUMN_SUGGESTIONS, RequestKind.ROW_SUGGESTIONS})
-# Seed 003's JobStatus.status for each request status.
+# Seed 003's JobStatus.status for each request status: seed 003's variant of
+# api/views.SEED_STATUS (its AI jobs have no "cancelled": a cancelled request is "failed").
 SEED_STATUS = {
     RequestStatus.QUEUED: "pending",
     RequestStatus.LAUNCHED: "pending",
@@ -221,14 +223,14 @@ def enqueue_ai(
     """
     kind = ai_kind(kind)
     check_text("idempotency key", idempotency_key, MAX_IDEMPOTENCY_KEY, required=False)
+    named = table_id is not None
     if table_id is None:
         if kind in NEEDS_TABLE:
             raise InputError(f"{kind.value} needs the id of the table to suggest for")
         table_id = _reserved_table_id(kind, idempotency_key)
-    else:
-        check_text("table id", table_id, MAX_ID)
-        store.get_table(table_id)  # a table named by the caller must exist (UnknownTableError)
     task = check_task(store, kind, table_id, {"context": context, "count": count})
+    if named and not task.table_exists:  # a table named by the caller must exist
+        raise UnknownTableError(f"unknown table {table_id!r}")
     requests = RequestRepository(store)
     request_id = requests.enqueue(
         task.table_id,
@@ -366,12 +368,12 @@ class Usage(_Camel):
     completion_tokens: int = 0
     cost: float = 0.0
 
-    def plus(self, suggestion: Suggestion[Any]) -> Usage:
+    def plus(self, used: AnswerUsage) -> Usage:
         return Usage(
-            calls=self.calls + suggestion.calls,
-            prompt_tokens=self.prompt_tokens + suggestion.prompt_tokens,
-            completion_tokens=self.completion_tokens + suggestion.completion_tokens,
-            cost=round(self.cost + suggestion.cost, 6),
+            calls=self.calls + used.calls,
+            prompt_tokens=self.prompt_tokens + used.prompt_tokens,
+            completion_tokens=self.completion_tokens + used.completion_tokens,
+            cost=round(self.cost + used.cost, 6),
         )
 
 
@@ -395,9 +397,9 @@ class Proposal(_Camel):
             update={
                 **changes,
                 "notes": [*self.notes, *(f"{step}: {note}" for note in suggestion.notes)],
-                "prompt_versions": {**self.prompt_versions, step: suggestion.prompt_version},
-                "model": suggestion.model or self.model,
-                "usage": self.usage.plus(suggestion),
+                "prompt_versions": {**self.prompt_versions, step: suggestion.usage.prompt_version},
+                "model": suggestion.usage.model or self.model,
+                "usage": self.usage.plus(suggestion.usage),
             }
         )
 
@@ -656,6 +658,13 @@ def _table_so_far(
 
 
 # --- existing tables -----------------------------------------------------------------------
+
+
+def table_context(store: Store, table_id: str) -> str:
+    """A table's own name and description: what column and row suggestions are for when the
+    caller gives no context (UnknownTableError for an unknown table)."""
+    record = store.table_records(table_id=table_id)[0][0]
+    return f"{record.name}: {record.description}" if record.description else record.name
 
 
 def table_spec(store: Store, table_id: str, *, with_identifiers: bool = False) -> TableSpec:

@@ -20,19 +20,12 @@ charged.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import httpx
 
-from glaze_pipeline.core.ai.client import (
-    AIJobError,
-    LlmCall,
-    LlmClient,
-    LlmConfigError,
-    LlmSettings,
-)
+from glaze_pipeline.core.ai.client import AIJobError, LlmCall, LlmClient, LlmSettings
 from glaze_pipeline.core.ai.columns import AI_FIELD_PREFIX, check_template, question_input
 from glaze_pipeline.core.ai.prompts import Prompt, load_prompt
 from glaze_pipeline.core.ai.structured import ask
@@ -50,30 +43,12 @@ from glaze_pipeline.core.providers.base import (
 from glaze_pipeline.core.providers.http import HttpSettings, probe_health
 
 PROMPT_NAME = "ai_column"
-PRICE_VARIABLE = "GLAZE_LLM_PRICE_PER_ANSWER"
-DEFAULT_PRICE_PER_ANSWER = 1.0
 DEFAULT_CONFIDENCE = 0.7
 # Questions in flight per AI column and step: an LLM server is slower per call than a data
 # vendor, and a self-hosted one serves a few at a time.
 DEFAULT_CONCURRENCY = 8
 PROBE_TIMEOUT_S = 5.0
 PROVIDER_PREFIX = "llm_"
-
-
-def price_per_answer(env: Mapping[str, str] | None = None) -> float:
-    """Credits per AI cell answer: GLAZE_LLM_PRICE_PER_ANSWER (`env`, else the process
-    environment, read when called), else 1.0; a bad value is an LlmConfigError naming it."""
-    env = os.environ if env is None else env
-    raw = (env.get(PRICE_VARIABLE) or "").strip()
-    if not raw:
-        return DEFAULT_PRICE_PER_ANSWER
-    try:
-        price = float(raw)
-    except ValueError:
-        raise LlmConfigError(f"{PRICE_VARIABLE} must be a number, got {raw!r}") from None
-    if not 0 <= price < float("inf"):  # also refuses NaN
-        raise LlmConfigError(f"{PRICE_VARIABLE} must be a number >= 0, got {raw!r}")
-    return price
 
 
 def provider_name(field: FieldRef, prompt_version: str, model: str) -> str:
@@ -120,7 +95,7 @@ class AiColumnProvider:
         *,
         prompt: Prompt,
         model: str,
-        price: float = DEFAULT_PRICE_PER_ANSWER,
+        price: float,
         client: LlmClient | None = None,
         calls: LlmCallLog | None = None,
         problem: str | None = None,
@@ -214,14 +189,14 @@ def ai_column_providers(
     columns: Iterable[ColumnSpec],
     settings: LlmSettings | None,
     *,
-    price: float = DEFAULT_PRICE_PER_ANSWER,
     problem: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[AiColumnProvider]:
     """One provider per AI column template among `columns`, sharing one LLM client and one
     call log (a step's); none when there is no AI column.
 
-    Without `settings` (the LLM is not configured) each is unavailable for `problem`.
+    Without `settings` (the LLM is not configured) each is unavailable for `problem`, at the
+    default price per answer (it is never asked, so never charged).
     """
     templates = ai_templates(columns)
     if not templates:
@@ -229,21 +204,21 @@ def ai_column_providers(
     prompt = load_prompt(PROMPT_NAME)
     if settings is None:
         reason = problem or "the LLM is not configured (GLAZE_LLM_BASE_URL)"
-        return [
-            AiColumnProvider(template, field, prompt=prompt, model="", price=price, problem=reason)
-            for field, template in templates.items()
-        ]
-    calls = LlmCallLog()
-    client = LlmClient(settings, on_call=calls, transport=transport)
+        model, price, client, calls = "", LlmSettings.price_per_answer, None, None
+    else:
+        reason, model, price = None, settings.model, settings.price_per_answer
+        calls = LlmCallLog()
+        client = LlmClient(settings, on_call=calls, transport=transport)
     return [
         AiColumnProvider(
             template,
             field,
             prompt=prompt,
-            model=settings.model,
+            model=model,
             price=price,
             client=client,
             calls=calls,
+            problem=reason,
         )
         for field, template in templates.items()
     ]
