@@ -376,3 +376,21 @@ def test_whole_table_with_catalogue_and_ai_columns(store: Store, llm: MockLlmSer
     for row in store.rows_in_order(table.id):
         assert row.data["enterprise"] == expected[row.id]
         assert row.data["industry"] and row.meta["industry"]["source"] == "fake_company"
+
+
+def test_a_person_question_says_what_the_persons_key_knows() -> None:
+    """A template names identifiers; each is filled from what the entity's key carries (a
+    person found by email: the email, and its domain as the company), else `unknown`."""
+    template = "What does {full_name} do at {company}? ({email}, {linkedin})"
+    by_email = EntityKey(EntityType.PERSON, "email", "ada@analytical-engines.co.uk")
+    assert fill_template(template, by_email) == (
+        "What does unknown do at analytical-engines.co.uk? (ada@analytical-engines.co.uk, unknown)"
+    )
+    by_name = EntityKey(EntityType.PERSON, "name_company", "ada lovelace|analytical-engines.co.uk")
+    assert fill_template(template, by_name) == (
+        "What does ada lovelace do at analytical-engines.co.uk? (unknown, unknown)"
+    )
+    by_linkedin = EntityKey(EntityType.PERSON, "linkedin", "ada-lovelace")
+    assert fill_template(template, by_linkedin) == (
+        "What does unknown do at unknown? (unknown, ada-lovelace)"
+    )

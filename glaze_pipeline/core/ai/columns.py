@@ -97,6 +97,8 @@ def entity_variables(key: EntityKey) -> dict[str, str]:
     full_name, company = "", ""
     if key.kind == "name_company":
         full_name, _, company = key.value.partition("|")
+    elif key.kind == "email":
+        company = key.value.rpartition("@")[2]  # the work email's domain: the company's
     return {
         "person": key.value if key.kind != "name_company" else f"{full_name} ({company})",
         "full_name": full_name,
