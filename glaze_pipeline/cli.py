@@ -993,7 +993,7 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
     """Serve the mock provider APIs (real HTTP on loopback) for development and benchmarks."""
     import yaml
 
-    from glaze_pipeline.mock_server import load_mock_config, serve
+    from glaze_pipeline.testing.mock_server import load_mock_config, serve
 
     try:
         config = load_mock_config(config_file)
@@ -1013,7 +1013,7 @@ def mock_providers(host: str, port: int, config_file: str | None) -> None:
 @click.option("--api-key", default=None, help="Answer 401 unless this bearer key is sent.")
 def mock_llm(host: str, port: int, api_key: str | None) -> None:
     """Serve a local OpenAI-compatible LLM stand-in with deterministic answers (loopback)."""
-    from glaze_pipeline.mock_llm import serve
+    from glaze_pipeline.testing.mock_llm import serve
 
     listener = _listen(host, port)
     console.print(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,12 @@ from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.http import HttpSettings, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiConfig
 from glaze_pipeline.core.waterfall import Waterfall
-from glaze_pipeline.mock_server import COMPANY_LAYOUT, MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline.testing.mock_server import (
+    COMPANY_LAYOUT,
+    MockConfig,
+    MockProviderServer,
+    VendorConfig,
+)
 
 # Small timeouts and backoffs: every resilience path runs in milliseconds.
 FAST_HTTP: dict[str, Any] = {

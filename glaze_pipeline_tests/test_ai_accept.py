@@ -16,7 +16,7 @@ from glaze_pipeline.core.errors import InputError, UnknownRequestError, UnknownT
 from glaze_pipeline.core.models import RequestKind, RequestStatus
 from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 from glaze_pipeline_tests.test_ai_workflow import CONTEXT, companies_table, llm, run_request
 
 __all__ = ["llm"]  # the fixture, shared with the module it comes from

@@ -1,6 +1,6 @@
 """AI columns (issue 11): a column filled by the LLM as one more provider, entity-first.
 
-Real HTTP against the mock LLM (`glaze_pipeline.mock_llm`), the real `enrich_table` job in
+Real HTTP against the mock LLM (`glaze_pipeline.testing.mock_llm`), the real `enrich_table` job in
 process, on SQLite and Postgres. The mock answers an AI column's question from a hash of the
 filled question, so every expected cell is known; its `/_stats` counts the chat requests it
 saw, which is what "one LLM call per entity" is checked against.
@@ -35,7 +35,7 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
 from glaze_pipeline.definitions import build_definitions
 from glaze_pipeline.defs.assets import ENRICHED_TABLE
-from glaze_pipeline.mock_llm import MockLlmServer, ai_answer
+from glaze_pipeline.testing.mock_llm import MockLlmServer, ai_answer
 from glaze_pipeline_tests import llm_helpers
 
 QUESTION = "Does {company} sell to enterprises? Answer yes or no."

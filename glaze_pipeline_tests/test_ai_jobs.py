@@ -33,7 +33,7 @@ from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS, run_ai_in_process
 from glaze_pipeline.defs.resources import GlazeDatabase, LanguageModel, ProgressChannel
 from glaze_pipeline.defs.sensors import enrichment_queue_sensor
 from glaze_pipeline.launcher import Launcher, fork_launch
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 from glaze_pipeline_tests.provider_helpers import wait_until
 from glaze_pipeline_tests.test_ai_workflow import CONTEXT, attempts, companies_table, llm
 from glaze_pipeline_tests.test_launcher import insert_request

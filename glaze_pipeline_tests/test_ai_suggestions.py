@@ -39,7 +39,7 @@ from glaze_pipeline.core.ai.suggestions import MAX_NOTES, check_columns, check_r
 from glaze_pipeline.core.detection import company_domain, normalize_email
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
 from glaze_pipeline.core.fields import parse_field
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 from glaze_pipeline_tests import llm_helpers
 from glaze_pipeline_tests.llm_helpers import Sleeps
 

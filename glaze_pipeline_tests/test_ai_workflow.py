@@ -1,6 +1,6 @@
 """AI requests as plain functions (no Dagster): queue, claim, run the steps, status.
 
-Every LLM call goes over real HTTP to the mock LLM (glaze_pipeline.mock_llm) on loopback, on
+Every LLM call goes over real HTTP to the mock LLM (glaze_pipeline.testing.mock_llm) on loopback, on
 SQLite and Postgres. What the model was told is read off the wire by a transport that forwards
 each request to the mock and keeps the operation and the JSON input the mock itself reads.
 """
@@ -31,7 +31,7 @@ from glaze_pipeline.core.models import RequestKind, RequestStatus
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.schema import LlmCallRecord
 from glaze_pipeline.core.store import ColumnDef, Store, TableInfo
-from glaze_pipeline.mock_llm import MockLlmServer, input_of, operation_of
+from glaze_pipeline.testing.mock_llm import MockLlmServer, input_of, operation_of
 from glaze_pipeline_tests.provider_helpers import wait_until
 from glaze_pipeline_tests.test_launcher import insert_request
 

@@ -37,7 +37,12 @@ from glaze_pipeline.bench.stack import fresh_postgres
 from glaze_pipeline.core.estimate import estimate_chunk, estimate_report
 from glaze_pipeline.core.models import EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.registry import load_providers
-from glaze_pipeline.mock_server import COMPANY_LAYOUT, MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline.testing.mock_server import (
+    COMPANY_LAYOUT,
+    MockConfig,
+    MockProviderServer,
+    VendorConfig,
+)
 from glaze_pipeline_tests.api_helpers import (
     GLAZE,
     LEADS,

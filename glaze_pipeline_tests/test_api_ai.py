@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 from glaze_pipeline_tests import llm_helpers
 from glaze_pipeline_tests.api_helpers import Server, served
 from glaze_pipeline_tests.test_realtime import stream

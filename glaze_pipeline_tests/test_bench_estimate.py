@@ -21,7 +21,7 @@ from glaze_pipeline.bench.estimate_accuracy import (
 )
 from glaze_pipeline.cli import cli
 from glaze_pipeline.core.models import EntityKey, EntityType
-from glaze_pipeline.mock_server import default_vendors, is_miss
+from glaze_pipeline.testing.mock_server import default_vendors, is_miss
 
 ROWS, COMPANIES = 60, 20
 ENVIRONMENT = ("GLAZE_PROVIDERS_FILE", "GLAZE_MOCK_PROVIDERS_URL", PREMIUM_KEY_ENV, "GLAZE_HOME")

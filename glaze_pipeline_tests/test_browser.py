@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from glaze_pipeline.mock_llm import MockLlmServer
-from glaze_pipeline.mock_server import MockConfig, MockProviderServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_server import MockConfig, MockProviderServer
 from glaze_pipeline_tests.api_helpers import served
 
 CHROMIUM = "/usr/bin/chromium"

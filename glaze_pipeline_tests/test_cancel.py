@@ -17,7 +17,7 @@ from sqlalchemy import text
 from glaze_pipeline.bench.stack import Stack
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.mock_server import MockProviderServer
+from glaze_pipeline.testing.mock_server import MockProviderServer
 from glaze_pipeline_tests.test_end_to_end import (
     cheap_vendor,
     daemon_stack,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.mock_llm import MockLlmServer
+from glaze_pipeline.testing.mock_llm import MockLlmServer
 from glaze_pipeline_tests.test_cli import BIN, clean_env
 
 CONTEXT = "B2B payment companies in the Nordics"

@@ -26,7 +26,7 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
 from glaze_pipeline.defs.sensors import STALE_AFTER_ENV, request_reconciler
-from glaze_pipeline.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline.testing.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.conftest import APP_TABLES
 
 FIELDS = ["name", "domain", "industry", "employee_count", "location"]

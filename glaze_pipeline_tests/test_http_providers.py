@@ -50,7 +50,7 @@ from glaze_pipeline.core.providers.http import (
 from glaze_pipeline.core.providers.json_api import JsonApiProvider
 from glaze_pipeline.core.providers.registry import describe_providers, load_providers
 from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
-from glaze_pipeline.mock_server import (
+from glaze_pipeline.testing.mock_server import (
     COMPANY_LAYOUT,
     MockProviderServer,
 )

@@ -24,7 +24,7 @@ from glaze_pipeline.core.ai import (
     load_prompt,
 )
 from glaze_pipeline.core.ai.prompts import prompt_names
-from glaze_pipeline.mock_llm import MockLlmServer, ai_answer
+from glaze_pipeline.testing.mock_llm import MockLlmServer, ai_answer
 from glaze_pipeline_tests import llm_helpers
 from glaze_pipeline_tests.llm_helpers import Sleeps
 

@@ -14,7 +14,7 @@ import pytest
 
 from glaze_pipeline.core.ai import load_prompt
 from glaze_pipeline.core.detection import company_domain, linkedin_slug, normalize_email
-from glaze_pipeline.mock_llm import MockLlmServer, ai_answer, tokens
+from glaze_pipeline.testing.mock_llm import MockLlmServer, ai_answer, tokens
 from glaze_pipeline_tests import llm_helpers
 
 CONTEXT = "B2B payment companies in the Nordics"

@@ -13,7 +13,7 @@ import pytest
 
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.fake import fake_value
-from glaze_pipeline.mock_server import (
+from glaze_pipeline.testing.mock_server import (
     Latency,
     MockConfig,
     MockProviderServer,

@@ -31,7 +31,7 @@ from glaze_pipeline.core.providers.http import CircuitState, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiProvider
 from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
 from glaze_pipeline.core.redact import REDACTED, register_secret
-from glaze_pipeline.mock_server import MockProviderServer
+from glaze_pipeline.testing.mock_server import MockProviderServer
 from glaze_pipeline_tests.provider_helpers import (
     company,
     company_vendor,

@@ -26,7 +26,7 @@ from glaze_pipeline.core.providers.registry import (
     providers_file,
 )
 from glaze_pipeline.core.providers.website import WebsiteProvider
-from glaze_pipeline.mock_server import MockConfig, MockProviderServer
+from glaze_pipeline.testing.mock_server import MockConfig, MockProviderServer
 from glaze_pipeline_tests.provider_helpers import run_waterfall
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from glaze_pipeline.core.providers.fake import fake_value
 from glaze_pipeline.core.providers.json_api import JsonApiProvider
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
+from glaze_pipeline.testing.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.provider_helpers import company_vendor, wait_until
 
 COMPANIES = 50

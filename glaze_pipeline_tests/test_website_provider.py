@@ -23,7 +23,12 @@ from glaze_pipeline.core.providers.website import (
     WebsiteProvider,
     parse_homepage,
 )
-from glaze_pipeline.mock_server import MockConfig, MockProviderServer, VendorConfig, site_facts
+from glaze_pipeline.testing.mock_server import (
+    MockConfig,
+    MockProviderServer,
+    VendorConfig,
+    site_facts,
+)
 from glaze_pipeline_tests.provider_helpers import (
     FAST_HTTP,
     company,

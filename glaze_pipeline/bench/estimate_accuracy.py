@@ -41,7 +41,7 @@ from glaze_pipeline.bench.services import (
 )
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store, TableInfo
-from glaze_pipeline.mock_server import MockConfig, MockProviderServer
+from glaze_pipeline.testing.mock_server import MockConfig, MockProviderServer
 
 COLUMNS = ("industry", "employee_count", "revenue", "title")
 PREMIUM = "premium_company"

@@ -24,7 +24,7 @@ from glaze_pipeline.core.seed import (
     generated_rows,
 )
 from glaze_pipeline.core.waterfall import DEFAULT_THRESHOLD
-from glaze_pipeline.mock_server import MockConfig, is_miss
+from glaze_pipeline.testing.mock_server import MockConfig, is_miss
 
 GENERATED_KEYS: tuple[str, ...] = (
     "name",

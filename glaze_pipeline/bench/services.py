@@ -25,7 +25,7 @@ import yaml
 from glaze_pipeline.bench.stack import REPO, free_port
 from glaze_pipeline.core.providers.json_api import JsonApiConfig
 from glaze_pipeline.core.providers.registry import parse_providers
-from glaze_pipeline.mock_server import Latency, MockConfig, default_vendors
+from glaze_pipeline.testing.mock_server import Latency, MockConfig, default_vendors
 
 MOCK_PROVIDERS_FILE = REPO / "seed" / "providers.mock.yaml"
 MIB = 1024 * 1024

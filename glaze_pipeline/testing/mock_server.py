@@ -59,10 +59,10 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from glaze_pipeline import loopback
 from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.fake import fake_value
+from glaze_pipeline.testing import loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765

@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from glaze_pipeline import loopback
+from glaze_pipeline.testing import loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8766
