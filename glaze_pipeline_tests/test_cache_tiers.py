@@ -18,8 +18,9 @@ from glaze_pipeline.core.answers import open_answer_sharing
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.flight import NoFlight
 from glaze_pipeline.core.schema import EntityCacheEntry
-from glaze_pipeline.core.singleflight import FallbackFlight, NoFlight, PostgresFlight, RedisFlight
+from glaze_pipeline.core.singleflight import FallbackFlight, PostgresFlight, RedisFlight
 from glaze_pipeline.core.store import Store
 
 HIT_KEY: CacheKey = ("company:domain:acme.com", "clearbit")

@@ -30,6 +30,7 @@ from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, Tiere
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
+from glaze_pipeline.core.flight import Claim, Flight
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityKey,
@@ -43,9 +44,7 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
-    Claim,
     FallbackFlight,
-    Flight,
     PostgresFlight,
     RedisFlight,
     _attempt,

@@ -32,12 +32,11 @@ from glaze_pipeline.core.cache_redis import (
     RedisBreaker,
 )
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.flight import Flight, NoFlight
 from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
     FallbackFlight,
-    Flight,
-    NoFlight,
     PostgresFlight,
     RedisFlight,
 )

@@ -43,6 +43,7 @@ from glaze_pipeline.core.models import (
 )
 from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.schema import EnrichmentRequest, RequestSpend, RequestTransition
+from glaze_pipeline.core.spend import SpendDelta
 from glaze_pipeline.core.store import REQUEST_DEFAULTS, Store, lenient_json_loads, new_id, utcnow
 
 QUEUED = RequestStatus.QUEUED
@@ -82,22 +83,6 @@ class Adoption(enum.Enum):
     ALREADY = "already"  # running under this very run (a retried first step)
     ENDED = "ended"  # terminal: a re-execution, which needs a new request
     TAKEN = "taken"  # running under another run
-
-
-@dataclass
-class SpendDelta:
-    """Increments to one provider's ledger row: calls sent, settled, charged, cost.
-
-    `withdrawn`: calls journalled that never left the machine after all (refused on the way
-    out, e.g. the circuit opened or the key went missing): taken off `calls`.
-    """
-
-    calls: int = 0
-    withdrawn: int = 0
-    settled: int = 0
-    charged: int = 0
-    cost: float = 0.0
-    unit_cost: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,8 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from datetime import timedelta
-from typing import Protocol
 
 import redis
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -49,6 +47,7 @@ from sqlalchemy.pool import NullPool
 
 from glaze_pipeline.core.cache import AnswerCache, CacheKey, TieredCache
 from glaze_pipeline.core.cache_redis import RedisBreaker
+from glaze_pipeline.core.flight import Claim, Flight
 
 log = logging.getLogger(__name__)
 
@@ -66,52 +65,6 @@ if redis.call("get", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What a claim got: whether this run holds the key, and where its contenders meet.
-
-    `shared` is the tier matching the lock(s) actually taken: re-read it first, write a bought
-    answer through to it before the claim ends. None: there is no one to meet. `unavailable`:
-    the lock service failed, so nothing was taken or waited for (see `FallbackFlight`).
-    """
-
-    held: bool
-    shared: AnswerCache | None = None
-    unavailable: bool = False
-
-    @classmethod
-    def failed(cls) -> Claim:
-        return cls(held=False, shared=None, unavailable=True)
-
-
-class Flight(Protocol):
-    """Who may buy a key's answer now; see the module docstring for the protocol."""
-
-    @property
-    def backend(self) -> str:
-        """Where runs meet ("redis", "postgres", "redis+postgres", "none"), for logs."""
-        ...
-
-    def claim(self, key: CacheKey) -> AbstractAsyncContextManager[Claim]:
-        """Wait until this run holds `key`, `max_wait` ran out, or the lock service failed."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class NoFlight:
-    """No contenders to coordinate with: every claim is granted at once."""
-
-    backend = "none"
-
-    @asynccontextmanager
-    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
-        yield Claim(held=True)
-
-    def close(self) -> None:
-        return None
 
 
 async def _wait_for(

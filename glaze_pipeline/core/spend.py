@@ -18,10 +18,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-
-from glaze_pipeline.core.requests import SpendDelta
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpendDelta:
+    """Increments to one provider's ledger row: calls sent, settled, charged, cost.
+
+    `withdrawn`: calls journalled that never left the machine after all (refused on the way
+    out, e.g. the circuit opened or the key went missing): taken off `calls`.
+    """
+
+    calls: int = 0
+    withdrawn: int = 0
+    settled: int = 0
+    charged: int = 0
+    cost: float = 0.0
+    unit_cost: float = 0.0
+
 
 # (deltas by provider) -> whether new calls were accepted; blocking, run in a thread.
 SpendWriter = Callable[[Mapping[str, SpendDelta]], bool]

@@ -21,6 +21,7 @@ from glaze_pipeline.core.detection import (
     normalize_person_name,
     work_email_domain,
 )
+from glaze_pipeline.core.flight import Flight, NoFlight
 from glaze_pipeline.core.models import (
     CellStatus,
     EntityKey,
@@ -40,7 +41,6 @@ from glaze_pipeline.core.providers.base import (
     ProviderUnavailable,
     Unreachable,
 )
-from glaze_pipeline.core.singleflight import Flight, NoFlight
 from glaze_pipeline.core.spend import SpendJournal
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from glaze_pipeline.core.errors import ConfigError, GlazeError
+from glaze_pipeline.core.ai.errors import AIJobError
+from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.providers.http import USER_AGENT, parse_retry_after
 from glaze_pipeline.core.redact import clean_secret, redact
 
@@ -35,18 +36,6 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # How much of a refusing server's body goes into the error: enough to act on.
 ERROR_DETAIL_CHARS = 300
 DEFAULT_MODEL = "glaze-mock-1"
-
-
-class AIJobError(GlazeError):
-    """An AI operation that failed; `retryable` says whether trying again later may help.
-
-    Seed 003's AIJobError: a rate limit or an outage is retryable, a refused request, a
-    refused key or an answer that stays invalid after repair is not.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(redact(message))
-        self.retryable = retryable
 
 
 class LlmConfigError(ConfigError):

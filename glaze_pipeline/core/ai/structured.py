@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from glaze_pipeline.core.ai.client import AIJobError, Completion, LlmClient
+from glaze_pipeline.core.ai.errors import AIJobError
 from glaze_pipeline.core.ai.prompts import Prompt
+
+if TYPE_CHECKING:  # the client is passed in; these modules never talk HTTP themselves
+    from glaze_pipeline.core.ai.client import Completion, LlmClient
+
 
 T = TypeVar("T", bound=BaseModel)
 

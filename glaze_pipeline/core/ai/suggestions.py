@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from glaze_pipeline.core.ai.client import AIJobError, LlmClient
 from glaze_pipeline.core.ai.columns import (
     COMPANY_PLACEHOLDERS,
     MAX_TEMPLATE,
@@ -34,6 +33,7 @@ from glaze_pipeline.core.ai.columns import (
     InvalidPromptError,
     placeholders,
 )
+from glaze_pipeline.core.ai.errors import AIJobError
 from glaze_pipeline.core.ai.prompts import load_prompt
 from glaze_pipeline.core.ai.structured import AnswerUsage, ask
 from glaze_pipeline.core.detection import (
@@ -46,6 +46,10 @@ from glaze_pipeline.core.detection import (
 )
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
 from glaze_pipeline.core.fields import COMPANY_FIELDS, PERSON_FIELDS, UnknownFieldError, parse_field
+
+if TYPE_CHECKING:  # the client is passed in; these modules never talk HTTP themselves
+    from glaze_pipeline.core.ai.client import LlmClient
+
 
 MAX_CONTEXT = 4000  # characters
 MAX_ROWS = 200  # per row_suggestions request; count must be 1..MAX_ROWS
@@ -654,6 +658,7 @@ def _row_notes(
     count: int,
     proposed: int,
 ) -> list[str]:
+
     notes: list[str] = []
     if stray_keys:
         shown = ", ".join(_shown(key, 30) for key, _ in stray_keys.most_common(5))
