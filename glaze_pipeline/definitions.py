@@ -4,6 +4,7 @@ from dagster import Definitions
 
 from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
 from glaze_pipeline.defs.assets import GLAZE_ASSETS
+from glaze_pipeline.defs.checks import GLAZE_ASSET_CHECKS
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
@@ -21,6 +22,7 @@ def build_definitions(
     """The engine's definitions; the arguments override the environment (CLI and tests)."""
     return Definitions(
         assets=GLAZE_ASSETS,
+        asset_checks=GLAZE_ASSET_CHECKS,
         jobs=[enrich_table, *AI_JOB_DEFS],
         sensors=GLAZE_SENSORS,
         schedules=[pre_enrich_schedule],

@@ -32,6 +32,36 @@ APP_TABLES = (
     "llm_calls",
 )
 
+# The tiers: these modules drive real processes (`glaze serve`, the CLI as a subprocess, Dagster's
+# webserver and daemon, a browser, the benchmark), so `pytest -m "not e2e"` is the inner loop and
+# plain `pytest` (CI) runs everything. A test elsewhere that starts a process says so itself
+# with `@pytest.mark.e2e`.
+E2E_MODULES = frozenset(
+    {
+        "test_api",
+        "test_api_ai",
+        "test_api_schema",
+        "test_bench_estimate",
+        "test_bench_smoke",
+        "test_browser",
+        "test_cli",
+        "test_cli_ai",
+        "test_cli_errors",
+        "test_end_to_end",
+        "test_graphql",
+        "test_launcher",
+        "test_realtime",
+        "test_single_flight_redis_down",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rpartition(".")[2] in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:

@@ -54,6 +54,7 @@ from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
+from glaze_pipeline.defs.checks import evaluations_for_request
 from glaze_pipeline.defs.config import EnrichTableConfig
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
@@ -598,6 +599,8 @@ def close_job(
         }
     if plan.kind is RequestKind.ENRICH:
         yield AssetMaterialization(asset_key=ENRICHED_TABLE, partition=table_id, metadata=metadata)
+        for evaluation in evaluations_for_request(store, plan.request_id, table_id):
+            context.log_event(evaluation)
     if plan.kind is not RequestKind.ESTIMATE and spend.calls:
         yield AssetMaterialization(
             asset_key=ENTITY_CACHE,
