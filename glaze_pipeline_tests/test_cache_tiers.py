@@ -73,10 +73,12 @@ def test_memory_tier_never_grows_past_its_bound() -> None:
 
 
 def test_memory_tier_forgets_answers_older_than_max_age() -> None:
-    cache = MemoryCache(max_entries=10, max_age=timedelta(milliseconds=20))
+    now = [100.0]
+    cache = MemoryCache(max_entries=10, max_age=timedelta(seconds=20), clock=lambda: now[0])
     cache.put_many({HIT_KEY: found()})
+    now[0] += 20  # exactly max_age: still served
     assert cache.get_many([HIT_KEY])
-    time.sleep(0.04)
+    now[0] += 0.001
     assert cache.get_many([HIT_KEY]) == {}
     assert len(cache) == 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -53,6 +53,7 @@ class MemoryCache:
         max_entries: int = DEFAULT_MEMORY_ENTRIES,
         *,
         max_age: timedelta | None = DEFAULT_MEMORY_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
@@ -60,10 +61,11 @@ class MemoryCache:
         self._max_age_s = max_age.total_seconds() if max_age is not None else None
         self._answers: OrderedDict[CacheKey, tuple[float, CachedAnswer]] = OrderedDict()
         self._lock = threading.Lock()
+        self._clock = clock  # seconds, monotonic; tests pass their own to age answers
 
     def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
         found: dict[CacheKey, CachedAnswer] = {}
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             for key in keys:
                 entry = self._answers.get(key)
@@ -78,7 +80,7 @@ class MemoryCache:
         return found
 
     def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             for key, answer in answers.items():
                 self._answers[key] = (now, answer)
