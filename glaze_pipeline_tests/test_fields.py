@@ -8,11 +8,16 @@ import pytest
 from glaze_pipeline.core import engine
 from glaze_pipeline.core.errors import InputError, InvalidSelectionError
 from glaze_pipeline.core.fields import (
+    CATALOGUE,
+    COMPANY_FIELDS,
+    FIELDS,
     FIRST_NAME,
     KEY_MAX_CHARS,
     LAST_NAME,
+    PERSON_FIELDS,
     SYNONYMS,
     UnknownFieldError,
+    catalogue_fields,
     column_field,
     infer_field,
     infer_name_part,
@@ -265,3 +270,37 @@ def test_a_whole_table_run_leaves_unknown_columns_alone(store: Store) -> None:
             engine.resolve_target(
                 store, table.id, Selection(column_ids=[table.column_by_key(key).id])
             )
+
+
+def test_the_field_lists_are_read_from_the_one_table() -> None:
+    assert COMPANY_FIELDS == (
+        "name",
+        "domain",
+        "description",
+        "industry",
+        "employee_count",
+        "revenue",
+        "location",
+        "founded_year",
+        "linkedin_url",
+        "phone",
+    )
+    assert PERSON_FIELDS == (
+        "full_name",
+        "title",
+        "email",
+        "phone",
+        "linkedin_url",
+        "location",
+        "bio",
+        "company",
+    )
+    for entity_type in EntityType:
+        assert CATALOGUE[entity_type] == {f.name for f in catalogue_fields(entity_type)}
+    assert len({field.ref for field in FIELDS}) == len(FIELDS)  # each field defined once
+    # Inference reads each field's own synonyms; a field without any is never inferred.
+    assert {str(f.ref): f.synonyms for f in FIELDS if f.synonyms} == SYNONYMS
+    assert "person.company" not in SYNONYMS
+    assert infer_field("company") == parse_field("company.name")
+    values = {str(field.ref): field.value for field in FIELDS if field.value != "text"}
+    assert values == {"company.employee_count": "count", "company.founded_year": "year"}

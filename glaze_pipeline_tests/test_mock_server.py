@@ -11,9 +11,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.fake import fake_value
 from glaze_pipeline.testing.mock_server import (
+    COMPANY_LAYOUT,
+    LAYOUTS,
+    PERSON_LAYOUT,
     Latency,
     MockConfig,
     MockProviderServer,
@@ -243,3 +247,36 @@ def test_server_stops_promptly_with_a_request_hanging() -> None:
 
     assert time.perf_counter() - started < 3.0
     assert statuses == [503]  # woken by the shutdown and answered, not cut off
+
+
+def test_vendor_records_lay_out_exactly_the_catalogue() -> None:
+    # Read from the catalogue: a field added there is served, at the top of the record.
+    for entity_type, layout in LAYOUTS.items():
+        assert set(layout) == CATALOGUE[entity_type]
+    assert COMPANY_LAYOUT == {
+        "name": "name",
+        "domain": "domain",
+        "description": "description",
+        "industry": "industry",
+        "employee_count": "metrics.employees",
+        "revenue": "metrics.revenue",
+        "location": "hq.location",
+        "founded_year": "founded",
+        "linkedin_url": "social.linkedin",
+        "phone": "phone",
+    }
+    assert PERSON_LAYOUT == {
+        "full_name": "full_name",
+        "title": "job.title",
+        "company": "job.company",
+        "email": "contact.email",
+        "phone": "contact.phone",
+        "linkedin_url": "linkedin_url",
+        "location": "location",
+        "bio": "bio",
+    }
+    key = EntityKey(EntityType.PERSON, "email", "ada@acme.com")
+    assert record_for(key)["contact"] == {
+        "email": fake_value(key, "email"),
+        "phone": fake_value(key, "phone"),
+    }

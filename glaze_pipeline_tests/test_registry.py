@@ -7,25 +7,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from glaze_pipeline.core.budget import Budget
-from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.fields import CATALOGUE, COMPANY_FIELDS, PERSON_FIELDS
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import Provider, Verdict
-from glaze_pipeline.core.providers.fake import FakeProvider
+from glaze_pipeline.core.providers.fake import FakeConfig, FakeProvider, fake_value
 from glaze_pipeline.core.providers.json_api import (
     RECORDS,
     JsonApiConfig,
     JsonApiProvider,
 )
 from glaze_pipeline.core.providers.registry import (
+    PROVIDER_KINDS,
     PROVIDERS_FILE_ENV,
     ProviderConfigError,
+    build_provider,
     describe_providers,
     load_providers,
+    parse_providers,
     providers_file,
 )
-from glaze_pipeline.core.providers.website import WebsiteProvider
+from glaze_pipeline.core.providers.website import WebsiteConfig, WebsiteProvider
 from glaze_pipeline.testing.mock_server import MockConfig, MockProviderServer
 from glaze_pipeline_tests.provider_helpers import run_waterfall
 
@@ -241,3 +245,78 @@ def test_json_api_config_rejects_unknown_fields() -> None:
                 "fields": {"shoe_size": "x"},
             }
         )
+
+
+def test_each_kind_is_declared_once_and_read_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_VAR", raising=False)
+    assert [kind.name for kind in PROVIDER_KINDS] == ["fake", "json_api", "website"]
+    with pytest.raises(ProviderConfigError) as caught:
+        parse_providers({"providers": [{"kind": "carrier_pigeon", "name": "x"}]})
+    assert "expected tags: 'fake', 'json_api', 'website'" in str(caught.value)
+
+    entries = parse_providers(
+        {
+            "providers": [
+                {"kind": "fake", "name": "f", "entity_type": "person", "fields": ["title"]},
+                {
+                    "kind": "website",
+                    "allow_private_networks": True,
+                    "url_template": "${NO_SUCH_VAR:-http://127.0.0.1:1}/site/{domain}/",
+                    "site_urls": {"a.com": "${NO_SUCH_VAR:-http://127.0.0.1:2}/a/"},
+                },
+            ]
+        }
+    ).providers
+    assert [type(entry) for entry in entries] == [FakeConfig, WebsiteConfig]
+    fake, site = (build_provider(entry) for entry in entries)
+    assert isinstance(fake, FakeProvider) and fake.fields == frozenset({"title"})
+    assert isinstance(site, WebsiteProvider) and site.config is entries[1]
+    # Each kind names its URL settings: filled from the environment at load.
+    assert site.homepage_url("b.com") == "http://127.0.0.1:1/site/b.com/"
+    assert site.homepage_url("a.com") == "http://127.0.0.1:2/a/"
+    described = {d.name: d.kind for d in describe_providers([fake, site])}
+    assert described == {"f": "fake", "website": "website"}
+
+
+def test_record_models_take_their_value_types_from_the_catalogue() -> None:
+    company = RECORDS[EntityType.COMPANY]
+    assert company.__name__ == "CompanyRecord"  # as BadResponse messages name it
+    record = company.model_validate({"name": "  Acme ", "employee_count": 12, "revenue": 5})
+    assert record.model_dump(exclude_none=True) == {
+        "name": "Acme",
+        "employee_count": 12,
+        "revenue": "5",
+    }
+    for bad in ({"employee_count": -1}, {"founded_year": 3000}, {"shoe_size": 4}):
+        with pytest.raises(ValidationError):
+            company.model_validate(bad)
+    assert company.model_validate({"industry": "  "}).industry is None  # blank is missing
+
+
+def test_fake_values_are_seed_001s() -> None:
+    # The demos, the tests and the bench compare these: any change is a behaviour change.
+    company = EntityKey(EntityType.COMPANY, "domain", "acme.com")
+    assert {name: fake_value(company, name) for name in COMPANY_FIELDS} == {
+        "name": "Fake Corp",
+        "domain": "acme.com",
+        "description": "This is a fake description of acme.com.",
+        "industry": "Finance",
+        "employee_count": 782,
+        "revenue": "$20M",
+        "location": "Austin, TX",
+        "founded_year": 1996,
+        "linkedin_url": "https://linkedin.com/company/fake-user-acme-com",
+        "phone": "+1-555-7002",
+    }
+    person = EntityKey(EntityType.PERSON, "email", "x@y.com")
+    assert {name: fake_value(person, name) for name in PERSON_FIELDS} == {
+        "full_name": "Alex Fake",
+        "title": "Sample Engineer",
+        "email": "fake_x-y-com@example.com",
+        "phone": "+1-555-1107",
+        "linkedin_url": "https://linkedin.com/in/fake-user-x-y-com",
+        "location": "London, UK",
+        "bio": "This is a fake bio for x@y.com. They are a key decision maker.",
+        "company": "Test Industries",
+    }
+    assert fake_value(company, "shoe_size") == "Enriched: shoe_size (acme.com)"

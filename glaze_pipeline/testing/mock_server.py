@@ -59,7 +59,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.fields import CATALOGUE, catalogue_fields
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.fake import fake_value
 from glaze_pipeline.testing import loopback
@@ -67,30 +67,42 @@ from glaze_pipeline.testing import loopback
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
-# Where each catalogue field sits in a vendor's JSON record (the providers YAML maps them back).
-COMPANY_LAYOUT: dict[str, str] = {
-    "name": "name",
-    "domain": "domain",
-    "description": "description",
-    "industry": "industry",
-    "employee_count": "metrics.employees",
-    "revenue": "metrics.revenue",
-    "location": "hq.location",
-    "founded_year": "founded",
-    "linkedin_url": "social.linkedin",
-    "phone": "phone",
+# Where a vendor nests a catalogue field in its JSON record, when not at the top under the
+# field's own name (the providers YAML maps them back). Every catalogue field is served: one
+# added to the catalogue appears at the top of every record, with its fake value.
+_NESTED: dict[EntityType, dict[str, str]] = {
+    EntityType.COMPANY: {
+        "employee_count": "metrics.employees",
+        "revenue": "metrics.revenue",
+        "location": "hq.location",
+        "founded_year": "founded",
+        "linkedin_url": "social.linkedin",
+    },
+    EntityType.PERSON: {
+        "title": "job.title",
+        "company": "job.company",
+        "email": "contact.email",
+        "phone": "contact.phone",
+    },
 }
-PERSON_LAYOUT: dict[str, str] = {
-    "full_name": "full_name",
-    "title": "job.title",
-    "company": "job.company",
-    "email": "contact.email",
-    "phone": "contact.phone",
-    "linkedin_url": "linkedin_url",
-    "location": "location",
-    "bio": "bio",
+
+
+def _layout(entity_type: EntityType) -> dict[str, str]:
+    nested = _NESTED[entity_type]
+    unknown = sorted(set(nested) - CATALOGUE[entity_type])
+    if unknown:
+        raise AssertionError(f"mock layout names {entity_type.value} fields {unknown}")
+    return {
+        field.name: nested.get(field.name, field.name) for field in catalogue_fields(entity_type)
+    }
+
+
+# Catalogue field -> dotted path in a vendor's record, by entity type.
+LAYOUTS: dict[EntityType, dict[str, str]] = {
+    entity_type: _layout(entity_type) for entity_type in EntityType
 }
-LAYOUTS = {EntityType.COMPANY: COMPANY_LAYOUT, EntityType.PERSON: PERSON_LAYOUT}
+COMPANY_LAYOUT = LAYOUTS[EntityType.COMPANY]
+PERSON_LAYOUT = LAYOUTS[EntityType.PERSON]
 RECORD_KEYS = {EntityType.COMPANY: "company", EntityType.PERSON: "person"}
 IDENTIFIERS = {
     EntityType.COMPANY: "domain or name",

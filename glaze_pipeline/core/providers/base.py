@@ -15,9 +15,11 @@ wraps (an httpx error, a vendor's body), no configured secret reaches a cell or 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
 
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.redact import redact
@@ -164,3 +166,46 @@ class Provider(Protocol):
     async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
         """Answer for one entity, or raise a ProviderError subclass."""
         ...
+
+
+class ProviderConfig(Protocol):
+    """What the registry needs of any entry of the providers file, whatever its kind."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def enabled(self) -> bool: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ProviderKind(Generic[ConfigT]):
+    """One `kind:` of the providers file: its entry model and how an entry becomes a provider.
+
+    Each kind's module declares one next to its config and provider class, and the registry
+    lists them (`registry.PROVIDER_KINDS`): the file's schema, `build_provider` and the kind
+    `glaze providers` shows are all read from these. `config` must have a `kind: Literal[...]`
+    field whose default is the kind's name.
+    """
+
+    config: type[ConfigT]
+    provider: type  # what providers of this kind are instances of (`describe_providers`)
+    build: Callable[[ConfigT], Provider]
+    # Settings that hold a URL, and settings that hold URLs by name: `${VAR:-default}` in them
+    # is filled from the environment when the file is loaded (and nowhere else: no secrets).
+    url_settings: tuple[str, ...] = ()
+    url_maps: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The kind as written in the file (`fake`, `json_api`, ...): the config's own default."""
+        default = self.config.model_fields["kind"].default
+        if not isinstance(default, str):
+            raise TypeError(f"{self.config.__name__}.kind needs a literal default")
+        return default

@@ -28,17 +28,19 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from glaze_pipeline.core.fields import CATALOGUE
+from glaze_pipeline.core.fields import CATALOGUE, ValueKind, catalogue_fields
 from glaze_pipeline.core.models import EntityKey, EntityType
 from glaze_pipeline.core.providers.base import (
     BadResponse,
     EntityNotFound,
     ProviderAnswer,
     ProviderError,
+    ProviderKind,
 )
 from glaze_pipeline.core.providers.http import (
     HttpBackedProvider,
@@ -103,34 +105,28 @@ class _Record(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
 
-class CompanyRecord(_Record):
-    name: Text | None = None
-    domain: Text | None = None
-    description: Text | None = None
-    industry: Text | None = None
-    employee_count: NonNegativeInt | None = None
-    revenue: Text | None = None
-    location: Text | None = None
-    founded_year: Year | None = None
-    linkedin_url: Text | None = None
-    phone: Text | None = None
+# What each kind of catalogue value must be in a vendor's answer (`CatalogueField.value`).
+_VALUE_TYPES: dict[ValueKind, Any] = {"text": Text, "count": NonNegativeInt, "year": Year}
 
 
-class PersonRecord(_Record):
-    full_name: Text | None = None
-    title: Text | None = None
-    email: Text | None = None
-    phone: Text | None = None
-    linkedin_url: Text | None = None
-    location: Text | None = None
-    bio: Text | None = None
-    company: Text | None = None
+def _record_model(entity_type: EntityType) -> type[_Record]:
+    """The record of one entity type: every catalogue field, optional, typed by its value kind.
+
+    Made from the catalogue, so a field added there is accepted from vendors with no edit here.
+    """
+    fields: dict[str, Any] = {
+        field.name: (_VALUE_TYPES[field.value] | None, None)
+        for field in catalogue_fields(entity_type)
+    }
+    name = f"{entity_type.value.capitalize()}Record"  # as BadResponse messages name it
+    return create_model(name, __base__=_Record, __module__=__name__, **fields)
 
 
 RECORDS: dict[EntityType, type[_Record]] = {
-    EntityType.COMPANY: CompanyRecord,
-    EntityType.PERSON: PersonRecord,
+    entity_type: _record_model(entity_type) for entity_type in EntityType
 }
+CompanyRecord = RECORDS[EntityType.COMPANY]
+PersonRecord = RECORDS[EntityType.PERSON]
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -444,6 +440,13 @@ class JsonApiProvider(HttpBackedProvider):
         confidence = {k: c for k, c in self.config.field_confidence.items() if k in values}
         return ProviderAnswer(values, confidence)
 
+
+KIND = ProviderKind(
+    config=JsonApiConfig,
+    provider=JsonApiProvider,
+    build=JsonApiProvider,
+    url_settings=("base_url",),
+)
 
 _MISSING: Any = object()
 

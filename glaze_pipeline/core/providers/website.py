@@ -23,8 +23,9 @@ from urllib.parse import unquote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from glaze_pipeline.core.fields import CATALOGUE
 from glaze_pipeline.core.models import EntityKey, EntityType
-from glaze_pipeline.core.providers.base import ProviderAnswer
+from glaze_pipeline.core.providers.base import ProviderAnswer, ProviderKind
 from glaze_pipeline.core.providers.egress import EgressGuard
 from glaze_pipeline.core.providers.http import (
     HttpBackedProvider,
@@ -35,6 +36,10 @@ from glaze_pipeline.core.providers.http import (
 from glaze_pipeline.core.settings import allow_private_networks
 
 WEBSITE_FIELDS = frozenset({"name", "description", "linkedin_url", "phone"})
+# A catalogue field renamed under the website provider's feet fails here, not in a job.
+_uncatalogued = sorted(WEBSITE_FIELDS - CATALOGUE[EntityType.COMPANY])
+if _uncatalogued:
+    raise AssertionError(f"website fields outside the catalogue: {_uncatalogued}")
 _DOMAIN_RE = re.compile(
     r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9-]{1,63})+$"
 )
@@ -245,6 +250,15 @@ class WebsiteProvider(HttpBackedProvider):
             if content_type and "html" not in content_type:
                 return ProviderAnswer({})  # answered, but nothing a homepage parser can read
             return ProviderAnswer(parse_homepage(response.text()).values())
+
+
+KIND = ProviderKind(
+    config=WebsiteConfig,
+    provider=WebsiteProvider,
+    build=WebsiteProvider,
+    url_settings=("url_template",),
+    url_maps=("site_urls",),
+)
 
 
 def _clean(text: str) -> str:
