@@ -624,7 +624,7 @@ def test_one_event_loop_per_chunk_works_and_leaks_no_connection(
         answer = asyncio.run(provider.lookup(key, frozenset({"name"})))  # no session on purpose
         assert answer.values["name"] == fake_value(key, "name")
 
-    # Each loop's client was closed as its loop shut down: the server holds no connection.
+    # No session: each call had a client of its own, closed as the call returned.
     assert wait_until(lambda: mock.open_connections() == 0)
     assert provider.http.open_clients == 0
     assert provider.http.stats.attempts == 3

@@ -38,8 +38,8 @@ from glaze_pipeline.bench.services import provider_configs
 from glaze_pipeline.core.detection import ColumnSpec, IdentifierColumns, targets_for_row
 from glaze_pipeline.core.fields import column_field
 from glaze_pipeline.core.providers.base import EntityNotFound, Provider, ProviderError
-from glaze_pipeline.core.providers.http import provider_session
 from glaze_pipeline.core.providers.registry import build_provider
+from glaze_pipeline.core.providers.session import provider_session
 from glaze_pipeline.core.store import Store, new_id, normalize_url
 
 CELL_TABLES = """

@@ -46,9 +46,10 @@ from glaze_pipeline.core.models import (
     Selection,
 )
 from glaze_pipeline.core.providers.base import Provider
-from glaze_pipeline.core.providers.http import provider_session
+from glaze_pipeline.core.providers.session import provider_session
 from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.requests import Beat, RequestRepository
+from glaze_pipeline.core.settings import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY
 from glaze_pipeline.core.singleflight import Flight
 from glaze_pipeline.core.spend import SpendJournal
 from glaze_pipeline.core.status import aggregate_row
@@ -158,12 +159,16 @@ Outcomes = dict[str, dict[str, FieldOutcome]]  # entity id -> field -> outcome
 
 @dataclass(frozen=True)
 class JobSettings:
-    """How a job runs; every knob has a default that suits this 2-core machine."""
+    """How a job runs; every knob has a default that suits this 2-core machine.
+
+    The one home of these defaults: the run config (defs/config.EnrichTableConfig), the CLI's
+    options and the benchmark read them from here (`JobSettings.chunk_size`, ...).
+    """
 
     budget: float | None = None
-    chunk_size: int = 500
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     max_chunks: int = 16
-    concurrency: int = 50
+    concurrency: int = DEFAULT_CONCURRENCY
     threshold: float = DEFAULT_THRESHOLD
     # Rows per read page and per write statement: the job costs about 4 statements a page
     # (detection: read, hold `running`; apply: read, write).
