@@ -12,6 +12,7 @@ from glaze_pipeline.defs.resources import (
     LanguageModel,
     PreEnrichment,
     ProgressChannel,
+    RequestLiveness,
 )
 from glaze_pipeline.defs.sensors import GLAZE_SENSORS, pre_enrich_schedule
 
@@ -31,6 +32,7 @@ def build_definitions(
             "providers": EnrichmentProviders(config_file=providers_file),
             "progress": ProgressChannel(),
             "pre_enrichment": PreEnrichment(),
+            "request_liveness": RequestLiveness(),
             "llm": LanguageModel(),
         },
     )

@@ -2,142 +2,58 @@
 (`launch_enrich`), and any job by name (`launch_run`: the AI jobs `table_suggestions`,
 `column_suggestions`, `row_suggestions`, `table_generation`, whose first op takes the config).
 
-The Glaze app is not Python, so the contract is the raw GraphQL below: the documents are
-module constants, shown verbatim in `docs/graphql.md`, and this client is their reference
-caller (and what the tests drive against a real `dagster-webserver`). It needs only httpx,
-not dagster.
+A thin layer over dagster-graphql's `DagsterGraphQLClient`, which launches, reads a run's
+status and terminates it. What this layer adds: the Glaze run config and tags, finding the code
+location (and saying why a location cannot serve), finding runs by tag, waiting, and one small
+exception hierarchy instead of the library's single error class, so a caller can tell "fix the
+config" (`RunConfigInvalidError`) from "wrong server or location" (`JobNotFoundError`) from "try
+again later" (`GraphQLTransportError`).
 
-Every union result is mapped: a launched run returns its id; anything else raises a subclass
-of `DagsterGraphQLError` that names the problem, so a caller can tell "fix the config"
-(`RunConfigInvalidError`) from "wrong server or location" (`JobNotFoundError`) from "try again
-later" (`GraphQLTransportError`). A launch is never retried: `launchRun` has no idempotency key,
-and a second POST after a lost answer could start a second run. Status polls are safe to repeat.
+The Glaze app is not Python: its contract is the raw documents in `glaze_pipeline/graphql/`,
+which docs/graphql.md shows and its test runs with curl. Two of them are also sent from here
+(`workspace.graphql`, `runs_by_tags.graphql`), where the library has no call for the question.
+
+A launch is never retried: `launchRun` has no idempotency key, and a second POST after a lost
+answer could start a second run. Status polls are safe to repeat.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
+from importlib import resources
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
+import dagster_graphql
 import httpx
+from dagster import DagsterRunStatus
+from gql.transport.exceptions import (
+    TransportConnectionFailed,
+    TransportProtocolError,
+    TransportQueryError,
+    TransportServerError,
+)
+from gql.transport.httpx import HTTPXTransport
 
-from glaze_pipeline.core.queue import ENRICH_JOB, ENRICH_OP
+from glaze_pipeline.core.queue import job_run, tags_for
 
 DEFAULT_REPOSITORY = "__repository__"  # the repository a `Definitions` object becomes
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)  # launchRun validates config over gRPC
 
-LAUNCH_RUN_MUTATION = """
-mutation LaunchRun($executionParams: ExecutionParams!) {
-  launchRun(executionParams: $executionParams) {
-    __typename
-    ... on LaunchRunSuccess {
-      run { runId status }
-    }
-    ... on RunConfigValidationInvalid {
-      pipelineName
-      errors { __typename message path reason }
-    }
-    ... on PipelineNotFoundError {
-      pipelineName repositoryName repositoryLocationName
-    }
-    ... on InvalidStepError { invalidStepKey }
-    ... on InvalidOutputError { stepKey invalidOutputName }
-    ... on PythonError { className stack }
-    ... on Error { message }
-  }
-}
-""".strip()
-
-RUN_STATUS_QUERY = """
-query RunStatus($runId: ID!) {
-  runOrError(runId: $runId) {
-    __typename
-    ... on Run { runId status }
-    ... on RunNotFoundError { message }
-    ... on PythonError { message className stack }
-  }
-}
-""".strip()
-
-TERMINATE_RUN_MUTATION = """
-mutation TerminateRun($runId: String!, $terminatePolicy: TerminateRunPolicy) {
-  terminateRun(runId: $runId, terminatePolicy: $terminatePolicy) {
-    __typename
-    ... on TerminateRunSuccess {
-      run { runId status }
-    }
-    ... on TerminateRunFailure {
-      message
-      run { runId status }
-    }
-    ... on RunNotFoundError { runId message }
-    ... on UnauthorizedError { message }
-    ... on PythonError { message className stack }
-  }
-}
-""".strip()
-
-RUNS_BY_TAGS_QUERY = """
-query RunsByTags($tags: [ExecutionTag!], $limit: Int) {
-  runsOrError(filter: {tags: $tags}, limit: $limit) {
-    __typename
-    ... on Runs {
-      results { runId status jobName creationTime }
-    }
-    ... on InvalidPipelineRunsFilterError { message }
-    ... on PythonError { message className stack }
-  }
-}
-""".strip()
-
-WORKSPACE_QUERY = """
-query Workspace {
-  workspaceOrError {
-    __typename
-    ... on Workspace {
-      locationEntries {
-        name
-        loadStatus
-        locationOrLoadError {
-          __typename
-          ... on RepositoryLocation {
-            name
-            repositories { name jobs { name } }
-          }
-          ... on PythonError { message }
-        }
-      }
-    }
-    ... on PythonError { message }
-  }
-}
-""".strip()
-
-
-class RunStatus(StrEnum):
-    """Dagster's `RunStatus` enum, as the API spells it."""
-
-    QUEUED = "QUEUED"
-    NOT_STARTED = "NOT_STARTED"
-    MANAGED = "MANAGED"
-    STARTING = "STARTING"
-    STARTED = "STARTED"
-    SUSPENDED = "SUSPENDED"
-    SUCCESS = "SUCCESS"
-    FAILURE = "FAILURE"
-    CANCELING = "CANCELING"
-    CANCELED = "CANCELED"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
-
-
+RunStatus = DagsterRunStatus  # what the API answers: QUEUED, STARTING, STARTED, SUCCESS, ...
 TERMINAL_STATUSES = frozenset({RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELED})
+
+
+@functools.cache
+def graphql_document(name: str) -> str:
+    """The text of `glaze_pipeline/graphql/<name>.graphql`, as the app sends it."""
+    return resources.files("glaze_pipeline").joinpath("graphql", f"{name}.graphql").read_text()
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -161,12 +77,7 @@ class GraphQLQueryError(DagsterGraphQLError):
 
 
 class DagsterPythonError(DagsterGraphQLError):
-    """`PythonError`: the server raised while serving the call (stack kept for the log)."""
-
-    def __init__(self, message: str, *, class_name: str | None, stack: list[str]) -> None:
-        super().__init__(message, typename="PythonError")
-        self.class_name = class_name
-        self.stack = stack
+    """`PythonError`: the server raised while serving the call."""
 
 
 class UnauthorizedError(DagsterGraphQLError):
@@ -208,8 +119,8 @@ class CodeLocationError(DagsterGraphQLError):
 class RunNotFoundError(DagsterGraphQLError):
     """`RunNotFoundError`: no run with this id in the instance."""
 
-    def __init__(self, run_id: str, message: str) -> None:
-        super().__init__(message, typename="RunNotFoundError")
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} could not be found", typename="RunNotFoundError")
         self.run_id = run_id
 
 
@@ -217,9 +128,8 @@ class RunWaitTimeoutError(DagsterGraphQLError, TimeoutError):
     """The run did not reach a terminal status in time (it is still going: not cancelled)."""
 
     def __init__(self, run_id: str, status: RunStatus | None, timeout_s: float) -> None:
-        super().__init__(
-            f"run {run_id} not finished after {timeout_s:g}s (last status: {status or 'unknown'})"
-        )
+        shown = status.value if status else "unknown"
+        super().__init__(f"run {run_id} not finished after {timeout_s:g}s (last status: {shown})")
         self.run_id = run_id
         self.status = status
 
@@ -258,12 +168,12 @@ class RunRef:
 
 @dataclass(frozen=True, slots=True)
 class Termination:
-    """The answer to `terminateRun`.
+    """The answer to a termination request.
 
-    `accepted` is True for `TerminateRunSuccess` (cancellation requested: wait for CANCELED).
-    False is `TerminateRunFailure`: Dagster cancels only QUEUED and STARTED runs, so the run
-    had finished (nothing to do) or was STARTING/NOT_STARTED (ask again in a moment);
-    `status` (read by the server before acting) and `message` say which.
+    `accepted` is True when cancellation was requested (wait for CANCELED); `status` is then
+    the run's status read just after. False: Dagster cancels only QUEUED and STARTED runs, so
+    the run had finished (nothing to do) or was STARTING/NOT_STARTED (ask again in a moment);
+    `status` (the one the server refused on) and `message` say which.
     """
 
     run_id: str
@@ -276,12 +186,12 @@ class Termination:
 
 
 class DagsterGraphQLClient:
-    """A small synchronous client for the Dagster webserver's `/graphql` endpoint.
+    """dagster-graphql's client for one webserver, with Glaze's launches and typed errors.
 
     `base_url` is the webserver root (with any `--path-prefix`) or its `/graphql` endpoint;
     `headers` carry auth where a deployment needs it (e.g. `Dagster-Cloud-Api-Token`);
-    `transport` is injectable for tests. The code location is discovered from the workspace on
-    first launch unless given.
+    `transport` (an httpx transport) is injectable for tests. The code location is discovered
+    from the workspace on first launch unless given.
     """
 
     def __init__(
@@ -294,7 +204,16 @@ class DagsterGraphQLClient:
     ) -> None:
         root = base_url.rstrip("/")
         self.endpoint = root if root.endswith("/graphql") else root + "/graphql"
-        self._http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        url = urlsplit(self.endpoint)
+        # The library's own requests-based transport takes host and port only; an httpx one
+        # keeps our URL as given, timeouts and all. It opens a connection per call.
+        self._dagster = dagster_graphql.DagsterGraphQLClient(
+            url.netloc,
+            transport=HTTPXTransport(
+                url=self.endpoint, timeout=timeout, headers=dict(headers or {}), transport=transport
+            ),
+            use_https=url.scheme == "https",
+        )
         self._locations: dict[tuple[str, str], JobLocation] = {}
 
     def __enter__(self) -> Self:
@@ -309,7 +228,7 @@ class DagsterGraphQLClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing stays open between calls; kept so callers can scope the client."""
 
     # -- launching -----------------------------------------------------------------------
 
@@ -326,9 +245,9 @@ class DagsterGraphQLClient:
         The Glaze tags (`glaze/table`, `glaze/request`, `glaze/kind`, `glaze/enrich-table`) are
         derived from the config; `tags` adds to or overrides them.
         """
-        run_config = {"ops": {ENRICH_OP: {"config": dict(op_config)}}}
+        job_name, run_config = job_run("enrich", op_config)
         return self.launch_run(
-            ENRICH_JOB,
+            job_name,
             run_config,
             tags={**enrich_tags(op_config), **(tags or {})},
             repository_location_name=repository_location_name,
@@ -366,34 +285,29 @@ class DagsterGraphQLClient:
     def _launch(
         self, location: JobLocation, run_config: Mapping[str, Any], tags: Mapping[str, str]
     ) -> str:
-        params = {
-            "selector": {
-                "repositoryLocationName": location.location_name,
-                "repositoryName": location.repository_name,
-                "jobName": location.job_name,
-            },
-            "runConfigData": dict(run_config),
-            "executionMetadata": {
-                "tags": [{"key": key, "value": value} for key, value in tags.items()]
-            },
-        }
-        result = self._execute(LAUNCH_RUN_MUTATION, {"executionParams": params})["launchRun"]
-        typename = _typename(result)
-        if typename == "LaunchRunSuccess":
-            return str(_get(result, "run", "runId"))
-        raise _launch_error(typename, result, location)
+        try:
+            with self._answers():
+                return str(
+                    self._dagster.submit_job_execution(
+                        location.job_name,
+                        repository_location_name=location.location_name,
+                        repository_name=location.repository_name,
+                        run_config=run_config,
+                        tags=dict(tags),
+                    )
+                )
+        except dagster_graphql.DagsterGraphQLClientError as error:
+            raise _launch_error(error, location) from error
 
     # -- watching and stopping -----------------------------------------------------------
 
     def run_status(self, run_id: str) -> RunStatus:
-        """The run's current status (a `str` enum: QUEUED, STARTING, STARTED, SUCCESS, ...)."""
-        result = self._execute(RUN_STATUS_QUERY, {"runId": run_id})["runOrError"]
-        typename = _typename(result)
-        if typename == "Run":
-            return _status(_get(result, "status"))
-        if typename == "RunNotFoundError":
-            raise RunNotFoundError(run_id, str(_get(result, "message")))
-        raise _common_error(typename, result)
+        """The run's current status."""
+        try:
+            with self._answers():
+                return self._dagster.get_run_status(run_id)
+        except dagster_graphql.DagsterGraphQLClientError as error:
+            raise _run_error(error, run_id) from error
 
     def wait(self, run_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> RunStatus:
         """Poll until the run is SUCCESS, FAILURE or CANCELED; that status.
@@ -410,35 +324,31 @@ class DagsterGraphQLClient:
                 if time.monotonic() >= deadline:
                     raise
             else:
-                if status.is_terminal:
+                if status in TERMINAL_STATUSES:
                     return status
             if time.monotonic() >= deadline:
                 raise RunWaitTimeoutError(run_id, status, timeout_s)
             time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
-    def terminate(self, run_id: str, *, force: bool = False) -> Termination:
-        """Ask the run to stop (`SAFE_TERMINATE`); `force` marks it CANCELED at once.
+    def terminate(self, run_id: str) -> Termination:
+        """Ask the run to stop (`SAFE_TERMINATE`).
 
-        Both `TerminateRunSuccess` and `TerminateRunFailure` return a Termination (check
-        `accepted`); an unknown run, no permission or a server error raise.
+        Accepted or refused, the answer is a Termination (check `accepted`); an unknown run,
+        no permission or a server error raise.
         """
-        policy = "MARK_AS_CANCELED_IMMEDIATELY" if force else "SAFE_TERMINATE"
-        result = self._execute(
-            TERMINATE_RUN_MUTATION, {"runId": run_id, "terminatePolicy": policy}
-        )["terminateRun"]
-        typename = _typename(result)
-        if typename == "TerminateRunSuccess":
-            return Termination(run_id, True, _status(_get(result, "run", "status")))
-        if typename == "TerminateRunFailure":
-            return Termination(
-                run_id,
-                False,
-                _status(_get(result, "run", "status")),
-                str(_get(result, "message")),
-            )
-        if typename == "RunNotFoundError":
-            raise RunNotFoundError(run_id, str(_get(result, "message")))
-        raise _common_error(typename, result)
+        try:
+            with self._answers():
+                self._dagster.terminate_run(run_id)
+        except dagster_graphql.DagsterGraphQLClientError as error:
+            typename, message = _union_member(error)
+            if typename != "TerminateRunFailure":
+                raise _run_error(error, run_id) from error
+            # The library keeps only the message, which names the status the server refused
+            # on ("... due to having status STARTING."); a status read now may have moved on.
+            refused_on = re.search(r"having status (\w+)", message)
+            status = RunStatus(refused_on[1]) if refused_on else self.run_status(run_id)
+            return Termination(run_id, False, status, message)
+        return Termination(run_id, True, self.run_status(run_id))
 
     def find_runs(self, tags: Mapping[str, str], *, limit: int = 10) -> list[RunRef]:
         """Runs carrying all these tags, newest first.
@@ -447,19 +357,17 @@ class DagsterGraphQLClient:
         a GraphQLTransportError on `launchRun`, before launching again.
         """
         variables = {"tags": [{"key": k, "value": v} for k, v in tags.items()], "limit": limit}
-        result = self._execute(RUNS_BY_TAGS_QUERY, variables)["runsOrError"]
-        typename = _typename(result)
-        if typename != "Runs":
-            raise _common_error(typename, result)
-        return [
-            RunRef(
-                run_id=str(_get(run, "runId")),
-                status=_status(_get(run, "status")),
-                job_name=str(_get(run, "jobName")),
-                created=float(_get(run, "creationTime")),
-            )
-            for run in _get(result, "results")
-        ]
+        result = self._query("runs_by_tags", variables, "runsOrError", expect="Runs")
+        with self._answers():
+            return [
+                RunRef(
+                    run_id=str(run["runId"]),
+                    status=RunStatus(run["status"]),
+                    job_name=str(run["jobName"]),
+                    created=float(run["creationTime"]),
+                )
+                for run in result["results"]
+            ]
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -471,29 +379,28 @@ class DagsterGraphQLClient:
         The location name depends on how the webserver was started (`-m glaze_pipeline.definitions`
         and `workspace.yaml` give `glaze_pipeline.definitions`; `dagster dev` reading
         pyproject.toml gives `glaze_pipeline`), so it is looked up, not assumed. Cached per
-        client; the workspace query shows load errors, which `repositoriesOrError` hides.
+        client. The library finds it too, through `repositoriesOrError`, which silently leaves
+        out a location that failed to load: the workspace query says why.
         """
         key = (job_name, repository_name)
         if key in self._locations:
             return self._locations[key]
-        workspace = self._execute(WORKSPACE_QUERY)["workspaceOrError"]
-        typename = _typename(workspace)
-        if typename != "Workspace":
-            raise _common_error(typename, workspace)
+        workspace = self._query("workspace", None, "workspaceOrError", expect="Workspace")
         found: list[JobLocation] = []
         problems: list[str] = []
-        for entry in _get(workspace, "locationEntries"):
-            name = str(_get(entry, "name"))
-            loaded = entry.get("locationOrLoadError")
-            if loaded is None:
-                problems.append(f"location {name} is {entry.get('loadStatus', 'not loaded')}")
-            elif _typename(loaded) == "PythonError":
-                problems.append(f"location {name} failed to load: {loaded.get('message', '')}")
-            else:
-                for repository in _get(loaded, "repositories"):
-                    jobs = {job["name"] for job in _get(repository, "jobs")}
-                    if repository.get("name") == repository_name and job_name in jobs:
-                        found.append(JobLocation(name, repository_name, job_name))
+        with self._answers():
+            for entry in workspace["locationEntries"]:
+                name = str(entry["name"])
+                loaded = entry.get("locationOrLoadError")
+                if loaded is None:
+                    problems.append(f"location {name} is {entry.get('loadStatus', 'not loaded')}")
+                elif loaded["__typename"] == "PythonError":
+                    problems.append(f"location {name} failed to load: {loaded.get('message', '')}")
+                else:
+                    for repository in loaded["repositories"]:
+                        jobs = {job["name"] for job in repository["jobs"]}
+                        if repository["name"] == repository_name and job_name in jobs:
+                            found.append(JobLocation(name, repository_name, job_name))
         if len(found) > 1:
             names = ", ".join(location.location_name for location in found)
             raise CodeLocationError(
@@ -501,10 +408,10 @@ class DagsterGraphQLClient:
                 "pass repository_location_name"
             )
         if not found:
-            detail = f" ({'; '.join(problems)})" if problems else ""
             if problems:
                 raise CodeLocationError(
-                    f"no loaded code location has {repository_name}.{job_name}{detail}"
+                    f"no loaded code location has {repository_name}.{job_name} "
+                    f"({'; '.join(problems)})"
                 )
             raise JobNotFoundError(f"no code location has job {repository_name}.{job_name}")
         self._locations[key] = found[0]
@@ -512,104 +419,114 @@ class DagsterGraphQLClient:
 
     # -- transport -----------------------------------------------------------------------
 
-    def _execute(self, document: str, variables: Mapping[str, Any] | None = None) -> Any:
-        """POST one document; the `data` object, or a typed error."""
+    def _query(
+        self, name: str, variables: dict[str, Any] | None, field: str, *, expect: str
+    ) -> Any:
+        """Send one of our documents; the result in `field`, a union member of type `expect`
+        (any other raises). The library has no public call for a document of one's own, so
+        this goes through its `_execute`."""
+        with self._answers():
+            result = self._dagster._execute(graphql_document(name), variables)[field]
+            typename = str(result["__typename"])
+            if typename != expect:
+                raise _common_error(typename, str(result.get("message") or typename))
+            return result
+
+    @contextlib.contextmanager
+    def _answers(self) -> Iterator[None]:
+        """Name a transport failure or a malformed answer. The library raises one
+        `DagsterGraphQLClientError` for everything, with the failure as its cause; one with
+        no cause is a union member of the server's answer, left for the caller to map."""
         try:
-            response = self._http.post(
-                self.endpoint, json={"query": document, "variables": dict(variables or {})}
-            )
-        except httpx.HTTPError as error:
-            raise GraphQLTransportError(
-                f"cannot reach {self.endpoint}: {type(error).__name__}: {error}"
+            yield
+        except dagster_graphql.DagsterGraphQLClientError as error:
+            cause = error.__cause__
+            if cause is None:
+                raise
+            if isinstance(cause, TransportConnectionFailed):
+                reason = cause.__cause__ or cause  # httpx's own words
+                raise GraphQLTransportError(
+                    f"cannot reach {self.endpoint}: {type(reason).__name__}: {reason}"
+                ) from reason
+            if isinstance(cause, TransportServerError):
+                raise GraphQLTransportError(
+                    f"unexpected answer from {self.endpoint}: HTTP {cause.code}"
+                ) from None
+            if isinstance(cause, TransportProtocolError):  # a 2xx that is not GraphQL
+                raise GraphQLTransportError(
+                    f"unexpected answer from {self.endpoint}: {cause}"
+                ) from None
+            if isinstance(cause, TransportQueryError):  # HTTP 400 with `errors`
+                messages = "; ".join(str(e.get("message", e)) for e in cause.errors or [])
+                raise GraphQLQueryError(
+                    f"GraphQL errors from {self.endpoint}: {messages or cause}"
+                ) from None
+            raise GraphQLQueryError(
+                f"cannot send to {self.endpoint}: {type(cause).__name__}: {cause}"
+            ) from cause
+        except (KeyError, TypeError, ValueError) as error:
+            # Not what the document asked for: another server, or another schema version.
+            raise GraphQLQueryError(
+                f"malformed answer from {self.endpoint}: {type(error).__name__}: {error}"
             ) from error
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        # The webserver answers a bad document with HTTP 400 and a GraphQL `errors` list.
-        if isinstance(body, dict) and body.get("errors"):
-            messages = "; ".join(str(e.get("message", e)) for e in body["errors"])
-            raise GraphQLQueryError(f"GraphQL errors from {self.endpoint}: {messages}")
-        if response.is_error or not isinstance(body, dict) or not body.get("data"):
-            raise GraphQLTransportError(
-                f"unexpected answer from {self.endpoint}: HTTP {response.status_code} "
-                f"{response.text[:300]!r}"
-            )
-        return body["data"]
 
 
 def enrich_tags(op_config: Mapping[str, Any]) -> dict[str, str]:
-    """The run tags the queue sensor sets too, so every launch path looks the same in Dagster.
+    """The run tags of a launch with this op config, the queue sensor's too (`queue.tags_for`)."""
 
-    `glaze/request` is how the reconciler and the run-status sensors find a request's run.
-    `glaze/enrich-table` is the per-table concurrency key (one `enrich` run per table where the
-    instance limits it); estimate and pre-enrich runs write no cells and do not carry it.
-    """
-    kind = str(op_config.get("kind") or "enrich")
-    tags = {"glaze/kind": kind}
-    if op_config.get("table_id"):
-        tags["glaze/table"] = str(op_config["table_id"])
-        if kind == "enrich":
-            tags["glaze/enrich-table"] = str(op_config["table_id"])
-    if op_config.get("request_id"):
-        tags["glaze/request"] = str(op_config["request_id"])
-    return tags
+    kind = op_config.get("kind") or "enrich"
+    return tags_for(kind, op_config.get("table_id"), op_config.get("request_id"))
 
 
-# -- parsing -----------------------------------------------------------------------------
+# -- the library's errors, typed ---------------------------------------------------------
 
 
-def _get(payload: Any, *keys: str) -> Any:
-    """payload[k1][k2]...; a missing key means the answer is not what our document asked for."""
-    value = payload
-    for key in keys:
-        if not isinstance(value, Mapping) or key not in value:
-            raise GraphQLQueryError(f"malformed answer: no {'.'.join(keys)} in {payload!r:.300}")
-        value = value[key]
-    return value
+def _union_member(error: dagster_graphql.DagsterGraphQLClientError) -> tuple[str, Any]:
+    """(typename, detail): the library raises `DagsterGraphQLClientError(typename, detail)`
+    for an answer other than success, the detail a message, a list of config errors or, for
+    `InvalidOutputError`, its `body`."""
+    typename = str(error.args[0]) if error.args else "Error"
+    detail = error.args[1] if len(error.args) > 1 else error.body
+    return typename, detail
 
 
-def _typename(payload: Any) -> str:
-    return str(_get(payload, "__typename"))
-
-
-def _status(value: Any) -> RunStatus:
-    try:
-        return RunStatus(value)
-    except ValueError:
-        raise GraphQLQueryError(f"unknown run status {value!r}") from None
-
-
-def _common_error(typename: str, result: Mapping[str, Any]) -> DagsterGraphQLError:
-    message = str(result.get("message") or typename)
+def _common_error(typename: str, message: str) -> DagsterGraphQLError:
     if typename == "PythonError":
         return DagsterPythonError(
-            f"the Dagster server raised: {message.strip()}",
-            class_name=result.get("className"),
-            stack=list(result.get("stack") or []),
+            f"the Dagster server raised: {message.strip()}", typename=typename
         )
     if typename == "UnauthorizedError":
         return UnauthorizedError(f"unauthorized: {message}", typename=typename)
     return DagsterGraphQLError(f"unexpected {typename}: {message}", typename=typename)
 
 
-def _launch_error(
-    typename: str, result: Mapping[str, Any], location: JobLocation
+def _run_error(
+    error: dagster_graphql.DagsterGraphQLClientError, run_id: str
 ) -> DagsterGraphQLError:
-    message = str(result.get("message") or typename).strip()
+    typename, message = _union_member(error)
+    if typename in ("RunNotFoundError", "PipelineRunNotFoundError"):
+        return RunNotFoundError(run_id)
+    return _common_error(typename, str(message))
+
+
+def _launch_error(
+    error: dagster_graphql.DagsterGraphQLClientError, location: JobLocation
+) -> DagsterGraphQLError:
+    typename, detail = _union_member(error)
+    message = str(detail).strip()
     match typename:
-        case "RunConfigValidationInvalid":
+        case "RunConfigValidationInvalid" | "PipelineConfigValidationInvalid":
             errors = tuple(
                 ConfigError(
-                    message=str(error.get("message", "")),
-                    reason=str(error.get("reason", "")),
-                    path=tuple(error.get("path") or ()),
-                    typename=str(error.get("__typename", "")),
+                    message=str(entry.get("message", "")),
+                    reason=str(entry.get("reason", "")),
+                    path=tuple(entry.get("path") or ()),
+                    typename=str(entry.get("__typename", "")),
                 )
-                for error in _get(result, "errors")
+                for entry in detail
             )
-            return RunConfigInvalidError(str(result.get("pipelineName", location.job_name)), errors)
-        case "PipelineNotFoundError":
+            return RunConfigInvalidError(location.job_name, errors)
+        case "PipelineNotFoundError" | "JobNotFoundError":
             return JobNotFoundError(
                 f"job not found: {message} (location {location.location_name!r}, "
                 f"repository {location.repository_name!r})",
@@ -617,18 +534,15 @@ def _launch_error(
             )
         case "InvalidSubsetError":
             return InvalidSubsetError(f"invalid selection: {message}", typename=typename)
-        case "RunConflict":
+        case "RunConflict" | "PipelineRunConflict":
             return RunConflictError(f"run conflict: {message}", typename=typename)
         case "InvalidStepError":
-            return RunLaunchError(
-                f"invalid step key {result.get('invalidStepKey')!r}", typename=typename
-            )
+            return RunLaunchError(f"invalid step key {message!r}", typename=typename)
         case "InvalidOutputError":
             return RunLaunchError(
-                f"invalid output {result.get('invalidOutputName')!r} "
-                f"of step {result.get('stepKey')!r}",
+                f"invalid output {detail.invalid_output_name!r} of step {detail.step_key!r}",
                 typename=typename,
             )
         case "PresetNotFoundError" | "ConflictingExecutionParamsError" | "NoModeProvidedError":
             return RunLaunchError(f"{typename}: {message}", typename=typename)
-    return _common_error(typename, result)
+    return _common_error(typename, message)

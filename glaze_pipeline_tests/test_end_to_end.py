@@ -24,7 +24,7 @@ from glaze_pipeline.bench.stack import BIN, Stack, dagster_stack
 from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
+from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel, RequestLiveness
 from glaze_pipeline.defs.sensors import STALE_AFTER_ENV, request_reconciler
 from glaze_pipeline.testing.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.conftest import APP_TABLES
@@ -262,7 +262,11 @@ def test_a_sigkilled_run_ends_failed_and_the_rerun_buys_nothing_twice(
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         with build_sensor_context(
             instance=instance,
-            resources={"glaze_db": GlazeDatabase(url=postgres_url), "progress": ProgressChannel()},
+            resources={
+                "glaze_db": GlazeDatabase(url=postgres_url),
+                "progress": ProgressChannel(),
+                "request_liveness": RequestLiveness(),
+            },
         ) as context:
             request_reconciler(context)
         request = store.get_request(request_id)

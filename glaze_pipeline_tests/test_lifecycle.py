@@ -83,7 +83,7 @@ def queued_run(store: Store, table: Any, provider: Provider) -> tuple[str, Any]:
     job = definitions(store, provider).get_job_def("enrich_table")
     with DagsterInstance.ephemeral() as instance:
         result = job.execute_in_process(
-            run_config={"ops": {"detect_entities": {"config": item.config}}},
+            run_config=item.run_config,
             instance=instance,
             tags=item.tags,
             raise_on_error=False,
@@ -153,8 +153,7 @@ def test_re_executing_a_run_never_rewrites_its_request(
     )
     [item], _ = queue.claim_launchable(store, limit=1)
     job = reconstructable(enrich_job_from_env)
-    run_config = {"ops": {"detect_entities": {"config": item.config}}}
-    with execute_job(job, instance, run_config=run_config, tags=item.tags) as first:
+    with execute_job(job, instance, run_config=item.run_config, tags=item.tags) as first:
         assert first.success
     requests = RequestRepository(store)
     before = requests.get(request_id)
@@ -213,7 +212,7 @@ def test_a_worker_whose_request_was_failed_under_it_stops_and_rewrites_nothing(
     job = definitions(store, provider).get_job_def("enrich_table")
     with DagsterInstance.ephemeral() as instance:
         result = job.execute_in_process(
-            run_config={"ops": {"detect_entities": {"config": {**item.config, "concurrency": 2}}}},
+            run_config=queue.job_run(item.request.kind, {**item.config, "concurrency": 2})[1],
             instance=instance,
             tags=item.tags,
             raise_on_error=False,

@@ -37,6 +37,7 @@ from glaze_pipeline.defs.resources import (
     GlazeDatabase,
     LanguageModel,
     ProgressChannel,
+    RequestLiveness,
 )
 from glaze_pipeline.defs.sensors import (
     STALE_AFTER_ENV,
@@ -229,7 +230,11 @@ def test_the_reconciler_publishes_finished_when_it_fails_a_dead_run(
     monkeypatch.setenv(STALE_AFTER_ENV, "0")  # any silence is too long
     table = seed_generated(pg_store, rows=5, unique_companies=2)
     request_id = running_request(pg_store, table, "run-that-is-gone")
-    resources = {"glaze_db": GlazeDatabase(url=pg_store.url), "progress": channel}
+    resources = {
+        "glaze_db": GlazeDatabase(url=pg_store.url),
+        "progress": channel,
+        "request_liveness": RequestLiveness(),
+    }
     with listening(redis_url, channel.request_channel(request_id)) as ear:
         with (
             DagsterInstance.ephemeral() as instance,

@@ -12,14 +12,20 @@ from glaze_pipeline.core import engine, queue
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
 from glaze_pipeline.core.errors import InvalidSelectionError
-from glaze_pipeline.core.models import EntityType, Selection
+from glaze_pipeline.core.models import EntityType, RequestKind, Selection
 from glaze_pipeline.core.providers.fake import FakeProvider
 from glaze_pipeline.core.requests import Adoption, RequestRepository
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.definitions import build_definitions
-from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
-from glaze_pipeline.defs.sensors import enrichment_queue_sensor
+from glaze_pipeline.defs.resources import (
+    STALE_AFTER_ENV,
+    GlazeDatabase,
+    ProgressChannel,
+    RequestLiveness,
+)
+from glaze_pipeline.defs.sensors import enrichment_queue_sensor, request_reconciler
+from glaze_pipeline.graphql_client import enrich_tags
 
 
 def columns(table: Any, *keys: str) -> dict[str, Any]:
@@ -107,6 +113,90 @@ def test_sensor_launches_valid_requests_and_fails_bad_ones(store: Store) -> None
     assert "invalid selection" in reasons[bad_shape].error
     assert "col_nope" in reasons[unknown_column].error
     assert store.get_request(good).status == "launched"
+
+
+def test_every_launch_path_builds_the_same_run(store: Store) -> None:
+    """The sensor and the launcher (a claimed request) and a GraphQL launch (its op config)
+    start one job with one run config and one set of tags: `job_run` and `tags_for`."""
+    table = seed_generated(store, rows=3, unique_companies=1)
+    request_id = queue.enqueue(store, table.id, columns(table, "industry"))
+    [item], _ = queue.claim_launchable(store, limit=1)
+    assert (
+        item.tags
+        == enrich_tags(item.config)
+        == {
+            "glaze/kind": "enrich",
+            "glaze/table": table.id,
+            "glaze/enrich-table": table.id,
+            "glaze/request": request_id,
+        }
+    )
+    assert (item.job_name, item.run_config) == queue.job_run(RequestKind.ENRICH, item.config)
+    assert item.run_config == {"ops": {"detect_entities": {"config": item.config}}}
+
+
+def test_only_enrich_runs_take_the_per_table_concurrency_key() -> None:
+    assert queue.tags_for(RequestKind.ESTIMATE, "tbl_a", "req_1") == {
+        "glaze/kind": "estimate",
+        "glaze/table": "tbl_a",
+        "glaze/request": "req_1",
+    }
+    assert queue.tags_for(RequestKind.PRE_ENRICH, "tbl_a") == {
+        "glaze/kind": "pre_enrich",
+        "glaze/table": "tbl_a",
+    }
+    assert queue.tags_for("enrich", "tbl_a") == {
+        "glaze/kind": "enrich",
+        "glaze/table": "tbl_a",
+        "glaze/enrich-table": "tbl_a",
+    }
+
+
+def test_stale_after_comes_from_the_reconcilers_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STALE_AFTER_ENV, raising=False)
+    assert RequestLiveness().stale_after() == timedelta(seconds=300)
+    monkeypatch.setenv(STALE_AFTER_ENV, "1.5")  # read when the reconciler ticks, not at import
+    assert RequestLiveness().stale_after() == timedelta(seconds=1.5)
+    assert RequestLiveness(stale_after_seconds=0).stale_after() == timedelta(0)  # config wins
+    # A typo fails the tick, naming the variable, never a guess.
+    monkeypatch.setenv(STALE_AFTER_ENV, "soon")
+    with pytest.raises(ValueError, match=f"^{STALE_AFTER_ENV} must be a number of seconds"):
+        RequestLiveness().stale_after()
+    monkeypatch.setenv(STALE_AFTER_ENV, "-1")
+    with pytest.raises(ValueError, match="non-negative"):
+        RequestLiveness().stale_after()
+    # The deployed reconciler is given it.
+    definitions = build_definitions()
+    assert "request_liveness" in request_reconciler.required_resource_keys
+    assert isinstance(definitions.resources["request_liveness"], RequestLiveness)
+
+
+def test_the_reconciler_fails_a_silent_request_after_its_configured_stale_after(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(STALE_AFTER_ENV, raising=False)
+    silent = queue.enqueue(store, "t", {"whole_table": True})
+    requests = RequestRepository(store)
+    requests.claim(limit=1)
+    assert requests.adopt(silent, "run-gone") is Adoption.ADOPTED
+
+    def tick(stale_after_seconds: float | None) -> None:
+        resources = {
+            "glaze_db": GlazeDatabase(url=store.url),
+            "progress": ProgressChannel(),
+            "request_liveness": RequestLiveness(stale_after_seconds=stale_after_seconds),
+        }
+        with (
+            DagsterInstance.ephemeral() as instance,
+            build_sensor_context(instance=instance, resources=resources) as context,
+        ):
+            request_reconciler(context)
+
+    tick(None)  # the default 300 s: a request adopted just now is not silent
+    assert store.get_request(silent).status == "running"
+    tick(0)
+    assert store.get_request(silent).status == "failed"
+    assert "stopped reporting" in store.get_request(silent).error
 
 
 def test_reconcile_cancels_requeues_and_fails_dead_runs(store: Store) -> None:

@@ -117,12 +117,12 @@ class BenchSettings:
     postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     redis_url: str = "redis://127.0.0.1:6379/13"
     latency_ms: float = 100.0
-    concurrency: int = 200
+    concurrency: int = 200  # the benchmark's own, above the job's JobSettings.concurrency
     scale: float = 1.0
     baseline_sample: float = 0.02  # S3: the share of rows the baseline really runs
     baseline_pool: int = 40
-    chunk_size: int = 500
-    max_chunks: int = 16
+    chunk_size: int = JobSettings.chunk_size
+    max_chunks: int = JobSettings.max_chunks
     page_size: int = JobSettings.page_size
     launch_requests: int = 10
     profile: bool = False  # py-spy flame graphs of the entity-first workers

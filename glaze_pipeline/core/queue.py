@@ -1,5 +1,9 @@
 """Launching queued requests: claim, validate, build the run's config and tags; reconcile.
 
+This module is the launch contract every path shares (the queue sensor, the pre-enrich
+schedule, the launcher, the GraphQL client, the CLI): `job_run` builds a run's job name and
+run config, `tags_for` / `run_tags` its tags. Nothing else spells them out.
+
 Life of a request: `queued` -> `launched` (claimed, run requested) -> `running` (the run's first
 step adopted it) -> `succeeded` | `partial` | `failed` | `cancelled`. Every status write goes
 through `RequestRepository` (core/requests.py); this module decides *what* to write. A claim is
@@ -17,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from glaze_pipeline.core.ai.workflow import ai_run_config, check_task
+from glaze_pipeline.core.ai.workflow import AI_JOBS, ai_kind, check_task
 from glaze_pipeline.core.engine import JobSettings, JobTarget, resolve_target
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError
 from glaze_pipeline.core.models import (
@@ -40,8 +44,13 @@ from glaze_pipeline.core.store import Store
 __all__ = [
     "ENRICH_JOB",
     "ENRICH_OP",
+    "ENRICH_TABLE_TAG",
+    "KIND_TAG",
     "PRIORITY_DEFAULT",
     "PRIORITY_PRE_ENRICH",
+    "PRIORITY_TAG",
+    "REQUEST_TAG",
+    "TABLE_TAG",
     "ActiveRequest",
     "ClaimedRequest",
     "Launchable",
@@ -55,6 +64,7 @@ __all__ = [
     "request_cancel",
     "run_tags",
     "settle_ended",
+    "tags_for",
 ]
 
 
@@ -132,10 +142,14 @@ ENRICH_OP = "detect_entities"  # the op of enrich_table that takes the run confi
 
 def job_run(kind: RequestKind | str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(job name, full run config) of a request's run, from its first op's config: an AI kind
-    runs its own job (core/ai/workflow.AI_JOBS), everything else `enrich_table`."""
-    if kind in AI_REQUEST_KINDS:
-        return ai_run_config(kind, config)
-    return ENRICH_JOB, {"ops": {ENRICH_OP: {"config": dict(config)}}}
+    runs its own job (core/ai/workflow.AI_JOBS), everything else `enrich_table`.
+
+    The one place a run config is shaped, so a run launched by the sensor, the schedule, the
+    launcher, GraphQL or the CLI is the same run."""
+    job_name, op_name = (
+        AI_JOBS[ai_kind(kind)] if kind in AI_REQUEST_KINDS else (ENRICH_JOB, ENRICH_OP)
+    )
+    return job_name, {"ops": {op_name: {"config": dict(config)}}}
 
 
 @dataclass(frozen=True)
@@ -231,16 +245,38 @@ def _launch(store: Store, request: ClaimedRequest) -> tuple[dict[str, Any], JobT
     return config, target
 
 
-def run_tags(request: ClaimedRequest) -> dict[str, str]:
-    tags = {
-        "glaze/table": request.table_id,
-        "glaze/request": request.id,
-        "glaze/kind": request.kind,
-    }
-    if request.kind == RequestKind.ENRICH:
-        # Concurrency key: at most one enrich run per table (a tag limit in dagster.yaml).
-        tags["glaze/enrich-table"] = request.table_id
+# A run's tags: how the reconciler and the run-status sensors find a request's run, and what
+# the run coordinator limits.
+TABLE_TAG = "glaze/table"
+REQUEST_TAG = "glaze/request"
+KIND_TAG = "glaze/kind"
+# Concurrency key: at most one enrich run per table (a tag limit in dagster.yaml). Estimate and
+# pre-enrich runs write no cells and do not carry it.
+ENRICH_TABLE_TAG = "glaze/enrich-table"
+PRIORITY_TAG = "dagster/priority"  # QueuedRunCoordinator order; higher first, default 0
+
+
+def tags_for(
+    kind: RequestKind | str, table_id: str | None = None, request_id: str | None = None
+) -> dict[str, str]:
+    """The Glaze tags of a run of `kind`, so every launch path looks the same in Dagster.
+
+    A run launched before its request exists (the pre-enrich schedule, a bare GraphQL launch)
+    has no `request_id`: the job records its request and tags the run when it starts.
+    """
+    tags = {KIND_TAG: str(kind)}
+    if table_id:
+        tags[TABLE_TAG] = str(table_id)
+        if kind == RequestKind.ENRICH:
+            tags[ENRICH_TABLE_TAG] = str(table_id)
+    if request_id:
+        tags[REQUEST_TAG] = str(request_id)
     return tags
+
+
+def run_tags(request: ClaimedRequest) -> dict[str, str]:
+    """The tags of a claimed request's run."""
+    return tags_for(request.kind, request.table_id, request.id)
 
 
 def is_stale(moment: datetime | None, now: datetime, after: timedelta) -> bool:

@@ -1,6 +1,11 @@
-"""Typed run config of `enrich_table`, validated into the core's Selection and JobSettings."""
+"""Typed run config of `enrich_table`, validated into the core's Selection and JobSettings.
+
+Every default is JobSettings' (core/engine.py), so the Launchpad, the CLI, the benchmark and the
+engine never disagree on what an unset knob means.
+"""
 
 import enum
+from typing import Any
 
 from dagster import Config
 from pydantic import Field
@@ -44,11 +49,21 @@ class EnrichTableConfig(Config):
         "someone filled is kept).",
     )
     budget: float | None = Field(default=None, description="Max spend; none = unlimited.")
-    chunk_size: int = Field(default=500, description="Min entities per enrich step.")
-    max_chunks: int = Field(default=16, description="Max enrich steps (fan-out width).")
-    concurrency: int = Field(default=50, description="Concurrent entity lookups per step.")
-    threshold: float = Field(default=0.8, description="Confidence at which a field is done.")
-    page_size: int = Field(default=5000, description="Rows per read page and write batch.")
+    chunk_size: int = Field(
+        default=JobSettings.chunk_size, description="Min entities per enrich step."
+    )
+    max_chunks: int = Field(
+        default=JobSettings.max_chunks, description="Max enrich steps (fan-out width)."
+    )
+    concurrency: int = Field(
+        default=JobSettings.concurrency, description="Concurrent entity lookups per step."
+    )
+    threshold: float = Field(
+        default=JobSettings.threshold, description="Confidence at which a field is done."
+    )
+    page_size: int = Field(
+        default=JobSettings.page_size, description="Rows per read page and write batch."
+    )
     kind: JobKind = Field(
         default=JobKind.enrich,
         description="enrich (fill cells), estimate (count what it would buy), pre_enrich "
@@ -57,6 +72,11 @@ class EnrichTableConfig(Config):
     request_id: str | None = Field(
         default=None, description="The queued request this run serves (set by the sensor)."
     )
+
+    def op_config(self) -> dict[str, Any]:
+        """What a run config carries for `detect_entities`: only the fields set here, so a knob
+        left unset takes the job's default when the run starts (see `queue.job_run`)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
     def selection(self) -> Selection:
         return Selection(

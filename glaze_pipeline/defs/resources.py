@@ -1,14 +1,16 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource, InitResourceContext
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
-from glaze_pipeline.core.answers import AnswerSharing, open_answer_sharing
+from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
 from glaze_pipeline.core.progress import (
     ProgressPublisher,
     open_progress,
@@ -62,11 +64,17 @@ class EnrichmentProviders(ConfigurableResource):
 
     `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
     providers); `redis_url` adds the shared Redis tier and Redis single-flight (else
-    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or nothing on SQLite).
+    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or nothing on SQLite);
+    `cache_ttl_by_provider` sets how long the Redis tier keeps a provider's answers.
     """
 
     config_file: str | None = None
     redis_url: str | None = None
+    cache_ttl_by_provider: dict[str, float] = Field(
+        default={},
+        description="Seconds the Redis tier keeps an answer, by provider name (others: 7 days); "
+        "a miss never outlives its provider's TTL (at most 6 hours).",
+    )
 
     _providers: list[Provider] | None = PrivateAttr(default=None)
 
@@ -78,7 +86,13 @@ class EnrichmentProviders(ConfigurableResource):
 
     def sharing(self, store: Store) -> AnswerSharing:
         """The tiered cache and single-flight for one step; close it (a context manager)."""
-        return open_answer_sharing(store, redis_url(self.redis_url))
+        settings = SharingSettings(
+            redis_ttl_by_provider={
+                name: timedelta(seconds=seconds)
+                for name, seconds in self.cache_ttl_by_provider.items()
+            }
+        )
+        return open_answer_sharing(store, redis_url(self.redis_url), settings=settings)
 
 
 class ProgressChannel(ConfigurableResource):
@@ -122,6 +136,37 @@ class PreEnrichment(ConfigurableResource):
 
     def resolved_budget(self) -> float:
         return pre_enrich_budget(self.budget)
+
+
+STALE_AFTER_ENV = "GLAZE_STALE_AFTER_SECONDS"
+DEFAULT_STALE_AFTER = timedelta(minutes=5)
+
+
+class RequestLiveness(ConfigurableResource):
+    """How long a running request may stay silent before the reconciler fails it.
+
+    `stale_after_seconds`, else GLAZE_STALE_AFTER_SECONDS read when the reconciler ticks, else
+    300. A job beats every second in every phase, so minutes of silence mean its worker died.
+    """
+
+    stale_after_seconds: float | None = None
+
+    def stale_after(self) -> timedelta:
+        """The silence that fails a request; a bad value raises, naming where it came from."""
+        if self.stale_after_seconds is not None:
+            value, source = self.stale_after_seconds, "stale_after_seconds"
+        else:
+            raw = os.environ.get(STALE_AFTER_ENV, "").strip()
+            if not raw:
+                return DEFAULT_STALE_AFTER
+            source = STALE_AFTER_ENV
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{source} must be a number of seconds, not {raw!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{source} must be a non-negative number of seconds, not {value!r}")
+        return timedelta(seconds=value)
 
 
 class LanguageModel(ConfigurableResource):

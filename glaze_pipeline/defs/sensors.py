@@ -4,7 +4,6 @@ All of them are cheap and idempotent: bounded work per tick, a `run_key` per req
 SkipReason that says why nothing happened.
 """
 
-import os
 import warnings
 from datetime import timedelta
 
@@ -29,17 +28,23 @@ from dagster import (
 from dagster._core.storage.tags import RUN_KEY_TAG  # "dagster/run_key", not re-exported
 
 from glaze_pipeline.core import queue
-from glaze_pipeline.core.models import RequestKind, RequestStatus
+from glaze_pipeline.core.models import RequestStatus
 from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
+from glaze_pipeline.defs.config import EnrichTableConfig, JobKind
 from glaze_pipeline.defs.jobs import enrich_table
-from glaze_pipeline.defs.resources import GlazeDatabase, PreEnrichment, ProgressChannel
+from glaze_pipeline.defs.resources import (
+    STALE_AFTER_ENV,  # noqa: F401 (re-exported: tests import it from here)
+    GlazeDatabase,
+    PreEnrichment,
+    ProgressChannel,
+    RequestLiveness,
+)
 
 # run_failure_sensor passes Dagster's own beta `owners` parameter: not ours to act on.
 warnings.filterwarnings("ignore", message="Parameter `owners`", category=BetaWarning)
 
 CLAIMS_PER_TICK = 25
-STALE_AFTER_ENV = "GLAZE_STALE_AFTER_SECONDS"
 
 
 # Every job a queued request may run, and so every job whose runs close a request.
@@ -90,7 +95,7 @@ def enrichment_queue_sensor(
 
 
 def _request_id(store: Store, run_id: str, tags: dict[str, str]) -> str | None:
-    return tags.get("glaze/request") or store.request_for_run(run_id)
+    return tags.get(queue.REQUEST_TAG) or store.request_for_run(run_id)
 
 
 @run_failure_sensor(
@@ -146,13 +151,16 @@ def request_on_run_canceled(
     "lets go of rows an ended request still holds; announces every ending it records.",
 )
 def request_reconciler(
-    context: SensorEvaluationContext, glaze_db: GlazeDatabase, progress: ProgressChannel
+    context: SensorEvaluationContext,
+    glaze_db: GlazeDatabase,
+    progress: ProgressChannel,
+    request_liveness: RequestLiveness,
 ):
     instance = context.instance
-    stale_after = timedelta(seconds=float(os.environ.get(STALE_AFTER_ENV, "300")))
+    stale_after = request_liveness.stale_after()
 
     def find_run(request: queue.ActiveRequest) -> queue.RunView | None:
-        runs = instance.get_runs(filters=RunsFilter(tags={"glaze/request": request.id}), limit=1)
+        runs = instance.get_runs(filters=RunsFilter(tags={queue.REQUEST_TAG: request.id}), limit=1)
         run = (
             runs[0]
             if runs
@@ -192,25 +200,18 @@ def pre_enrich_run_key(table_id: str) -> str:
 
 def pre_enrich_run(table_id: str, budget: float) -> RunRequest:
     """One low-priority `pre_enrich` run over the whole table; the job records its own request."""
+    config = EnrichTableConfig(
+        table_id=table_id, whole_table=True, kind=JobKind.pre_enrich, budget=budget
+    )
+    kind = config.request_kind()
+    _, run_config = queue.job_run(kind, config.op_config())
     return RunRequest(
         run_key=pre_enrich_run_key(table_id),
-        run_config={
-            "ops": {
-                "detect_entities": {
-                    "config": {
-                        "table_id": table_id,
-                        "whole_table": True,
-                        "kind": RequestKind.PRE_ENRICH.value,
-                        "budget": budget,
-                    }
-                }
-            }
-        },
+        run_config=run_config,
         tags={
-            "glaze/table": table_id,
-            "glaze/kind": RequestKind.PRE_ENRICH.value,
+            **queue.tags_for(kind, table_id),
             # Below every user run in a QueuedRunCoordinator (default 0), like its queue priority.
-            "dagster/priority": str(queue.PRIORITY_PRE_ENRICH),
+            queue.PRIORITY_TAG: str(queue.PRIORITY_PRE_ENRICH),
         },
     )
 

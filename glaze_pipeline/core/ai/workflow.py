@@ -277,14 +277,6 @@ def _reserved_table_id(kind: RequestKind, idempotency_key: str | None) -> str:
     return f"tbl_{digest[:16]}"
 
 
-def ai_run_config(
-    kind: RequestKind | str, op_config: Mapping[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    """(job name, run config) of an AI request's run, from its first op's config."""
-    job_name, op_name = AI_JOBS[ai_kind(kind)]
-    return job_name, {"ops": {op_name: {"config": dict(op_config)}}}
-
-
 # --- status --------------------------------------------------------------------------------
 
 
@@ -728,7 +720,6 @@ __all__ = [
     "ProposedTable",
     "StopSignal",
     "ai_kind",
-    "ai_run_config",
     "ai_status",
     "check_task",
     "enqueue_ai",
