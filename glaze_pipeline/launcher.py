@@ -268,14 +268,12 @@ def graphql_launch(graphql_url: str) -> RunStarter:
     def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
         job_name, run_config = queue.job_run(request.kind, config)
         try:
-            if job_name == ENRICH_JOB:
-                return client.launch_enrich(config, tags=tags)
             return client.launch_run(job_name, run_config, tags=tags)
         except (RunConfigInvalidError, JobNotFoundError) as error:
             raise LaunchRejected(str(error)) from error
         except GraphQLTransportError:
             # The answer was lost, not necessarily the launch: never launch a request twice.
-            existing = client.find_runs({"glaze/request": request.id})
+            existing = client.find_runs({queue.REQUEST_TAG: request.id})
             if existing:
                 return str(existing[0].run_id)
             raise
@@ -300,12 +298,11 @@ def fork_launch(
 
     from glaze_pipeline.core.detection import normalize_domain
     from glaze_pipeline.definitions import build_definitions
+    from glaze_pipeline.runner import run_in_process
 
     definitions = build_definitions(database_url, providers_file)
-    jobs = {
-        name: definitions.get_job_def(name)
-        for name in (ENRICH_JOB, *(job_name for job_name, _ in AI_JOBS.values()))
-    }
+    for name in (ENRICH_JOB, *(job_name for job_name, _ in AI_JOBS.values())):
+        definitions.get_job_def(name)  # built now, once, not in every child
     normalize_domain("warm.example.com")  # load the suffix list now, not in every child
     with DagsterInstance.get():
         # Create (or migrate) the instance's storage once here: children forked at the same
@@ -327,21 +324,24 @@ def fork_launch(
         if capacity() < 1:
             raise AtCapacity(f"{len(children)} runs in progress")
         job_name, run_config = queue.job_run(request.kind, config)
-        job = jobs[job_name]
         run_id = make_new_run_id()
         pid = os.fork()
         if pid == 0:  # the child: execute, then leave without running the parent's cleanup
             code = 1
             try:
                 with DagsterInstance.get() as instance:
-                    result = job.execute_in_process(
-                        run_config=run_config,
+                    outcome = run_in_process(
+                        job_name,
+                        run_config,
+                        database_url=database_url,
+                        definitions=definitions,
                         instance=instance,
                         tags=tags,
                         run_id=run_id,
-                        raise_on_error=False,
+                        log_level=None,  # Dagster's own console log, as any launched run's
+                        one_line_log=False,
                     )
-                code = 0 if result.success else 1
+                code = 0 if outcome.success else 1
             except BaseException:
                 log.exception("run %s for %s could not execute", run_id, request.id)
             finally:

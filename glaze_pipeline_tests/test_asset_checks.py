@@ -47,7 +47,7 @@ def evaluations(result: Any) -> dict[str, Any]:
 
 def test_a_run_reports_every_check_passing_for_its_own_request(store: Store) -> None:
     with DagsterInstance.ephemeral() as instance:
-        result, table_id = enrich(store, instance, budget=100)
+        result, _ = enrich(store, instance, budget=100)
     found = evaluations(result)
     assert set(found) == {
         "budget_never_exceeded",

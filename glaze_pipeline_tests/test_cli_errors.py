@@ -38,11 +38,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from glaze_pipeline.bench.stack import free_port, fresh_postgres
-from glaze_pipeline.cli import display_text, main, one_line, run_enrich_job
+from glaze_pipeline.cli import main
+from glaze_pipeline.cli.errors import one_line
+from glaze_pipeline.cli.rendering import display_text
 from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.seed import seed_leads
 from glaze_pipeline.core.store import ColumnDef, Store
+from glaze_pipeline.runner import run_enrich_job
 
 BIN = Path(sys.executable).parent
 GLAZE_ENV = (

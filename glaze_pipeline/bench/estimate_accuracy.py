@@ -248,7 +248,7 @@ def measure_seed(
     vendors: Mapping[str, str],
 ) -> SeedFigures:
     """Enrich table 1, estimate table 2, enrich table 2; the figures of the last two."""
-    from glaze_pipeline.cli import run_enrich_job
+    from glaze_pipeline.runner import run_enrich_job
 
     started = time.perf_counter()
     # Companies and people are numbered from `first`: no two tables share an entity.

@@ -4,9 +4,9 @@ Each scenario's pipeline runs in a fresh process so that its peak RSS (`ru_maxrs
 and no warm state (imports, pools, the in-memory cache tier) leaks from one run into the next.
 The parent passes a JSON spec file and reads back a JSON result file.
 
-- `entity`: the real Dagster job `enrich_table`, executed in process (`execute_in_process`) with
-  the bench providers file and `GLAZE_REDIS_URL` set, on a SQLite Dagster instance in a temp
-  dir (as `glaze enrich` runs it). Statements: `Store.process_statements` before and after.
+- `entity`: the real Dagster job `enrich_table`, executed in process (`runner.run_in_process`,
+  as `glaze enrich` runs it) with the bench providers file and `GLAZE_REDIS_URL` set, on a
+  SQLite Dagster instance in a temp dir. Statements: `Store.process_statements` before and after.
 - `baseline`: the cell-level job of `glaze_pipeline.bench.baseline`.
 """
 
@@ -39,31 +39,38 @@ def cpu_seconds() -> float:
 def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     from dagster import DagsterEventType, DagsterInstance
 
+    from glaze_pipeline.core import queue
+    from glaze_pipeline.core.models import RequestKind
     from glaze_pipeline.core.store import Store
     from glaze_pipeline.definitions import build_definitions
+    from glaze_pipeline.runner import run_in_process
 
     os.environ["GLAZE_REDIS_URL"] = spec["redis_url"]
     home = Path(spec["dagster_home"])
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     definitions = build_definitions(spec["database_url"], spec["providers_file"])
-    job = definitions.get_job_def("enrich_table")
-    run_config = {
-        "ops": {"detect_entities": {"config": spec["job_config"]}},
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
-    }
+    job_name, run_config = queue.job_run(RequestKind.ENRICH, spec["job_config"])
+    definitions.get_job_def(job_name)  # built before the clock starts
     ready_s = time.perf_counter() - STARTED
     with DagsterInstance.from_config(str(home)) as instance:
         before = Store.process_statements
         cpu_before = cpu_seconds()
         started_at = time.time()
-        result = job.execute_in_process(
-            run_config=run_config, instance=instance, raise_on_error=False
+        outcome = run_in_process(
+            job_name,
+            run_config,
+            database_url=spec["database_url"],
+            definitions=definitions,
+            instance=instance,
+            log_level="WARNING",
+            one_line_log=False,
         )
         wall = time.time() - started_at
         cpu = cpu_seconds() - cpu_before
         statements = Store.process_statements - before
         rss = peak_rss_mib()
+        result = outcome.result
         kinds = {
             DagsterEventType.RUN_START,
             DagsterEventType.STEP_START,
@@ -72,7 +79,7 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         }
         steps: dict[str, dict[str, float]] = {}
         run_started = None
-        for entry in instance.all_logs(result.run_id):
+        for entry in instance.all_logs(outcome.run_id):
             event = entry.dagster_event
             if event is None or event.event_type not in kinds:
                 continue
@@ -83,12 +90,12 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
                 stage = "start" if event.event_type is DagsterEventType.STEP_START else "end"
                 steps.setdefault(entry.step_key, {})[stage] = round(offset, 3)
         failure = None
-        if not result.success:
+        if not outcome.success:
             failed = next((e for e in result.all_events if e.is_step_failure), None)
             data = failed.step_failure_data if failed is not None else None
             failure = data.error.message if data is not None and data.error else "run failed"
     out: dict[str, Any] = {
-        "success": result.success,
+        "success": outcome.success,
         "failure": failure,
         "wall_s": round(wall, 3),
         "process_ready_s": round(ready_s, 3),
@@ -99,10 +106,10 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": round(cpu, 2),
         "peak_rss_mib": round(rss, 1),
     }
-    if result.success:
-        plan = result.output_for_node("detect_entities", "plan")
+    if outcome.success and outcome.request_id is not None:
+        plan = result.output_for_node(queue.ENRICH_OP, "plan")
         store = Store(spec["database_url"])
-        request = store.get_request(plan.request_id)
+        request = store.get_request(outcome.request_id)
         store.dispose()
         out["request"] = {
             "id": request.id,

@@ -181,6 +181,20 @@ class TableRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestSummary:
+    """A request as a list of the latest shows it."""
+
+    id: str
+    table_id: str
+    kind: str
+    status: str
+    cells_done: int
+    cells_total: int
+    cost: float
+    created_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class FullRow:
     """A row with everything the app shows: values, per-cell meta, status and provenance."""
 
@@ -1001,6 +1015,25 @@ class Store:
                 select(EnrichmentRequest.id).where(EnrichmentRequest.run_id == run_id).limit(1)
             )
         return str(found) if found is not None else None
+
+    def recent_requests(self, limit: int = 20) -> list[RequestSummary]:
+        """The latest `limit` requests, newest first (the CLI's `status`)."""
+        query = (
+            select(
+                EnrichmentRequest.id,
+                EnrichmentRequest.table_id,
+                EnrichmentRequest.kind,
+                EnrichmentRequest.status,
+                EnrichmentRequest.cells_done,
+                EnrichmentRequest.cells_total,
+                EnrichmentRequest.cost,
+                EnrichmentRequest.created_at,
+            )
+            .order_by(EnrichmentRequest.created_at.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [RequestSummary(*row) for row in connection.execute(query)]
 
 
 # A new request's counters and flags (the database has the same server defaults, 0003).

@@ -137,7 +137,7 @@ def open_request(
         raise Failure(description=message, allow_retries=False) from None
     tag_run(
         context,
-        {"glaze/table": task.table_id, "glaze/request": request_id, "glaze/kind": kind.value},
+        {queue.TABLE_TAG: task.table_id, queue.REQUEST_TAG: request_id, queue.KIND_TAG: kind.value},
     )
     RequestRepository(store).record_counters(request_id, entities=len(task.steps))
     with progress.publisher() as publisher:
@@ -413,9 +413,8 @@ def run_ai_in_process(
     one ends `failed` here with its reason (InputError). A run that fails without closing its
     request (a crash) closes it `failed` with the run's own message.
     """
-    # The CLI imports the definitions, which import this module: import it back lazily.
-    from glaze_pipeline.cli import dagster_instance, one_line_run_logger, run_failure
-    from glaze_pipeline.definitions import build_definitions
+    # The runner builds the definitions, which import this module: import it lazily.
+    from glaze_pipeline.runner import run_in_process
 
     store = Store(database_url)
     try:
@@ -434,25 +433,20 @@ def run_ai_in_process(
                 queue.settle_ended(store, request_id)
             raise
         job_name, run_config = queue.job_run(claimed.kind, config)
-        job = build_definitions(database_url).get_job_def(job_name)
-        if not debug:
-            job = job.with_logger_defs({"console": one_line_run_logger()})
-        with dagster_instance() as instance:
-            result = job.execute_in_process(
-                run_config={
-                    **run_config,
-                    "loggers": {"console": {"config": {"log_level": log_level}}},
-                },
-                instance=instance,
-                tags=queue.run_tags(claimed),
-                raise_on_error=False,
-            )
-        if not result.success:
+        outcome = run_in_process(
+            job_name,
+            run_config,
+            database_url=database_url,
+            tags=queue.run_tags(claimed),
+            log_level=log_level,
+            one_line_log=not debug,
+        )
+        if outcome.failure is not None:
             queue.close_for_run(
                 store,
                 request_id,
                 RequestStatus.FAILED,
-                f"run {result.run_id} failed: {run_failure(result)}",
+                f"run {outcome.run_id} failed: {outcome.failure}",
             )
         return requests.get(request_id)
     finally:

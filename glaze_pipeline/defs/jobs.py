@@ -272,7 +272,11 @@ def detect_entities(
         raise Failure(description=str(error), allow_retries=False) from None
     tag_run(
         context,
-        {"glaze/table": target.table_id, "glaze/request": request_id, "glaze/kind": kind.value},
+        {
+            queue.TABLE_TAG: target.table_id,
+            queue.REQUEST_TAG: request_id,
+            queue.KIND_TAG: kind.value,
+        },
     )
     with (
         request_closed_on_error(store, request_id, progress, target.table_id),

@@ -7,22 +7,12 @@ Dagster job in process, and prints the proposal; nothing touches a table until i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import click
-from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from glaze_pipeline.cli.context import command_store, console
+from glaze_pipeline.cli.rendering import render_ai_status, render_proposal
 from glaze_pipeline.core.models import RequestKind
-
-
-def _cli() -> Any:
-    # The main CLI imports this module to register the group: import it back lazily.
-    from glaze_pipeline import cli
-
-    return cli
 
 
 def _check_llm() -> None:
@@ -53,7 +43,7 @@ def _run(
     from glaze_pipeline.core.ai.workflow import enqueue_ai
 
     _check_llm()
-    store = _cli()._store(ctx)
+    store = command_store(ctx)
     store.upgrade()  # a fresh embedded database gets its schema, as `glaze seed` does
     enqueued = enqueue_ai(store, kind, context, table_id=table_id, count=count)
     _run_queued(ctx, enqueued.request_id, accept=accept)
@@ -63,19 +53,18 @@ def _run_queued(ctx: click.Context, request_id: str, *, accept: bool) -> None:
     """Run a queued AI request's job in process, print its proposal, accept it if asked."""
     from glaze_pipeline.defs.ai_jobs import run_ai_in_process
 
-    cli = _cli()
     request = run_ai_in_process(
         ctx.find_root().obj.get("database_url"), request_id, debug=ctx.obj["debug"]
     )
     kind = RequestKind(request.kind)
-    cli.console.print(render_proposal(request.id, kind, request.result or {}))
+    console.print(render_proposal(request.id, kind, request.result or {}))
     if request.status not in ("succeeded", "partial"):
-        cli.console.print(Text(f"request {request.id} ended {request.status}: {request.error}"))
+        console.print(Text(f"request {request.id} ended {request.status}: {request.error}"))
         return
     if accept:
         _accept(ctx, request.id, with_rows=True)
     else:
-        cli.console.print(f"accept it with: glaze ai accept {request.id}")
+        console.print(f"accept it with: glaze ai accept {request.id}")
 
 
 @ai.command()
@@ -162,7 +151,7 @@ def retry_command(ctx: click.Context, request_id: str, accept: bool) -> None:
     from glaze_pipeline.core.ai.workflow import retry_ai
 
     _check_llm()
-    retried = retry_ai(_cli()._store(ctx), request_id)
+    retried = retry_ai(command_store(ctx), request_id)
     _run_queued(ctx, retried.request_id, accept=accept)
 
 
@@ -173,96 +162,30 @@ def show_command(ctx: click.Context, request_id: str) -> None:
     """Show an AI request: its status (seed 003's view) and its proposal."""
     from glaze_pipeline.core.ai.workflow import ai_status
 
-    cli = _cli()
-    request = cli._store(ctx).get_request(request_id)
-    view = ai_status(request)
-    grid = Table(title=f"AI request {request.id}", show_header=False)
-    grid.add_column("field")
-    grid.add_column("value")
-    for name in ("kind", "status", "state", "progress", "tableId", "cost", "error"):
-        grid.add_row(name, Text(str(view.get(name, "-") if view.get(name) is not None else "-")))
-    cli.console.print(grid)
+    request = command_store(ctx).get_request(request_id)
+    console.print(render_ai_status(request.id, ai_status(request)))
     if request.result:
-        cli.console.print(render_proposal(request.id, RequestKind(request.kind), request.result))
+        console.print(render_proposal(request.id, RequestKind(request.kind), request.result))
 
 
 def _table_context(ctx: click.Context, table_id: str) -> str:
     from glaze_pipeline.core.ai.workflow import table_context
 
-    return table_context(_cli()._store(ctx), table_id)
+    return table_context(command_store(ctx), table_id)
 
 
 def _accept(ctx: click.Context, request_id: str, *, with_rows: bool) -> None:
     from glaze_pipeline.core.ai.accept import accept_proposal
 
-    cli = _cli()
-    store = cli._store(ctx)
+    store = command_store(ctx)
     accepted = accept_proposal(store, request_id, with_rows=with_rows)
     verb = "created" if accepted.created else "extended"
-    cli.console.print(
+    console.print(
         f"{verb} table {accepted.table_id}: {len(accepted.columns_added)} columns added"
         + (f" ({', '.join(accepted.columns_added)})" if accepted.columns_added else "")
         + f", {accepted.rows_added} rows added, {accepted.rows_duplicate} duplicate rows skipped"
     )
     for note in accepted.notes:
-        cli.console.print(Text(f"  - {note}"))
-    cli.console.print(f"table id: {accepted.table_id}")
-    cli.console.print(f"enrich it with: glaze enrich {accepted.table_id}")
-
-
-def render_proposal(request_id: str, kind: RequestKind, result: Mapping[str, Any]) -> Group:
-    """A proposal as a person reads it: the table, its columns, its rows, what was dropped."""
-    parts: list[Any] = []
-    table = result.get("table")
-    if isinstance(table, Mapping):
-        grid = Table(title=f"proposed table ({request_id})", show_header=False)
-        grid.add_column("field")
-        grid.add_column("value")
-        for name in ("name", "description", "entityType"):
-            value = table.get(name, table.get("entity_type") if name == "entityType" else None)
-            grid.add_row(name, Text(str(value if value is not None else "-")))
-        parts.append(grid)
-    columns = result.get("columns")
-    if isinstance(columns, Sequence) and columns:
-        grid = Table("key", "label", "role", "fills from", title="proposed columns")
-        for column in columns:
-            if not isinstance(column, Mapping):
-                continue
-            source = column.get("field") or (
-                f"AI: {column['prompt']}" if column.get("prompt") else "-"
-            )
-            grid.add_row(
-                Text(str(column.get("key"))),
-                Text(str(column.get("label"))),
-                Text(str(column.get("role"))),
-                Text(str(source)),
-            )
-        parts.append(grid)
-    rows = result.get("rows")
-    if isinstance(rows, Sequence) and rows:
-        keys: list[str] = []
-        for row in rows:
-            values = row.get("values", row) if isinstance(row, Mapping) else {}
-            keys.extend(k for k in values if k not in keys)
-        grid = Table(*keys, title=f"proposed rows ({len(rows)})")
-        for row in rows:
-            values = row.get("values", row) if isinstance(row, Mapping) else {}
-            grid.add_row(*(Text(str(values.get(key, ""))) for key in keys))
-        parts.append(grid)
-    notes = result.get("notes")
-    if isinstance(notes, Sequence) and notes:
-        parts.append(Text("notes:\n" + "\n".join(f"  - {note}" for note in notes)))
-    usage = result.get("usage")
-    if isinstance(usage, Mapping):
-        versions = result.get("promptVersions") or {}
-        parts.append(
-            Text(
-                f"model {result.get('model', '-')}, prompts "
-                f"{', '.join(str(v) for v in (versions.values() if isinstance(versions, Mapping) else versions)) or '-'}; "
-                f"{usage.get('calls', 0)} LLM calls, {usage.get('promptTokens', 0)} + "
-                f"{usage.get('completionTokens', 0)} tokens, cost {usage.get('cost', 0)}"
-            )
-        )
-    if not parts:
-        parts.append(Text(f"{kind.value}: no proposal"))
-    return Group(*parts)
+        console.print(Text(f"  - {note}"))
+    console.print(f"table id: {accepted.table_id}")
+    console.print(f"enrich it with: glaze enrich {accepted.table_id}")
