@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.models import EntityKey, EntityOutcome, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import Provider
-from glaze_pipeline.core.providers.http import HttpSettings, provider_session
+from glaze_pipeline.core.providers.http import HttpSettings, RateLimiter, provider_session
 from glaze_pipeline.core.providers.json_api import JsonApiConfig
 from glaze_pipeline.core.waterfall import Waterfall
 from glaze_pipeline.testing.mock_server import (
@@ -244,3 +245,21 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch, names: Mapping[str, Any]) -> list[
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return asked
+
+
+class FrozenTime:
+    """A clock that never moves and a sleep that records what it was asked and returns at once:
+    a rate limiter on it hands out its waits as numbers a test can assert, in no time."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        await asyncio.sleep(0)  # still a suspension point, as the real one is
+
+    def limiter(self, rate_per_s: float | None, burst: int = 1) -> RateLimiter:
+        return RateLimiter(rate_per_s, burst, clock=self.clock, sleep=self.sleep)

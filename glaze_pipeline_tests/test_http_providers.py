@@ -56,6 +56,7 @@ from glaze_pipeline.testing.mock_server import (
 )
 from glaze_pipeline_tests.provider_helpers import (
     CHEAP_FIELDS,
+    FrozenTime,
     LoopbackSite,
     Page,
     company,
@@ -147,10 +148,10 @@ def test_429_storm_is_retried_a_bounded_number_of_times_then_failed_not_charged(
     requests = [EntityRequest(company("storm0.com"), frozenset({"name", "industry"}))]
     requests += [EntityRequest(company(f"storm{i}.com"), frozenset({"name"})) for i in (1, 2)]
     budget = Budget(100.0)
+    frozen = FrozenTime()
+    provider.http.limiter = frozen.limiter(None)  # no rate limit: only Retry-After holds it
 
-    started = time.perf_counter()
     outcomes, waterfall = asyncio.run(run_waterfall([provider], requests, budget))
-    elapsed = time.perf_counter() - started
 
     for outcome in outcomes:
         for field_outcome in outcome.fields.values():
@@ -166,8 +167,8 @@ def test_429_storm_is_retried_a_bounded_number_of_times_then_failed_not_charged(
     assert not waterfall.stats.cost
     assert waterfall.stats.errors["premium_company"] == 3
     assert mock.stats()["vendors"]["premium"]["cost"] == 0
-    # Retry-After was honoured: three waits of 0.05 s before the three retries.
-    assert elapsed >= 0.15
+    # Retry-After was honoured: each of the 9 retries waited the 0.05 s the server asked for.
+    assert len(frozen.slept) >= 9 and set(frozen.slept) == {0.05}
 
 
 def test_rate_limited_carries_retry_after_and_the_cap_bounds_the_wait(
@@ -178,14 +179,15 @@ def test_rate_limited_carries_retry_after_and_the_cap_bounds_the_wait(
         company_vendor(mock.vendor_url("premium"), http={"retries": 2, "retry_after_max_s": 0.05})
     )
 
-    started = time.perf_counter()
+    frozen = FrozenTime()
+    provider.http.limiter = frozen.limiter(None)
     with pytest.raises(RateLimited) as caught:
         asyncio.run(lookup(provider, company("slow-down.com"), {"name"}))
 
     assert caught.value.retry_after == 30.0
     assert caught.value.provider == "premium_company"
     assert provider.http.stats.attempts == 3
-    assert time.perf_counter() - started < 2.0  # capped at 0.05 s a retry, not 30 s
+    assert frozen.slept == [0.05, 0.05]  # capped at 0.05 s a retry, not 30 s
 
 
 # --- timeouts, 5xx ----------------------------------------------------------------------------
@@ -582,12 +584,15 @@ def test_rate_limit_spaces_requests(mock: MockProviderServer) -> None:
     provider = JsonApiProvider(
         company_vendor(mock.vendor_url("premium"), http={"rate_limit_per_s": 20.0})
     )
-    started = time.perf_counter()
+    assert provider.http.limiter.rate_per_s == 20.0  # the setting reaches the limiter
+    frozen = FrozenTime()
+    provider.http.limiter = frozen.limiter(20.0)
 
     results = asyncio.run(lookups(provider, [company(f"rate{i}.com") for i in range(6)]))
 
     assert all(isinstance(r, ProviderAnswer) for r in results)
-    assert time.perf_counter() - started >= 0.25 - 0.02  # 5 gaps of 50 ms
+    # Six requests at once at 20/s: the first leaves now, the next five 50 ms apart.
+    assert sorted(frozen.slept) == [0.05, 0.1, 0.15, 0.2, 0.25]
 
 
 def test_token_bucket_allows_a_burst_then_spaces_requests_and_holds() -> None:

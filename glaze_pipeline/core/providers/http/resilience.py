@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -197,11 +197,13 @@ class RateLimiter:
         burst: int = 1,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.rate_per_s = rate_per_s
         self._interval = 1.0 / rate_per_s if rate_per_s else 0.0
         self._tolerance = self._interval * (max(1, burst) - 1)
-        self._clock = clock
+        self._clock = clock  # the clock and the sleep go together: tests pass a virtual pair
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._tat = 0.0  # theoretical arrival time of the next request
         self._hold_until = 0.0
@@ -220,7 +222,7 @@ class RateLimiter:
     async def acquire(self) -> None:
         wait = self.reserve()
         if wait > 0:
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
 
     def hold(self, seconds: float) -> None:
         """No request leaves before `seconds` from now (a server's `Retry-After`)."""
