@@ -4,7 +4,7 @@ from dagster import Definitions
 
 from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
 from glaze_pipeline.defs.assets import GLAZE_ASSETS
-from glaze_pipeline.defs.checks import GLAZE_ASSET_CHECKS
+from glaze_pipeline.defs.checks import GLAZE_ASSET_CHECKS, data_checks
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
@@ -24,7 +24,7 @@ def build_definitions(
     return Definitions(
         assets=GLAZE_ASSETS,
         asset_checks=GLAZE_ASSET_CHECKS,
-        jobs=[enrich_table, *AI_JOB_DEFS],
+        jobs=[enrich_table, *AI_JOB_DEFS, data_checks],
         sensors=GLAZE_SENSORS,
         schedules=[pre_enrich_schedule],
         resources={

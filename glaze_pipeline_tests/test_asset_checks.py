@@ -107,3 +107,19 @@ def test_each_check_fails_on_data_that_breaks_its_rule(store: Store) -> None:
     assert provenance.metadata["sample"].value == [f"{second}/{key}: no source"]
     # Scoped to a request, the provenance check reads only what that request wrote.
     assert checks.cells_without_provenance(store, table_id, request_id="req_other").count == 0
+
+
+def test_the_data_checks_job_runs_the_three_checks_over_all_the_data(store: Store) -> None:
+    with DagsterInstance.ephemeral() as instance:
+        enrich(store, instance)
+        job = build_definitions(store.url).resolve_job_def("data_checks")
+        result = job.execute_in_process(instance=instance)
+    assert result.success
+    found = evaluations(result)
+    assert set(found) == {
+        "budget_never_exceeded",
+        "no_row_left_in_flight",
+        "every_cell_has_provenance",
+    }
+    assert all(evaluation.passed for evaluation in found.values())
+    assert found["every_cell_has_provenance"].metadata["tables"].value == 1

@@ -2,8 +2,8 @@
 
 Two ways in. `enrich_table`'s last op reports each check for what its own request wrote (a
 failing check shows on the run and on the asset, beside the materialization). And each is an
-`@asset_check` over all the data, to run from the UI's asset page or
-`dagster asset check --select glaze/enriched_table -m glaze_pipeline.definitions`.
+`@asset_check` over all the data, to run from the UI's asset page ("Checks" → Execute) or as the
+`data_checks` job: `dagster job execute -m glaze_pipeline.definitions -j data_checks`.
 The work is in `core/checks.py`; here are only their names, descriptions and metadata.
 """
 
@@ -14,8 +14,10 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
+    AssetSelection,
     MetadataValue,
     asset_check,
+    define_asset_job,
 )
 
 from glaze_pipeline.core import checks
@@ -117,3 +119,9 @@ def every_cell_has_provenance(glaze_db: GlazeDatabase) -> AssetCheckResult:
 
 
 GLAZE_ASSET_CHECKS = [budget_never_exceeded, no_row_left_in_flight, every_cell_has_provenance]
+
+data_checks = define_asset_job(
+    "data_checks",
+    selection=AssetSelection.checks(*GLAZE_ASSET_CHECKS),
+    description="Run the asset checks over all the data (budgets, rows in flight, provenance).",
+)
