@@ -21,6 +21,8 @@ from glaze_pipeline.defs.checks import (
 )
 from glaze_pipeline.defs.resources import GlazeDatabase
 
+CHECKS = {"budget_never_exceeded", "no_row_left_in_flight", "every_cell_has_provenance"}
+
 
 def enrich(store: Store, instance: DagsterInstance, budget: float | None = None) -> Any:
     table_id = seed_leads(store).id
@@ -49,11 +51,7 @@ def test_a_run_reports_every_check_passing_for_its_own_request(store: Store) -> 
     with DagsterInstance.ephemeral() as instance:
         result, _ = enrich(store, instance, budget=100)
     found = evaluations(result)
-    assert set(found) == {
-        "budget_never_exceeded",
-        "no_row_left_in_flight",
-        "every_cell_has_provenance",
-    }
+    assert set(found) == CHECKS
     assert all(evaluation.passed for evaluation in found.values())
     provenance = found["every_cell_has_provenance"].metadata
     request_id = result.output_for_node("detect_entities", "plan").request_id
@@ -116,10 +114,6 @@ def test_the_data_checks_job_runs_the_three_checks_over_all_the_data(store: Stor
         result = job.execute_in_process(instance=instance)
     assert result.success
     found = evaluations(result)
-    assert set(found) == {
-        "budget_never_exceeded",
-        "no_row_left_in_flight",
-        "every_cell_has_provenance",
-    }
+    assert set(found) == CHECKS
     assert all(evaluation.passed for evaluation in found.values())
     assert found["every_cell_has_provenance"].metadata["tables"].value == 1

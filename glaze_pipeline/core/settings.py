@@ -46,19 +46,31 @@ def pre_enrich_budget(explicit: float | None = None) -> float:
     A value that is not a non-negative number raises, naming the variable: a typo must not turn
     into an unlimited (or zero) budget silently.
     """
+    value = non_negative_setting(explicit, PRE_ENRICH_BUDGET_ENV, label="the pre-enrichment budget")
+    return DEFAULT_PRE_ENRICH_BUDGET if value is None else value
+
+
+def non_negative_setting(
+    explicit: float | None, env_var: str, *, label: str, unit: str = ""
+) -> float | None:
+    """`explicit` (named `label` in errors), else `env_var` read now, else None.
+
+    Anything but a finite number >= 0 raises a ValueError naming where it came from, `unit`
+    (" of seconds") saying what kind of number was meant.
+    """
     if explicit is not None:
-        value, source = float(explicit), "the pre-enrichment budget"
+        value, source = float(explicit), label
     else:
-        raw = os.environ.get(PRE_ENRICH_BUDGET_ENV, "").strip()
+        raw = os.environ.get(env_var, "").strip()
         if not raw:
-            return DEFAULT_PRE_ENRICH_BUDGET
-        source = PRE_ENRICH_BUDGET_ENV
+            return None
+        source = env_var
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"{source} must be a number, not {raw!r}") from None
+            raise ValueError(f"{source} must be a number{unit}, not {raw!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{source} must be a non-negative number, not {value!r}")
+        raise ValueError(f"{source} must be a non-negative number{unit}, not {value!r}")
     return value
 
 

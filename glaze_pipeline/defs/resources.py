@@ -1,6 +1,5 @@
 """One ConfigurableResource per external system. Nothing here reads the environment at import."""
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,12 @@ from glaze_pipeline.core.progress import (
 )
 from glaze_pipeline.core.providers.base import Provider
 from glaze_pipeline.core.providers.registry import load_providers
-from glaze_pipeline.core.settings import database_url, pre_enrich_budget, redis_url
+from glaze_pipeline.core.settings import (
+    database_url,
+    non_negative_setting,
+    pre_enrich_budget,
+    redis_url,
+)
 from glaze_pipeline.core.store import Store
 
 if TYPE_CHECKING:
@@ -153,20 +157,13 @@ class RequestLiveness(ConfigurableResource):
 
     def stale_after(self) -> timedelta:
         """The silence that fails a request; a bad value raises, naming where it came from."""
-        if self.stale_after_seconds is not None:
-            value, source = self.stale_after_seconds, "stale_after_seconds"
-        else:
-            raw = os.environ.get(STALE_AFTER_ENV, "").strip()
-            if not raw:
-                return DEFAULT_STALE_AFTER
-            source = STALE_AFTER_ENV
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{source} must be a number of seconds, not {raw!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{source} must be a non-negative number of seconds, not {value!r}")
-        return timedelta(seconds=value)
+        value = non_negative_setting(
+            self.stale_after_seconds,
+            STALE_AFTER_ENV,
+            label="stale_after_seconds",
+            unit=" of seconds",
+        )
+        return DEFAULT_STALE_AFTER if value is None else timedelta(seconds=value)
 
 
 class LanguageModel(ConfigurableResource):
