@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
     from glaze_pipeline.core.schema import EnrichmentRequest
 
-# The tag a launched run carries naming the request it serves (queue.run_tags).
-
 
 @dataclass(frozen=True)
 class RunOutcome:
