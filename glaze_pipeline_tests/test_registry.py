@@ -320,3 +320,55 @@ def test_fake_values_are_seed_001s() -> None:
         "company": "Test Industries",
     }
     assert fake_value(company, "shoe_size") == "Enriched: shoe_size (acme.com)"
+
+
+def test_each_kind_has_the_optional_capabilities_the_engine_uses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The waterfall, the engine, the estimate, preflight and `glaze providers` find a
+    provider's optional capabilities by these protocols: each kind has the ones it means to."""
+    from glaze_pipeline.core.ai.columns import ai_field
+    from glaze_pipeline.core.detection import ColumnSpec
+    from glaze_pipeline.core.providers import base
+    from glaze_pipeline.core.providers.llm_column import ai_column_providers
+
+    monkeypatch.setenv("GLAZE_MOCK_PROVIDERS_URL", "http://127.0.0.1:9999")
+    text = MOCK_FILE.read_text().replace("enabled: false", "enabled: true", 1)
+    (tmp_path / "providers.yaml").write_text(text)
+    providers = load_providers(tmp_path / "providers.yaml")
+    prompt = "Does {company} sell to enterprises?"
+    providers += ai_column_providers(
+        [ColumnSpec("col_1", "enterprise", ai_field(prompt), prompt=prompt)],
+        None,
+        problem="GLAZE_LLM_BASE_URL is not set",
+    )
+    providers.append(FakeProvider(EntityType.COMPANY))
+    capabilities = (
+        base.ChoosesKeys,
+        base.NamesItsSource,
+        base.KnowsWhenUnavailable,
+        base.AlwaysAnswers,
+        base.KeepsLlmCalls,
+        base.ReportsHealth,
+        base.ChecksItself,
+    )
+    found = {
+        type(p).__name__: {c.__name__ for c in capabilities if isinstance(p, c)} for p in providers
+    }
+    http = {"ChoosesKeys", "KnowsWhenUnavailable", "ReportsHealth", "ChecksItself"}
+    assert found == {
+        "JsonApiProvider": http,
+        "WebsiteProvider": http,
+        "AiColumnProvider": {
+            "NamesItsSource",
+            "KnowsWhenUnavailable",
+            "AlwaysAnswers",
+            "KeepsLlmCalls",
+            "ChecksItself",
+        },
+        "FakeProvider": set(),
+    }
+    # Not configured: the AI column's provider says why without a call; its preflight agrees.
+    [ai] = [p for p in providers if type(p).__name__ == "AiColumnProvider"]
+    assert isinstance(ai, base.KnowsWhenUnavailable)
+    assert ai.unavailable_reason() == "GLAZE_LLM_BASE_URL is not set"

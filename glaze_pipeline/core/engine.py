@@ -45,7 +45,7 @@ from glaze_pipeline.core.models import (
     RowStatus,
     Selection,
 )
-from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.base import KeepsLlmCalls, Provider
 from glaze_pipeline.core.providers.session import provider_session
 from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.requests import Beat, RequestRepository
@@ -554,9 +554,8 @@ def record_llm_calls(store: Store, request_id: str, providers: Iterable[Provider
     failed write is logged and the chunk's answers are kept."""
     calls: list[Any] = []
     for provider in providers:
-        take = getattr(provider, "take_llm_calls", None)
-        if callable(take):
-            calls.extend(take())
+        if isinstance(provider, KeepsLlmCalls):
+            calls.extend(provider.take_llm_calls())
     if calls:
         try:
             store.record_llm_calls(request_id, calls)

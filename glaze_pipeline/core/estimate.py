@@ -33,7 +33,7 @@ from typing import Any
 
 from glaze_pipeline.core.cache import AnswerCache, CachedAnswer
 from glaze_pipeline.core.models import EntityRequest, Observation
-from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.base import AlwaysAnswers, Provider
 from glaze_pipeline.core.waterfall import supports, waterfall_order
 
 # The prior when a provider has no history for a kind of key: it finds 80 % of what it is asked
@@ -86,7 +86,7 @@ def observed_rates(
     A provider that says it `always_answers` (an LLM answers every question it is asked) has a
     prior of every lookup found and every field filled; any other, PRIOR_FOUND and PRIOR_FILLED.
     """
-    always = bool(getattr(provider, "always_answers", False))
+    always = isinstance(provider, AlwaysAnswers) and bool(provider.always_answers)
     prior_found, prior_filled = (1.0, 1.0) if always else (PRIOR_FOUND, PRIOR_FILLED)
     prior_charged = prior_found + (1 - prior_found) * float(provider.charges_misses)
     seen = observation or Observation()

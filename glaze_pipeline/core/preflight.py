@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Iterable, Mapping
 
-from glaze_pipeline.core.providers.base import Provider, Verdict
+from glaze_pipeline.core.providers.base import ChecksItself, Provider, Verdict
 
 # A provider's own probe has a short timeout; this bounds a preflight that has none.
 PREFLIGHT_TIMEOUT_S = 15.0
@@ -53,12 +53,11 @@ async def _check_all(providers: list[Provider], *, probe: bool, timeout_s: float
 
 async def _check(provider: Provider, probe: bool, timeout_s: float) -> Verdict:
     name = provider.name
-    preflight = getattr(provider, "preflight", None)
-    if not callable(preflight):
+    if not isinstance(provider, ChecksItself):
         return Verdict(name, True, checks=("in process",))
     try:
         async with asyncio.timeout(timeout_s):
-            verdict = await preflight(probe=probe)
+            verdict = await provider.preflight(probe=probe)
     except TimeoutError:
         return Verdict(name, False, f"preflight gave no verdict within {timeout_s:g}s")
     except Exception as error:  # one provider's fault is its own verdict, not everyone's

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
@@ -33,13 +33,17 @@ from glaze_pipeline.core.models import (
     Observation,
 )
 from glaze_pipeline.core.providers.base import (
+    ChoosesKeys,
     CredentialsMissing,
     EntityNotFound,
+    KnowsWhenUnavailable,
+    NamesItsSource,
     Provider,
     ProviderAnswer,
     ProviderError,
     ProviderUnavailable,
     Unreachable,
+    has_capability,
 )
 from glaze_pipeline.core.spend import SpendJournal
 
@@ -222,22 +226,27 @@ def waterfall_order(providers: Iterable[Provider]) -> dict[EntityType, list[Prov
 
 def supports(provider: Provider, key: EntityKey) -> bool:
     """Providers may declare which key kinds they can look up (`supports(key)`); default: all."""
-    check = getattr(provider, "supports", None)
-    return True if check is None else bool(check(key))
+    if not has_capability(provider, ChoosesKeys):
+        return True
+    return bool(cast(ChoosesKeys, provider).supports(key))
 
 
 def provider_source(provider: Provider) -> str:
     """What a cell filled by `provider` records as its source: the provider's `source` when it
     says more than its name (an LLM names its model and prompt version), else its name."""
-    source = getattr(provider, "source", None)
-    return source if isinstance(source, str) and source else provider.name
+    if has_capability(provider, NamesItsSource):
+        source = cast(NamesItsSource, provider).source
+        if isinstance(source, str) and source:
+            return source
+    return provider.name
 
 
 def unavailable_now(provider: Provider) -> str | None:
     """Why `provider` cannot be called right now (open circuit, missing key), if it says so;
     checked before a lookup is journalled, so such an attempt never counts as a call."""
-    check = getattr(provider, "unavailable_reason", None)
-    return check() if callable(check) else None
+    if not has_capability(provider, KnowsWhenUnavailable):
+        return None
+    return cast(KnowsWhenUnavailable, provider).unavailable_reason()
 
 
 class Waterfall:

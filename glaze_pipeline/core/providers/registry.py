@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from glaze_pipeline.core.errors import ConfigError
 from glaze_pipeline.core.providers import fake, json_api, website
-from glaze_pipeline.core.providers.base import Provider, ProviderConfig, ProviderKind, Verdict
+from glaze_pipeline.core.providers.base import (
+    Provider,
+    ProviderConfig,
+    ProviderKind,
+    ReportsHealth,
+    Verdict,
+)
 from glaze_pipeline.core.providers.http import ProviderHealth, expand_env
 
 PROVIDERS_FILE_ENV = "GLAZE_PROVIDERS_FILE"
@@ -165,9 +171,8 @@ def describe_providers(
     for provider in providers:
         verdict = (verdicts or {}).get(provider.name)
         health: ProviderHealth | None = None
-        probe = getattr(provider, "health", None)
-        if callable(probe):
-            result = probe()
+        if isinstance(provider, ReportsHealth):
+            result = provider.health()
             health = result if isinstance(result, ProviderHealth) else None
         described.append(
             ProviderDescription(
