@@ -24,8 +24,13 @@ from glaze_pipeline.bench.stack import BIN, Stack, dagster_stack
 from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store
-from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel, RequestLiveness
-from glaze_pipeline.defs.sensors import STALE_AFTER_ENV, request_reconciler
+from glaze_pipeline.defs.resources import (
+    STALE_AFTER_ENV,
+    GlazeDatabase,
+    ProgressChannel,
+    RequestLiveness,
+)
+from glaze_pipeline.defs.sensors import request_reconciler
 from glaze_pipeline.testing.mock_server import Latency, MockConfig, MockProviderServer, VendorConfig
 from glaze_pipeline_tests.conftest import APP_TABLES
 

@@ -334,11 +334,11 @@ def test_user_text_stays_inside_the_input_json() -> None:
 # --- structured output ---------------------------------------------------------------------
 
 
-def test_a_valid_answer_needs_no_repair(llm: MockLlmServer) -> None:
-    calls: list[LlmCall] = []
+def ask_acme(llm: MockLlmServer, calls: list[LlmCall], **settings: Any) -> Any:
+    """The AI-column question "Is acme.com B2B?", asked through `ask` with these settings."""
 
     async def go() -> Any:
-        async with make_client(llm.url, calls, Sleeps()) as client:
+        async with make_client(llm.url, calls, Sleeps(), **settings) as client:
             variables = {
                 "template": "Is acme.com B2B?",
                 "entity_type": "company",
@@ -346,7 +346,13 @@ def test_a_valid_answer_needs_no_repair(llm: MockLlmServer) -> None:
             }
             return await ask(client, load_prompt("ai_column"), variables, AiColumnAnswer)
 
-    answer = run(go())
+    return run(go())
+
+
+def test_a_valid_answer_needs_no_repair(llm: MockLlmServer) -> None:
+    calls: list[LlmCall] = []
+
+    answer = ask_acme(llm, calls)
 
     assert answer.value.answer in ("yes", "no") and 0 <= answer.value.confidence <= 1
     expected = ai_answer("Is acme.com B2B?")
@@ -360,7 +366,7 @@ def test_a_valid_answer_needs_no_repair(llm: MockLlmServer) -> None:
         calls[0].prompt_tokens,
         calls[0].completion_tokens,
     )
-    assert answer.value == run(go()).value  # deterministic
+    assert answer.value == ask_acme(llm, []).value  # deterministic
 
 
 @pytest.mark.parametrize("mode", ["invalid_json", "wrong_shape"])
@@ -368,16 +374,7 @@ def test_an_invalid_answer_is_repaired_once(llm: MockLlmServer, mode: str) -> No
     llm.faults([{"mode": mode}])
     calls: list[LlmCall] = []
 
-    async def go() -> Any:
-        async with make_client(llm.url, calls, Sleeps(), price_input_per_1k=1.0) as client:
-            variables = {
-                "template": "Is acme.com B2B?",
-                "entity_type": "company",
-                "entity": "acme.com",
-            }
-            return await ask(client, load_prompt("ai_column"), variables, AiColumnAnswer)
-
-    answer = run(go())
+    answer = ask_acme(llm, calls, price_input_per_1k=1.0)
 
     assert (answer.usage.calls, answer.repaired) == (2, True)
     assert llm.stats()["requests"] == 2

@@ -33,6 +33,7 @@ from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.store import Store, TableInfo
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
+    STALE_AFTER_ENV,
     EnrichmentProviders,
     GlazeDatabase,
     LanguageModel,
@@ -40,7 +41,6 @@ from glaze_pipeline.defs.resources import (
     RequestLiveness,
 )
 from glaze_pipeline.defs.sensors import (
-    STALE_AFTER_ENV,
     request_on_run_canceled,
     request_on_run_failure,
     request_reconciler,

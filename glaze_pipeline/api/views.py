@@ -15,26 +15,18 @@ The engine's states are richer than seed 001's five; `state` carries them, `stat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from glaze_pipeline.api.models import Estimate, JobOut, JobPhase, SeedStatus
 from glaze_pipeline.core.models import RequestStatus
 from glaze_pipeline.core.progress import ENRICH_SHARE
 from glaze_pipeline.core.schema import EnrichmentRequest
-
-SEED_STATUS: dict[RequestStatus, SeedStatus] = {
-    RequestStatus.QUEUED: "pending",
-    RequestStatus.LAUNCHED: "pending",
-    RequestStatus.RUNNING: "running",
-    RequestStatus.SUCCEEDED: "completed",
-    RequestStatus.PARTIAL: "completed",
-    RequestStatus.FAILED: "failed",
-    RequestStatus.CANCELLED: "cancelled",
-}
+from glaze_pipeline.core.status import SEED_JOB_STATUS
 
 
 def seed_status(state: str) -> SeedStatus:
-    return SEED_STATUS[RequestStatus(state)]
+    """Seed 001's status word for a request status (core/status.SEED_JOB_STATUS)."""
+    return cast(SeedStatus, SEED_JOB_STATUS[RequestStatus(state)])
 
 
 def rounded_percent(part: int, whole: int) -> int:

@@ -19,7 +19,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from glaze_pipeline.core.models import CellStatus, RowStatus
+from glaze_pipeline.core.models import CellStatus, RequestStatus, RowStatus
+
+# Seed 001's job status word for each request status (the API's `status`; `state` keeps ours).
+# Seed 003's AI jobs use the same words but have no "cancelled" (core/ai/workflow.SEED_STATUS).
+SEED_JOB_STATUS: dict[RequestStatus, str] = {
+    RequestStatus.QUEUED: "pending",
+    RequestStatus.LAUNCHED: "pending",
+    RequestStatus.RUNNING: "running",
+    RequestStatus.SUCCEEDED: "completed",
+    RequestStatus.PARTIAL: "completed",
+    RequestStatus.FAILED: "failed",
+    RequestStatus.CANCELLED: "cancelled",
+}
 
 
 def aggregate_row(meta: Mapping[str, Any]) -> tuple[RowStatus, float | None, str | None]:

@@ -34,7 +34,6 @@ from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
 from glaze_pipeline.defs.config import EnrichTableConfig, JobKind
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
-    STALE_AFTER_ENV,  # noqa: F401 (re-exported: tests import it from here)
     GlazeDatabase,
     PreEnrichment,
     ProgressChannel,

@@ -63,6 +63,7 @@ from glaze_pipeline.core.models import (
 from glaze_pipeline.core.progress import percent
 from glaze_pipeline.core.requests import RequestRepository, SpendDelta
 from glaze_pipeline.core.schema import EnrichmentRequest
+from glaze_pipeline.core.status import SEED_JOB_STATUS
 from glaze_pipeline.core.store import Store, new_id
 
 T = TypeVar("T")
@@ -86,17 +87,9 @@ AI_JOBS: dict[RequestKind, tuple[str, str]] = {
 }
 # The kinds that work on a table that must exist; the others may propose a new one.
 NEEDS_TABLE = frozenset({RequestKind.COLUMN_SUGGESTIONS, RequestKind.ROW_SUGGESTIONS})
-# Seed 003's JobStatus.status for each request status: seed 003's variant of
-# api/views.SEED_STATUS (its AI jobs have no "cancelled": a cancelled request is "failed").
-SEED_STATUS = {
-    RequestStatus.QUEUED: "pending",
-    RequestStatus.LAUNCHED: "pending",
-    RequestStatus.RUNNING: "running",
-    RequestStatus.SUCCEEDED: "completed",
-    RequestStatus.PARTIAL: "completed",
-    RequestStatus.FAILED: "failed",
-    RequestStatus.CANCELLED: "failed",
-}
+# Seed 003's JobStatus.status for each request status: seed 001's words, except that its AI
+# jobs have no "cancelled" (a cancelled request is "failed", with `state: cancelled`).
+SEED_STATUS = {**SEED_JOB_STATUS, RequestStatus.CANCELLED: "failed"}
 
 
 # --- the payload ---------------------------------------------------------------------------
