@@ -615,6 +615,43 @@ def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
     assert parse_retry_after("-3") == 0.0
 
 
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8080", "https://api.example/v2/"])
+@pytest.mark.parametrize(
+    ("path", "params", "headers"),
+    [
+        ("/v1/companies", {"domain": "acme.com"}, {"Accept": "application/json"}),
+        ("v1/people/J%C3%BCrgen", None, None),
+        ("/v1/c", {"name": "Acme & Sons / é+x", "q": "a=b"}, {"X-Api-Key": "k", "user-agent": "u"}),
+        ("/v1/c?fixed=1", {"more": "2"}, None),  # a query already there: httpx merges it
+        ("https://elsewhere.example/abs", {"a": "b"}, None),
+    ],
+)
+def test_requests_built_as_strings_match_what_httpx_builds(
+    base_url: str, path: str, params: dict[str, str] | None, headers: dict[str, str] | None
+) -> None:
+    """The short way a request is built (skipping the client's merging) sends the very URL,
+    headers (names in the caller's case, the caller's winning) and timeouts httpx would."""
+    from glaze_pipeline.core.providers.http.client import _build_request, _Session
+
+    http = ProviderClient("v", fast_http(), base_url=base_url)
+
+    async def both() -> tuple[Any, Any]:
+        session = _Session(http._open_client, 10)
+        client = session.client()
+        try:
+            assert session.transport is not None  # the short way is taken
+            ours = _build_request(session, client, "GET", path, params, None, headers)
+            theirs = client.build_request("GET", path, params=params, headers=dict(headers or {}))
+            return ours, theirs
+        finally:
+            await session.aclose()
+
+    ours, theirs = asyncio.run(both())
+    assert str(ours.url) == str(theirs.url)
+    assert sorted(ours.headers.raw) == sorted(theirs.headers.raw)
+    assert ours.extensions == theirs.extensions
+
+
 # --- event loops and connections ----------------------------------------------------------------
 
 
@@ -700,7 +737,8 @@ def test_api_key_never_appears_in_logs_reprs_or_errors(
         str(provider.health()),
         json.dumps([d.as_dict() for d in describe_providers([provider])]),
     ]
-    assert "HTTP Request" in caplog.text  # the logs were live, and at DEBUG
+    # The logs were live, and at DEBUG (httpcore traces every request it sends).
+    assert "send_request_headers" in caplog.text
     assert "401" in str(refused.value)
     for text in texts:
         assert SECRET not in text

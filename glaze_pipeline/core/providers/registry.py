@@ -12,6 +12,11 @@ The kinds are `PROVIDER_KINDS`: each kind's module declares its `ProviderKind` (
 provider class, how to build one) next to them, and the file's schema, `build_provider` and the
 kind `describe_providers` reports are read from that list. Adding a kind is one module and one
 line there.
+
+When several processes (or machines) run chunks of one job at once, `load_providers(...,
+redis_url=..., processes=N)` makes each HTTP provider hold its vendor's limits together with
+the others: one rate schedule in Redis, and a share of its concurrency (see
+`http.shared_limits`). Without Redis, limits stay per process.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from glaze_pipeline.core.providers.base import (
     ReportsHealth,
     Verdict,
 )
-from glaze_pipeline.core.providers.http import ProviderHealth, expand_env
+from glaze_pipeline.core.providers.http import HttpBackedProvider, ProviderHealth, expand_env
+from glaze_pipeline.core.providers.http.shared_limits import redis_for_limits
 
 PROVIDERS_FILE_ENV = "GLAZE_PROVIDERS_FILE"
 
@@ -108,8 +114,14 @@ def build_provider(entry: ProviderConfig) -> Provider:
     return _KINDS[entry.kind].build(entry)
 
 
-def load_providers(path: str | Path | None = None) -> list[Provider]:
-    """The enabled providers of the providers file (see `providers_file`)."""
+def load_providers(
+    path: str | Path | None = None, *, redis_url: str | None = None, processes: int = 1
+) -> list[Provider]:
+    """The enabled providers of the providers file (see `providers_file`).
+
+    `processes`: how many processes use these vendors at once (this one included); with a
+    `redis_url` they share each vendor's rate limit through it (see `share_limits`).
+    """
     source = providers_file(path)
     try:
         data = yaml.safe_load(source.read_text(encoding="utf-8"))
@@ -120,7 +132,22 @@ def load_providers(path: str | Path | None = None) -> list[Provider]:
     if not isinstance(data, Mapping):
         raise ProviderConfigError(f"providers file {source} must be a mapping with `providers:`")
     config = parse_providers(data, source=str(source))
-    return [build_provider(entry) for entry in config.providers if entry.enabled]
+    providers = [build_provider(entry) for entry in config.providers if entry.enabled]
+    if redis_url or processes > 1:
+        share_limits(providers, redis_url=redis_url, processes=processes)
+    return providers
+
+
+def share_limits(
+    providers: Iterable[Provider], *, redis_url: str | None, processes: int = 1
+) -> None:
+    """Make each HTTP provider keep its vendor's limits together with the other `processes`:
+    its rate limit through Redis (one client for all of them) when `redis_url` is given, its
+    concurrency split either way. Call before the providers are used."""
+    client = redis_for_limits(redis_url) if redis_url else None
+    for provider in providers:
+        if isinstance(provider, HttpBackedProvider):
+            provider.http.share_limits(client, processes=processes)
 
 
 @dataclass(frozen=True)

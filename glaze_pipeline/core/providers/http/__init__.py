@@ -4,6 +4,7 @@ The public surface is re-exported here; the modules behind it are private-ish:
 
 - `settings`: `HttpSettings` (timeouts, retries, limits, breaker) and `UnsupportedLookup`;
 - `resilience`: the circuit breaker, the rate limiter and `Retry-After` parsing;
+- `shared_limits`: a vendor's rate limit shared through Redis by every process that uses it;
 - `transport`: connections spread over many small pools, optionally through an egress guard;
 - `client`: `ProviderClient`, which turns what HTTP can do wrong into provider errors; its
   policy (breaker, limiter, stats) lives with the provider, its connections for one session;
@@ -37,6 +38,7 @@ from glaze_pipeline.core.providers.http.secrets import (
     secret_problem,
 )
 from glaze_pipeline.core.providers.http.settings import USER_AGENT, HttpSettings, UnsupportedLookup
+from glaze_pipeline.core.providers.http.shared_limits import SharedRateLimiter
 from glaze_pipeline.core.providers.http.transport import ShardedTransport, pool_transport
 from glaze_pipeline.core.providers.session import (
     ClosableProvider,
@@ -62,6 +64,7 @@ __all__ = [
     "RateLimiter",
     "SessionedProvider",
     "ShardedTransport",
+    "SharedRateLimiter",
     "UnsupportedLookup",
     "aclose_providers",
     "expand_env",

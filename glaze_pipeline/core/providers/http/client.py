@@ -38,14 +38,16 @@ import logging
 import random
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
+import redis
 
 from glaze_pipeline.core.providers.base import (
     AddressRefused,
@@ -65,6 +67,7 @@ from glaze_pipeline.core.providers.http.resilience import (
     parse_retry_after,
 )
 from glaze_pipeline.core.providers.http.settings import HttpSettings
+from glaze_pipeline.core.providers.http.shared_limits import SharedRateLimiter, concurrency_share
 from glaze_pipeline.core.providers.http.transport import ShardedTransport, pool_transport
 from glaze_pipeline.core.redact import redact
 
@@ -129,14 +132,31 @@ class _Session:
     use so a provider the chunk never asks costs nothing, and the cap on requests in flight.
 
     Bound to the event loop that opened it; closed when the session ends.
+
+    `transport` is the transport the client sends through when we chose it (every case but
+    `trust_env`, where httpx picks proxies per URL): requests then go to it directly, skipping
+    what the client does per request and a lookup never uses (merging its URL, headers and
+    cookies, a cookie jar, an INFO log line per request with the query in it). With the
+    request built as strings (`_build_request`), a call costs ~25 % less CPU. No cookie jar
+    also means no vendor cookie rides from one lookup to the next. The client still owns the
+    transport and closes it.
     """
 
-    def __init__(self, open_client: Callable[[], httpx.AsyncClient], max_concurrency: int) -> None:
+    def __init__(
+        self,
+        open_client: Callable[[], tuple[httpx.AsyncClient, httpx.AsyncBaseTransport | None]],
+        max_concurrency: int,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.semaphore = asyncio.Semaphore(max_concurrency)
         self.ended = False
         self._open_client = open_client
         self._client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncBaseTransport | None = None
+        # What the client would add to every request, computed once.
+        self.prefix = ""  # the base URL, ending in "/" ("" without one)
+        self.headers: list[tuple[str, str]] = []  # as the client would send them
+        self.extensions: dict[str, Any] = {}
 
     @property
     def is_open(self) -> bool:
@@ -144,12 +164,21 @@ class _Session:
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = self._open_client()
+            client, self.transport = self._open_client()
+            base = client.base_url  # its path ends in "/", though `str` drops a bare "/"
+            self.prefix = str(base).rstrip("/") + "/" if base.is_absolute_url else ""
+            self.headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in client.headers.raw
+            ]
+            self.extensions = {"timeout": client.timeout.as_dict()}
+            self._client = client
         return self._client
 
     async def aclose(self) -> None:
         """Close the client and its connections; a later call in the session opens a new one."""
         client, self._client = self._client, None
+        self.transport = None
         if client is not None:
             await client.aclose()
 
@@ -196,7 +225,12 @@ class ProviderClient:
             self.settings.breaker_cooldown_s,
             on_refuse=self.stats.count_short_circuit,
         )
-        self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_limit_burst)
+        self.limiter: RateLimiter = RateLimiter(
+            self.settings.rate_limit_per_s, self.settings.rate_limit_burst
+        )
+        # Requests in flight per session; a share of `max_concurrency` when several processes
+        # use the vendor at once (see `share_limits`).
+        self.max_concurrency = self.settings.max_concurrency
         self._transport = transport
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -207,6 +241,26 @@ class ProviderClient:
     def __repr__(self) -> str:
         return f"ProviderClient({self.provider!r}, base_url={self.base_url!r})"
 
+    # -- limits shared with other processes
+
+    def share_limits(self, client: redis.Redis | None, *, processes: int = 1) -> None:
+        """Hold this vendor's limits together with the `processes` that use it at once.
+
+        With a Redis `client`, the rate limit is one schedule for them all (see
+        `shared_limits`); without, it stays per process, as with one process. Concurrency is
+        split: each process gets its share of `max_concurrency`. Call before any session opens.
+        """
+        settings = self.settings
+        self.max_concurrency = concurrency_share(settings.max_concurrency, processes)
+        if client is not None and settings.rate_limit_per_s:
+            self.limiter = SharedRateLimiter(
+                self.provider,
+                settings.rate_limit_per_s,
+                settings.rate_limit_burst,
+                client,
+                processes=processes,
+            )
+
     # -- lifecycle
 
     @asynccontextmanager
@@ -214,7 +268,7 @@ class ProviderClient:
         """Connections for the calls made inside, and in the tasks started inside, closed when
         it ends. `provider_session` opens one around each chunk; a call outside any session
         gets connections of its own, closed after it."""
-        session = _Session(self._open_client, self.settings.max_concurrency)
+        session = _Session(self._open_client, self.max_concurrency)
         token = _SESSIONS.set({**_SESSIONS.get(), self: session})
         with self._sessions_lock:
             self._sessions.add(session)
@@ -233,19 +287,22 @@ class ProviderClient:
             return None  # none open here; or a task outlived it; or a loop run from inside it
         return session
 
-    def _open_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
+    def _open_client(self) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport | None]:
+        """A client, and the transport requests may be sent through directly (or None)."""
+        transport = self._transport or self._default_transport()
+        client = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"User-Agent": self.settings.user_agent},
             timeout=self.settings.timeout(),
             limits=httpx.Limits(
-                max_connections=self.settings.max_concurrency,
-                max_keepalive_connections=self.settings.max_concurrency,
+                max_connections=self.max_concurrency,
+                max_keepalive_connections=self.max_concurrency,
             ),
             follow_redirects=False,
             trust_env=self.settings.trust_env,
-            transport=self._transport or self._default_transport(),
+            transport=transport,
         )
+        return client, transport
 
     def _default_transport(self) -> httpx.AsyncBaseTransport | None:
         """Sharded pools where they help; every connection through the guard when there is one.
@@ -255,23 +312,21 @@ class ProviderClient:
         """
         settings = self.settings
         backend = GuardedNetworkBackend(self.egress) if self.egress is not None else None
+        connections = self.max_concurrency
         per_pool = settings.connections_per_pool
-        sharded = 0 < per_pool < settings.max_concurrency
-        if backend is None and (not sharded or settings.trust_env):
-            return None  # httpx's own: one pool (and, with trust_env, its proxy handling)
+        sharded = 0 < per_pool < connections
+        if backend is None and settings.trust_env:
+            return None  # httpx's own, with its proxy handling
         if self._tls is None:
             self._tls = httpx.create_ssl_context()
         if sharded:
             return ShardedTransport(
-                settings.max_concurrency,
+                connections,
                 per_pool=per_pool,
                 verify=self._tls,
                 network_backend=backend,
             )
-        limits = httpx.Limits(
-            max_connections=settings.max_concurrency,
-            max_keepalive_connections=settings.max_concurrency,
-        )
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         return pool_transport(limits, self._tls, backend)
 
     async def aclose(self) -> None:
@@ -326,7 +381,6 @@ class ProviderClient:
                 )
         settings = self.settings
         attempts = settings.retries + 1
-        where = f"{method} {url_path(url)}"
         last: _Retry | None = None
         reached = False  # whether any attempt got as far as a connection
         for attempt in range(attempts):
@@ -338,15 +392,16 @@ class ProviderClient:
                     await self.limiter.acquire()
                     async with asyncio.timeout(settings.attempt_timeout_s):
                         return await self._attempt(
-                            session.client(), method, url, params, json_body, headers, attempt
+                            session, method, url, params, json_body, headers, attempt
                         )
             except _Retry as retry:
                 last = retry
                 reached = reached or retry.reached
                 logger.debug(
-                    "provider %s: %s failed (%s), attempt %d of %d",
+                    "provider %s: %s %s failed (%s), attempt %d of %d",
                     self.provider,
-                    where,
+                    method,
+                    url_path(url),
                     redact(retry.description),
                     attempt + 1,
                     attempts,
@@ -356,6 +411,7 @@ class ProviderClient:
                 last = _Retry("timeout", f"no complete answer within {settings.attempt_timeout_s}s")
                 reached = True  # for all we know, it was sent
         assert last is not None
+        where = f"{method} {url_path(url)}"
         tried = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
         if not reached:
             raise Unreachable(
@@ -382,7 +438,7 @@ class ProviderClient:
 
     async def _attempt(
         self,
-        client: httpx.AsyncClient,
+        session: _Session,
         method: str,
         url: str,
         params: Mapping[str, str] | None,
@@ -390,10 +446,9 @@ class ProviderClient:
         headers: Mapping[str, str] | None,
         attempt: int = 0,
     ) -> HttpResponse:
+        client = session.client()
         try:
-            request = client.build_request(
-                method, url, params=params, json=json_body, headers=dict(headers or {})
-            )
+            request = _build_request(session, client, method, url, params, json_body, headers)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
             # A URL or header httpx cannot encode (UnicodeEncodeError is a ValueError): the
             # same on every attempt, so the first one fails here and nothing is ever sent.
@@ -403,7 +458,9 @@ class ProviderClient:
                 sent=False,
             ) from None
         for hop in range(self.settings.max_redirects + 1):
-            response = await self._send(client, request, hop=hop, earlier=bool(attempt or hop))
+            response = await self._send(
+                session, client, request, hop=hop, earlier=bool(attempt or hop)
+            )
             try:
                 status = response.status_code
                 self.stats.count(str(status))
@@ -426,6 +483,7 @@ class ProviderClient:
 
     async def _send(
         self,
+        session: _Session,
         client: httpx.AsyncClient,
         request: httpx.Request,
         *,
@@ -434,10 +492,16 @@ class ProviderClient:
     ) -> httpx.Response:
         """Send one request. `earlier`: an earlier attempt or redirect hop of this lookup may
         have gone out, so a refusal here no longer means nothing was sent."""
-        where = f"{request.method} {request.url.path}"
         self.stats.count_attempt()
         try:
-            return await client.send(request, stream=True)
+            transport = session.transport
+            if transport is None:
+                return await client.send(request, stream=True)
+            response = await transport.handle_async_request(request)
+            response.request = request
+            if response.has_redirect_location:  # what `client.send` would have worked out
+                response.next_request = client._build_redirect_request(request, response)
+            return response
         except AddressRefused as error:
             self.stats.count("refused")
             after = f" (after {hop} redirect{'s' if hop > 1 else ''})" if hop else ""
@@ -464,6 +528,7 @@ class ProviderClient:
             # Refused by httpx before this request was written (an illegal header value, a
             # scheme it cannot speak).
             self.stats.count("request_error")
+            where = f"{request.method} {request.url.path}"
             raise FatalProviderError(
                 f"{self.provider}: cannot send {where}: {describe_error(error)}",
                 provider=self.provider,
@@ -473,7 +538,7 @@ class ProviderClient:
     async def _read_body(self, response: httpx.Response) -> bytes:
         """Read at most `max_body_bytes`, aborting as soon as the body goes past it."""
         limit = self.settings.max_body_bytes
-        where = f"{response.request.method} {response.request.url.path}"
+        where = _Where(response.request)
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             self.stats.count("too_large")
@@ -484,8 +549,15 @@ class ProviderClient:
             )
         chunks: list[bytes] = []
         size = 0
+        # An unencoded body is read from the stream itself, without the two generators and
+        # the decoder `aiter_bytes` puts in between (the stream still maps httpcore's errors).
+        stream = response.stream
+        raw = "content-encoding" not in response.headers
+        body: AsyncIterable[bytes] = (
+            stream if raw and isinstance(stream, httpx.AsyncByteStream) else response.aiter_bytes()
+        )
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in body:
                 size += len(chunk)
                 if size > limit:
                     self.stats.count("too_large")
@@ -554,6 +626,53 @@ class ProviderClient:
             f"{self.provider}: request rejected (HTTP {status}) ({where}){said}",
             provider=self.provider,
         )
+
+
+class _Where:
+    """ "METHOD /path" of a request, worked out only if an error message shows it."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: httpx.Request) -> None:
+        self._request = request
+
+    def __str__(self) -> str:
+        return f"{self._request.method} {self._request.url.path}"
+
+
+def _build_request(
+    session: _Session,
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    params: Mapping[str, str] | None,
+    json_body: Any,
+    headers: Mapping[str, str] | None,
+) -> httpx.Request:
+    """What `client.build_request` makes, for a fraction of its CPU: the base URL, the query
+    and the client's headers joined as strings, parsed once (httpx parses the URL three
+    times). A URL that already has a query or a fragment, or a client whose transport httpx
+    chooses, goes the long way."""
+    if session.transport is None or "?" in url or "#" in url:
+        return client.build_request(
+            method, url, params=params, json=json_body, headers=dict(headers or {})
+        )
+    if "://" in url:
+        full = url
+    elif session.prefix:
+        full = session.prefix + url.lstrip("/")
+    else:
+        full = url
+    if params:
+        full += "?" + urlencode(params)  # what httpx's QueryParams encodes to
+    merged = session.headers
+    if headers:  # the caller's replace the client's of the same name, whatever its case
+        given = {name.lower() for name in headers}
+        merged = [item for item in merged if item[0].lower() not in given]
+        merged += headers.items()
+    return httpx.Request(
+        method, full, headers=merged, json=json_body, extensions=session.extensions
+    )
 
 
 def _redirect(

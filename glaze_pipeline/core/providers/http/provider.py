@@ -42,7 +42,9 @@ class HttpBackedProvider:
 
     @property
     def max_concurrency(self) -> int:
-        return self.config.http.max_concurrency
+        """Requests in flight in this process: the configured cap, or this process's share of
+        it when several share the vendor (see `ProviderClient.share_limits`)."""
+        return self.http.max_concurrency
 
     def health(self) -> ProviderHealth:
         return self.http.health()

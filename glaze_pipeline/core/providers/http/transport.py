@@ -20,9 +20,8 @@ class _ReleasingStream(httpx.AsyncByteStream):
         self._index = index
         self._open = True
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream.__aiter__()  # the body itself: no generator in between
 
     async def aclose(self) -> None:
         if self._open:
@@ -54,8 +53,12 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         self._busy = [0] * count
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        index = min(range(len(self._pools)), key=self._busy.__getitem__)
-        self._busy[index] += 1
+        busy = self._busy
+        try:
+            index = busy.index(0)  # an idle pool, found at C speed; the first keeps warm
+        except ValueError:
+            index = min(range(len(busy)), key=busy.__getitem__)
+        busy[index] += 1
         try:
             response = await self._pools[index].handle_async_request(request)
         except BaseException:
