@@ -137,6 +137,26 @@ def test_batch_endpoint_answers_found_and_lists_misses(http: httpx.Client) -> No
     assert http.post("/cheap/v1/companies/batch", json={"ids": domains}).status_code == 400
 
 
+def test_stats_count_batch_requests_apart_and_lookups_per_entity(http: httpx.Client) -> None:
+    http.get("/premium/v1/companies", params={"domain": "single.com"})
+    http.post("/premium/v1/companies/batch", json={"domains": ["a.com", "b.com", "c.com"]})
+    http.post(
+        "/premium/v1/companies/batch",
+        params={"_mode": "error"},
+        json={"domains": ["d.com", "e.com"]},
+    )
+
+    stats = http.get("/_stats").json()
+    premium = stats["vendors"]["premium"]
+    # The existing keys keep their meaning: HTTP requests; entities of answered requests.
+    assert (premium["requests"], premium["entities"]) == (3, 4)
+    # Batches apart: 2 batch requests asking about 5 entities (the failed one's 2 included);
+    # lookups per entity, as a caller counts calls: 1 single + 5 in batches.
+    assert (premium["batch_requests"], premium["batch_entities"], premium["lookups"]) == (2, 5, 6)
+    assert (premium["billed"], premium["cost"]) == (4, 40.0)  # the failed batch is free
+    assert (stats["batch_requests"], stats["lookups"]) == (2, 6)
+
+
 def test_config_endpoint_switches_behaviour_and_rejects_nonsense(http: httpx.Client) -> None:
     changed = http.post("/_config", json={"vendors": {"premium": {"mode": "garbage"}}})
     assert changed.status_code == 200

@@ -351,13 +351,14 @@ def test_each_kind_has_the_optional_capabilities_the_engine_uses(
         base.KeepsLlmCalls,
         base.ReportsHealth,
         base.ChecksItself,
+        base.LooksUpMany,
     )
     found = {
         type(p).__name__: {c.__name__ for c in capabilities if isinstance(p, c)} for p in providers
     }
     http = {"ChoosesKeys", "KnowsWhenUnavailable", "ReportsHealth", "ChecksItself"}
     assert found == {
-        "JsonApiProvider": http,
+        "JsonApiProvider": http | {"LooksUpMany"},  # a batch endpoint, where configured
         "WebsiteProvider": http,
         "AiColumnProvider": {
             "NamesItsSource",

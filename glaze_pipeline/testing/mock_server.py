@@ -24,7 +24,12 @@ wrong types), `huge` (a 10 MB body, streamed), `huge_declared` (the same with Co
 (429) and `redirect_loop` (homepages).
 
 Health probes are free and counted apart (`probes` in `/_stats`), never in `requests`,
-`entities` or `billed`: so `requests` is exactly the lookups that reached a vendor.
+`entities` or `billed`: so `requests` is exactly the HTTP requests that reached a vendor, one
+per lookup when no batch endpoint is used. A batch request is one of `requests` and also
+counted in `batch_requests`; the identifiers it asked about in `batch_entities`, whatever the
+answer (`entities` counts only those of answered batches, as before); `lookups` is the entity
+lookups that reached the vendor (`requests - batch_requests + batch_entities`), what a caller
+counts as calls; `billed` and `cost` are per entity either way.
 
 `MockProviderServer` runs it in a background thread on a free port; `serve()` runs it in the
 foreground (`glaze mock-providers`).
@@ -289,6 +294,8 @@ class _VendorCounters:
     cost: float = 0.0
     in_flight: int = 0
     max_in_flight: int = 0
+    batch_requests: int = 0  # requests to the batch endpoint (also in `requests`)
+    batch_entities: int = 0  # identifiers those requests asked about, whatever the answer
     user_agents: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
 
@@ -316,9 +323,14 @@ class MockState(loopback.Pauses):
         *,
         entities: int = 0,
         user_agent: str = "",
+        batch_of: int | None = None,
     ) -> None:
+        """One request served; `batch_of`: a batch request asking about that many entities."""
         with self._lock:
             counters.requests += 1
+            if batch_of is not None:
+                counters.batch_requests += 1
+                counters.batch_entities += batch_of
             counters.user_agents[user_agent] += 1
             counters.entities += entities
             counters.statuses[str(status)] += 1
@@ -361,6 +373,11 @@ class MockState(loopback.Pauses):
                     "in_flight": c.in_flight,
                     "max_in_flight": c.max_in_flight,
                     "user_agents": dict(c.user_agents),
+                    "batch_requests": c.batch_requests,
+                    "batch_entities": c.batch_entities,
+                    # Entity lookups that reached the vendor: one per single request, one per
+                    # entity of a batch request (failed ones included), as a caller counts calls.
+                    "lookups": c.requests - c.batch_requests + c.batch_entities,
                 }
                 for name, c in sorted(self._vendors.items())
             }
@@ -373,6 +390,8 @@ class MockState(loopback.Pauses):
             "vendors": vendors,
             "site": site,
             "requests": sum(v["requests"] for v in vendors.values()) + site["requests"],
+            "batch_requests": sum(v["batch_requests"] for v in vendors.values()),
+            "lookups": sum(v["lookups"] for v in vendors.values()),
             "probes": sum(v["probes"] for v in vendors.values()),
             "cost": round(sum(v["cost"] for v in vendors.values()), 6),
         }
@@ -591,6 +610,7 @@ async def _batch(state: MockState, request: Request, entity_type: EntityType) ->
     found: list[dict[str, Any]] = []
     misses: list[str] = []
     bad: Response | None = None
+    asked = 0  # identifiers in a well-formed body
     if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in BATCH_KINDS:
         bad = _error(400, f"body must be one of {sorted(BATCH_KINDS)} -> list of identifiers")
     else:
@@ -599,7 +619,9 @@ async def _batch(state: MockState, request: Request, entity_type: EntityType) ->
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             bad = _error(400, f"{field_name} must be a list of strings")
         else:
-            bad = await _misbehave(state, request, vendor, "results")
+            asked = len(values)
+            with state.in_flight(counters):
+                bad = await _misbehave(state, request, vendor, "results")
             for value in values if bad is None else []:
                 key = EntityKey(entity_type, kind, value)
                 if is_miss(name, key, vendor.not_found_rate):
@@ -607,9 +629,15 @@ async def _batch(state: MockState, request: Request, entity_type: EntityType) ->
                 else:
                     found.append({"query": value, record_key: record_for(key, vendor.fields)})
     if bad is not None:
-        state.count(counters, bad.status_code, user_agent=_agent(request))
+        state.count(counters, bad.status_code, user_agent=_agent(request), batch_of=asked)
         return bad
-    state.count(counters, 200, entities=len(found) + len(misses), user_agent=_agent(request))
+    state.count(
+        counters,
+        200,
+        entities=len(found) + len(misses),
+        user_agent=_agent(request),
+        batch_of=asked,
+    )
     state.bill(
         counters, len(found) + (len(misses) if vendor.charges_misses else 0), vendor.cost_per_call
     )

@@ -15,7 +15,7 @@ wraps (an httpx error, a vendor's body), no configured secret reaches a cell or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -227,6 +227,28 @@ class ChecksItself(Protocol):
     """Can say before a job whether it is usable (configured, credentials, a free probe)."""
 
     async def preflight(self, *, probe: bool) -> Verdict: ...
+
+
+@runtime_checkable
+class LooksUpMany(Protocol):
+    """Can ask a vendor's batch endpoint about many entities in one request.
+
+    `batch_size` is how many one request takes, 0 when this provider has no batch endpoint
+    configured (the class may have the member while an instance has nothing to batch);
+    `batches(key)` whether `key` is of a kind the endpoint takes. `lookup_many` answers by
+    `EntityKey.id`, every key given: an answer, or the error for that entity (`EntityNotFound`
+    for one the batch left out, the batch's error for every member of a failed one).
+    `batching.with_batching` puts a micro-batcher in front of such providers.
+    """
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def batches(self, key: EntityKey) -> bool: ...
+
+    async def lookup_many(
+        self, keys: Sequence[EntityKey], fields: frozenset[str]
+    ) -> dict[str, ProviderAnswer | ProviderError]: ...
 
 
 _CLASS_CAPABILITIES: dict[tuple[type, type], bool] = {}

@@ -280,6 +280,16 @@ class JsonApiProvider(HttpBackedProvider):
         """Whether this vendor can be asked about `key` at all."""
         return key.type is self.entity_type and key.kind in self.config.lookups
 
+    @property
+    def batch_size(self) -> int:
+        """How many keys one batch request takes; 0 without a batch endpoint."""
+        return self.config.batch.max_size if self.config.batch is not None else 0
+
+    def batches(self, key: EntityKey) -> bool:
+        """Whether `key` goes through the batch endpoint (its key kind is the one it takes)."""
+        batch = self.config.batch
+        return batch is not None and key.type is self.entity_type and key.kind == batch.key_kind
+
     async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
         if not self.supports(key):
             raise UnsupportedLookup(
