@@ -44,6 +44,7 @@ E2E_MODULES = frozenset(
         "test_bench_estimate",
         "test_bench_smoke",
         "test_browser",
+        "test_celery",
         "test_cli",
         "test_cli_ai",
         "test_cli_errors",

@@ -72,6 +72,7 @@ for command in (
     requests.demo,
     services.launcher,
     services.serve,
+    services.worker,
     services.mock_providers,
     services.mock_llm,
     services.providers,

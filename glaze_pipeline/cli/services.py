@@ -14,6 +14,7 @@ from glaze_pipeline.cli.context import check_run_services, command_store, consol
 from glaze_pipeline.cli.options import MAX_RUNS, FiniteFloatRange
 from glaze_pipeline.cli.rendering import render_providers
 from glaze_pipeline.core.errors import ConfigError
+from glaze_pipeline.core.settings import CELERY_BROKER_ENV, DEFAULT_CELERY_BROKER
 
 
 @click.command()
@@ -185,3 +186,83 @@ def providers(config_file: str | None, no_probe: bool, as_json: bool) -> None:
         click.echo(json.dumps([d.as_dict() for d in described], indent=2))
         return
     console.print(render_providers(described))
+
+
+@click.command()
+@click.option(
+    "--broker",
+    envvar=CELERY_BROKER_ENV,
+    default=DEFAULT_CELERY_BROKER,
+    show_default=True,
+    help="Celery broker URL (also GLAZE_CELERY_BROKER); the runs' `celery: broker:` must match.",
+)
+@click.option(
+    "--backend",
+    envvar="GLAZE_CELERY_BACKEND",
+    default="rpc://",
+    show_default=True,
+    help="Celery result backend (also GLAZE_CELERY_BACKEND).",
+)
+@click.option(
+    "--queue",
+    "-q",
+    "queues",
+    multiple=True,
+    help="Queue(s) to take steps from (default: dagster-celery's `dagster`); a run names its "
+    "queue with `config_source: {task_default_queue: NAME}`.",
+)
+@click.option("--name", "-n", default=None, help="Node name (default: glaze-<pid>@<host>).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps this worker runs at once (default: one per core).",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(
+    broker: str,
+    backend: str,
+    queues: tuple[str, ...],
+    name: str | None,
+    concurrency: int | None,
+    loglevel: str,
+) -> None:
+    """Run a Celery worker that executes Dagster steps of runs using the `celery` executor.
+
+    The worker runs steps of any run on the broker's queue: it needs this package installed,
+    the app database (GLAZE_DATABASE_URL), the Dagster instance's storage (Postgres, with the
+    env its dagster.yaml reads) and the same providers/Redis settings as the run. It is
+    dagster-celery's `execute_plan` task, preloaded with glaze_pipeline.definitions so that
+    each step starts warm. See docs/scaling.md.
+    """
+    from dagster_celery.executor import CeleryExecutor
+    from dagster_celery.make_app import make_app
+    from dagster_celery.tasks import create_task
+
+    import glaze_pipeline.definitions  # noqa: F401 - preloaded: the pool's children fork warm
+
+    check_run_services()  # the providers file loads, a configured Redis answers
+    config_source = {"task_default_queue": queues[0]} if queues else None
+    app = make_app(
+        CeleryExecutor.for_cli(
+            broker=broker, backend=backend, config_source=config_source
+        ).app_args()
+    )
+    create_task(app)  # registers `execute_plan`, the task the executor sends per step
+    argv = ["worker", "--loglevel", loglevel, "--prefetch-multiplier=1", "--without-gossip"]
+    argv += ["-n", name or f"glaze-{os.getpid()}@%h"]
+    for queue in queues or ("dagster",):
+        argv += ["-Q", queue]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    console.print(
+        f"celery worker on {safe_broker(broker)}, queue(s) {', '.join(queues or ('dagster',))}"
+    )
+    app.worker_main(argv)
+
+
+def safe_broker(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))

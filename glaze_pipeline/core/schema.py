@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -240,3 +241,18 @@ class LlmCallRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StepOutputRecord(Base):
+    """One step output of one run, pickled, so a step on another process or machine reads what
+    the steps before it produced (core/step_outputs.py, defs/io_manager.py)."""
+
+    __tablename__ = "step_outputs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    output_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # "" when the output is not one of a dynamic output's items
+    mapping_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -89,3 +89,8 @@ def allow_private_networks() -> bool:
     raise ConfigError(
         f"{ALLOW_PRIVATE_NETWORKS_ENV} must be 1/true/yes/on or 0/false/no/off, not {raw!r}"
     )
+
+
+# The Celery broker `glaze worker` and the `celery` executor use unless told (RabbitMQ here).
+CELERY_BROKER_ENV = "GLAZE_CELERY_BROKER"
+DEFAULT_CELERY_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"

@@ -1,0 +1,74 @@
+"""Executor selection by run config, and the step outputs table behind the shared IO manager."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from dagster import DagsterInstance, ExecutorRequirement
+from sqlalchemy import func, select
+
+from glaze_pipeline.core import step_outputs
+from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, LEADS_TABLE_ID, leads_column_id, seed_leads
+from glaze_pipeline.core.step_outputs import StepOutputKey, StepOutputMissing, StepOutputRecord
+from glaze_pipeline.core.store import Store
+from glaze_pipeline.definitions import build_definitions
+from glaze_pipeline.defs.executors import (
+    PRELOAD,
+    _requirements,
+    glaze_executor,
+    selected_executor,
+    with_forkserver_default,
+)
+
+
+def test_step_outputs_round_trip(store: Store) -> None:
+    key = StepOutputKey("run-1", "enrich_entities[chunk_0]", "result")
+    item = StepOutputKey("run-1", "detect_entities", "chunks", "chunk_0")
+    step_outputs.save(store, key, b"first")
+    step_outputs.save(store, key, b"second")  # a retried step writes again: replaced
+    step_outputs.save(store, item, b"chunk")
+    assert step_outputs.load(store, key) == b"second"
+    assert step_outputs.load(store, item) == b"chunk"
+    with pytest.raises(StepOutputMissing, match=r"detect_entities\.plan of run run-1"):
+        step_outputs.load(store, StepOutputKey("run-1", "detect_entities", "plan"))
+
+    step_outputs.save(store, StepOutputKey("run-2", "close_job", "result"), b"x")
+    assert step_outputs.purge_older_than(store, timedelta(days=7)) == 0
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert step_outputs.clear_run(store, "run-1") == 2
+    assert step_outputs.purge_older_than(store, timedelta(days=7), now=later) == 1
+    with store.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(StepOutputRecord)).scalar() == 0
+
+
+def test_the_run_config_selects_the_executor() -> None:
+    assert selected_executor({}) == "in_process"
+    assert selected_executor({"execution": {"config": {"in_process": {}}}}) == "in_process"
+    assert selected_executor({"execution": {"config": {"multiprocess": {}}}}) == "multiprocess"
+    assert selected_executor({"execution": {"config": {"celery": {"broker": "x"}}}}) == "celery"
+    # Other processes need a reconstructable job, a persistent instance, stored outputs.
+    assert _requirements({"in_process": {}}) == []
+    assert ExecutorRequirement.PERSISTENT_OUTPUTS in _requirements({"celery": {}})
+    assert with_forkserver_default({"max_concurrent": 2}) == {
+        "max_concurrent": 2,
+        "start_method": {"forkserver": {"preload_modules": [PRELOAD]}},
+    }
+    spawn = {"start_method": {"spawn": {}}}
+    assert with_forkserver_default(spawn) == spawn
+    defs = build_definitions()
+    assert defs.resolve_job_def("data_checks").executor_def is glaze_executor
+
+
+def test_a_run_in_process_keeps_its_outputs_in_memory(sqlite_store: Store) -> None:
+    seed_leads(sqlite_store)
+    job = build_definitions(sqlite_store.url).get_job_def("enrich_table")
+    config = {
+        "table_id": LEADS_TABLE_ID,
+        "column_ids": [leads_column_id(key) for key in LEADS_ENRICH_KEYS],
+    }
+    with DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            run_config={"ops": {"detect_entities": {"config": config}}}, instance=instance
+        )
+    assert result.success
+    with sqlite_store.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(StepOutputRecord)).scalar() == 0
