@@ -47,7 +47,6 @@ from glaze_pipeline.core.singleflight import (
     FallbackFlight,
     PostgresFlight,
     RedisFlight,
-    _attempt,
     advisory_lock_id,
 )
 from glaze_pipeline.core.store import Store
@@ -363,23 +362,52 @@ def test_postgres_flight_refuses_a_key_it_already_holds(pg_store: Store) -> None
     flight.close()
 
 
-def test_a_lock_taken_after_its_claimant_was_cancelled_is_given_back() -> None:
-    # The lock service answers slowly; the claimant is cancelled while the attempt is running.
-    released = threading.Event()
-
-    def slow_try_lock() -> bool:
-        time.sleep(0.2)
-        return True
+def test_a_lock_taken_after_its_claimant_was_cancelled_is_given_back(redis_url: str) -> None:
+    """The claim is cancelled while its batch is on the wire: the lock taken for nobody is
+    released by the flight, not left to expire."""
+    flight, client = redis_flight(redis_url)
+    lock = flight.lock_name(KEY)
+    client.delete(lock)
 
     async def scenario() -> None:
-        attempt = asyncio.create_task(_attempt(slow_try_lock, released.set))
-        await asyncio.sleep(0.05)
-        attempt.cancel()
+        claiming = asyncio.create_task(flight.claim(KEY).__aenter__())
+        await asyncio.sleep(0)  # the claim submits its SET NX...
+        await asyncio.sleep(0)  # ...and the tick's pipeline leaves
+        claiming.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await attempt
+            await claiming
+        for _ in range(100):  # the pipeline comes back; the lock is given back
+            await asyncio.sleep(0.01)
+            if flight.link.pipelines >= 2 and not client.exists(lock):
+                break
 
-    asyncio.run(scenario())  # waits for the attempt's thread on the way out
-    assert released.wait(2)
+    asyncio.run(scenario())
+    assert client.exists(lock) == 0
+    client.close()
+
+
+def test_a_postgres_lock_taken_after_its_claimant_was_cancelled_is_given_back(
+    pg_store: Store,
+) -> None:
+    flight = PostgresFlight(pg_store.url, shared=None)
+
+    async def scenario() -> None:
+        claiming = asyncio.create_task(flight.claim(KEY).__aenter__())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the statement is running in its thread
+        claiming.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claiming
+        batches = flight._batches.get()
+        for _ in range(200):  # the statement comes back, and the lock goes back
+            await asyncio.sleep(0.01)
+            if batches.release.batches and batches.release._task is None:
+                return
+
+    asyncio.run(scenario())
+    assert not flight._held
+    assert not advisory_lock_taken(pg_store, KEY)
+    flight.close()
 
 
 # -- falling back from Redis to the database's lock ------------------------------------------

@@ -245,7 +245,7 @@ def test_a_call_refused_on_the_way_out_is_withdrawn_from_the_ledger() -> None:
     assert refusing.calls == 1  # the provider was entered, but nothing was sent
     journalled = sum(d.get("premium", (0, 0))[0] for d in deltas)
     withdrawn = sum(d.get("premium", (0, 0))[1] for d in deltas)
-    assert (journalled, withdrawn) == (1, 1)
+    assert journalled - withdrawn == 0 and withdrawn >= 1  # slots ahead are withdrawn too
     assert dict(waterfall.stats.calls) == {"premium": 0}
     assert waterfall.stats.cost == {}
     assert waterfall.budget.spent == 0

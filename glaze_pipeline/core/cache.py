@@ -3,10 +3,15 @@
 Three tiers, fastest first: this process's memory (bounded LRU), Redis shared by every
 process (optional), and the `entity_cache` table (durable). `TieredCache` reads through them
 and back-fills the faster ones; `glaze_pipeline.core.answers` builds the stack the engine uses.
+
+A tier may also offer `get_async(key)` / `put_async(key, answer)`: one key on the event loop,
+coalesced with the other lookups of the tick (the single-flight's re-read and write-through).
+`read_one` / `write_one` use them where a tier has them, else a thread hop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -88,6 +93,12 @@ class MemoryCache:
             while len(self._answers) > self.max_entries:
                 self._answers.popitem(last=False)
 
+    async def get_async(self, key: CacheKey) -> CachedAnswer | None:
+        return self.get_many([key]).get(key)
+
+    async def put_async(self, key: CacheKey, answer: CachedAnswer) -> None:
+        self.put_many({key: answer})
+
     def __len__(self) -> int:
         return len(self._answers)
 
@@ -116,3 +127,39 @@ class TieredCache:
         if answers:
             for tier in self.tiers:
                 tier.put_many(answers)
+
+    async def get_async(self, key: CacheKey) -> CachedAnswer | None:
+        for depth, tier in enumerate(self.tiers):
+            found = await read_one(tier, key)
+            if found is not None:
+                for faster in self.tiers[:depth]:
+                    await write_one(faster, key, found)
+                return found
+        return None
+
+    async def put_async(self, key: CacheKey, answer: CachedAnswer) -> None:
+        for tier in self.tiers:
+            await write_one(tier, key, answer)
+
+
+def tiers_of(cache: AnswerCache) -> list[AnswerCache]:
+    """The tiers a cache writes to: its own, for a `TieredCache`; else itself."""
+    return list(cache.tiers) if isinstance(cache, TieredCache) else [cache]
+
+
+async def read_one(tier: AnswerCache, key: CacheKey) -> CachedAnswer | None:
+    """One answer from `tier` on the event loop: coalesced where the tier can, else a thread."""
+    get = getattr(tier, "get_async", None)
+    if get is not None:
+        found: CachedAnswer | None = await get(key)
+        return found
+    return (await asyncio.to_thread(tier.get_many, [key])).get(key)
+
+
+async def write_one(tier: AnswerCache, key: CacheKey, answer: CachedAnswer) -> None:
+    """Write one answer to `tier` on the event loop: coalesced where the tier can."""
+    put = getattr(tier, "put_async", None)
+    if put is not None:
+        await put(key, answer)
+    else:
+        await asyncio.to_thread(tier.put_many, {key: answer})

@@ -7,6 +7,11 @@ one round trip each way (MGETs or SETs in one pipeline). An answer lives until i
 old answer live longer. Redis being down costs cache hits, never the job: reads miss and writes
 are dropped, with a warning, and a `RedisBreaker` keeps the tier (and the Redis single-flight)
 off Redis for a few seconds after an error rather than paying a timeout on every call.
+
+On the event loop (`get_async`, `put_async`, and the Redis single-flight), the work of all the
+lookups of one tick goes to Redis as one pipeline on a `redis.asyncio` client (`RedisLink`),
+with no thread hop: a chunk of 200 concurrent lookups costs a few round trips per wave, not
+several per lookup.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey
+from glaze_pipeline.core.coalesce import Coalescer, LoopLocal
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,116 @@ class RedisBreaker:
                 "redis unavailable (%s), skipping it for %.0f s: %s", doing, self.cooldown_s, error
             )
         self._open_until = time.monotonic() + self.cooldown_s
+
+
+Command = tuple[Any, ...]  # one Redis command: name and arguments
+# A submission: its commands and what to do with their replies if its caller was cancelled.
+Submission = tuple[Sequence[Command], Callable[[list[Any]], None] | None]
+# The async client copies these settings of the blocking one (timeouts, server, credentials).
+_COPIED_SETTINGS = (
+    "host",
+    "port",
+    "db",
+    "username",
+    "password",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "health_check_interval",
+    "client_name",
+)
+
+
+class RedisLink:
+    """The event-loop side of one Redis server: per loop, a `redis.asyncio` client and a
+    `Coalescer` that sends the commands of one tick as one pipeline.
+
+    Built from the blocking client the rest of the process uses (same server, database,
+    timeouts); the async client is made on the loop that uses it and closed when that loop
+    shuts down. `execute` returns each command's reply (an exception object for a command that
+    failed on its own), or None when Redis could not be reached (the breaker is tripped).
+    """
+
+    def __init__(self, client: redis.Redis, breaker: RedisBreaker) -> None:
+        self.client = client
+        self.breaker = breaker
+        self._per_loop: LoopLocal[tuple[aredis.Redis, Coalescer[Submission, list[Any] | None]]]
+        self._per_loop = LoopLocal(self._open, self._close)
+
+    async def execute(
+        self,
+        commands: Sequence[Command],
+        *,
+        on_abandoned: Callable[[list[Any]], None] | None = None,
+    ) -> list[Any] | None:
+        """Send `commands` with everything else submitted this tick; their replies, or None."""
+        if self.breaker.open:
+            return None
+        _, batch = self._per_loop.get()
+        return await batch.submit((commands, on_abandoned))
+
+    @property
+    def pipelines(self) -> int:
+        """Pipelines this loop's link has sent (tests)."""
+        return self._per_loop.get()[1].batches
+
+    def _open(self) -> tuple[aredis.Redis, Coalescer[Submission, list[Any] | None]]:
+        pool = self.client.connection_pool
+        settings = {k: v for k, v in pool.connection_kwargs.items() if k in _COPIED_SETTINGS and v}
+        if "path" in pool.connection_kwargs:
+            settings["unix_socket_path"] = pool.connection_kwargs["path"]
+        if "ssl" in pool.connection_class.__name__.lower():
+            settings["ssl"] = True
+        client = aredis.Redis(
+            **settings, retry=AsyncRetry(ExponentialBackoff(cap=0.1, base=0.02), 1)
+        )
+        return client, Coalescer(
+            lambda submissions: self._send(client, submissions), on_abandoned=_abandoned
+        )
+
+    @staticmethod
+    async def _close(state: tuple[aredis.Redis, Coalescer[Submission, list[Any] | None]]) -> None:
+        await state[0].aclose()
+
+    async def _send(
+        self, client: aredis.Redis, submissions: list[Submission]
+    ) -> list[list[Any] | None]:
+        if self.breaker.open:
+            return [None] * len(submissions)
+        pipe = client.pipeline(transaction=False)
+        for commands, _ in submissions:
+            for command in commands:
+                pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (redis.RedisError, OSError) as error:
+            self.breaker.trip(error, f"a pipeline of {len(pipe)} commands")
+            return [None] * len(submissions)
+        results: list[list[Any] | None] = []
+        at = 0
+        for commands, _ in submissions:
+            results.append(list(replies[at : at + len(commands)]))
+            at += len(commands)
+        return results
+
+
+def _abandoned(submission: Submission, replies: list[Any] | None) -> None:
+    _, on_abandoned = submission
+    if on_abandoned is not None and replies is not None:
+        on_abandoned(replies)
+
+
+_LINKS: weakref.WeakKeyDictionary[redis.Redis, list[RedisLink]] = weakref.WeakKeyDictionary()
+
+
+def redis_link(client: redis.Redis, breaker: RedisBreaker) -> RedisLink:
+    """The link of `client` and `breaker`: the cache tier and the flight that share both share
+    its pipelines too (one per tick for claims, re-reads, write-throughs and releases)."""
+    links = _LINKS.setdefault(client, [])
+    for link in links:
+        if link.breaker is breaker:
+            return link
+    links.append(RedisLink(client, breaker))
+    return links[-1]
 
 
 class RedisAnswerCache:
@@ -84,6 +204,7 @@ class RedisAnswerCache:
         self.miss_ttl = miss_ttl
         self.fail_open = fail_open
         self.breaker = breaker if breaker is not None else RedisBreaker()
+        self.link = redis_link(client, self.breaker)
 
     def key(self, cache_key: CacheKey) -> str:
         entity_id, provider = cache_key
@@ -119,6 +240,30 @@ class RedisAnswerCache:
                 continue
             found[key] = answer
         return found
+
+    async def get_async(self, key: CacheKey) -> CachedAnswer | None:
+        """One answer, read on the event loop with this tick's other Redis work (fails open)."""
+        replies = await self.link.execute([("GET", self.key(key))])
+        if not replies or replies[0] is None or isinstance(replies[0], Exception):
+            return None
+        answer = _decode(replies[0])
+        if answer is None:
+            log.warning("ignoring unreadable cached answer at %s", self.key(key))
+        return answer
+
+    async def put_async(self, key: CacheKey, answer: CachedAnswer) -> None:
+        """Write one answer through on the event loop, with this tick's other Redis work."""
+        command = self.set_command(key, answer, datetime.now(UTC))
+        if command is not None:
+            await self.link.execute([command])
+
+    def set_command(self, key: CacheKey, answer: CachedAnswer, now: datetime) -> Command | None:
+        """The SET that stores `answer` until it expires; None if it already has."""
+        expires = answer.fetched_at + self.ttl_for(key[1], found=answer.found)
+        remaining_ms = int((expires - now).total_seconds() * 1000)
+        if remaining_ms <= 0:
+            return None  # already stale: writing it would only serve an expired answer
+        return ("SET", self.key(key), _encode(answer), "PX", remaining_ms)
 
     def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
         if not answers or (self.fail_open and self.breaker.open):

@@ -1,8 +1,14 @@
-"""The persistent cache tier: provider answers in the `entity_cache` table."""
+"""The persistent cache tier: provider answers in the `entity_cache` table.
+
+On the event loop (`get_async`, `put_async`: the single-flight's re-reads and write-throughs),
+the keys of one tick are read with one SELECT and written with one upsert, in one thread hop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -10,11 +16,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey
+from glaze_pipeline.core.coalesce import Coalescer, LoopLocal
 from glaze_pipeline.core.schema import EntityCacheEntry
 from glaze_pipeline.core.store import ID_CHUNK, Store, chunked, utcnow
 
 DEFAULT_TTL = timedelta(days=30)
 DEFAULT_MISS_TTL = timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _SqlBatches:
+    """One loop's coalesced reads and writes."""
+
+    read: Coalescer[CacheKey, CachedAnswer | None]
+    write: Coalescer[tuple[CacheKey, CachedAnswer], None]
 
 
 class SqlAnswerCache:
@@ -30,6 +45,24 @@ class SqlAnswerCache:
         self.store = store
         self.ttl = ttl
         self.miss_ttl = miss_ttl
+        self._batches: LoopLocal[_SqlBatches] = LoopLocal(self._loop_batches)
+
+    async def get_async(self, key: CacheKey) -> CachedAnswer | None:
+        return await self._batches.get().read.submit(key)
+
+    async def put_async(self, key: CacheKey, answer: CachedAnswer) -> None:
+        await self._batches.get().write.submit((key, answer))
+
+    def _loop_batches(self) -> _SqlBatches:
+        async def read(keys: list[CacheKey]) -> list[CachedAnswer | None]:
+            found = await asyncio.to_thread(self.get_many, keys)
+            return [found.get(key) for key in keys]
+
+        async def write(answers: list[tuple[CacheKey, CachedAnswer]]) -> list[None]:
+            await asyncio.to_thread(self.put_many, dict(answers))
+            return [None] * len(answers)
+
+        return _SqlBatches(Coalescer(read), Coalescer(write))
 
     def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
         wanted = set(keys)

@@ -1,16 +1,25 @@
 """The spend journal: every provider call is on record before it leaves the machine.
 
 A chunk's lookups run concurrently; writing each call to the database on its own would cost a
-transaction per call. The journal group-commits instead: a call about to be sent adds itself
-to the pending batch and waits; one writer at a time commits everything pending in a single
-transaction (`RequestRepository.record_spend`) and releases the calls it covered. While one
-commit runs the next batch forms, so the wait is one commit at most and the writes per second
-stay few however many calls there are. Settlements (a call's answer came back, charged or not)
-ride along with the next commit without anyone waiting for them.
+transaction per call. The journal records calls ahead, in blocks: a call about to be sent takes
+one of its provider's free slots, already on record, and goes at once; when there is none, it
+waits while one writer reserves a block of slots (`calls += block`, in one transaction through
+`RequestRepository.record_spend`, with every settlement pending). The block doubles with every
+reservation, from the calls waiting at the time, up to `MAX_BLOCK_PER_IN_FLIGHT` times the most
+calls this journal has had in flight (at most `MAX_BLOCK`): a 6,000-call chunk at 200 in flight
+costs about a dozen commits, however many calls there are. Settlements (a call's answer came
+back, charged or not) ride along with the next reservation; they commit on their own only
+once two blocks' worth are pending. `drain()` withdraws the slots left unused (the ledger's
+`withdrawn`) and commits what is pending.
 
-So a SIGKILL loses nothing that was bought: a call sent and never settled is on record, and
-counted as charged. And a request that has ended (or been asked to stop) refuses the batch:
-no call is sent after it.
+So a SIGKILL never under-counts spend: a call sent and never settled is on record, and counted
+as charged. It may over-count, by the slots reserved and not yet used (at most one block per
+provider) plus the calls answered free whose settlement was still pending (fewer than two
+blocks): at most `3 * MAX_BLOCK` calls per provider, priced at its unit cost, and only when the
+chunk dies without draining. And a request that has ended (or been
+asked to stop) refuses the next reservation: from then on no call is sent; calls may still
+leave on slots reserved before the ending, up to the block (the engine's watch stops the
+lookups within a heartbeat).
 """
 
 from __future__ import annotations
@@ -43,14 +52,27 @@ class SpendDelta:
 SpendWriter = Callable[[Mapping[str, SpendDelta]], bool]
 
 
+FIRST_BLOCK = 8  # slots of a provider's first reservation (or the calls waiting, if more)
+MAX_BLOCK = 1024  # the cap on one reservation, and so on what a crash can over-count
+MAX_BLOCK_PER_IN_FLIGHT = 8  # a block is at most this many times the peak of calls in flight
+
+
 class SpendJournal:
-    """Group-commits a chunk's calls (before they are sent) and settlements (after)."""
+    """Journals a chunk's calls ahead in blocks (before they are sent), settlements after."""
 
     def __init__(self, write: SpendWriter) -> None:
         self._write = write
         self._pending: dict[str, SpendDelta] = {}
-        self._waiters: list[asyncio.Future[bool]] = []
+        self._free: dict[str, int] = {}  # slots on record, not used yet, by provider
+        self._block: dict[str, int] = {}  # the next reservation's size, by provider
+        self._unit_cost: dict[str, float] = {}
+        self._waiting: dict[str, list[asyncio.Future[bool]]] = {}
+        self._unflushed = 0  # settlements pending since the last commit
+        self._in_flight = 0
+        self._peak_in_flight = 0
         self._writer: asyncio.Task[None] | None = None
+        self._draining = False
+        self.commits = 0
         self.refused = False  # the request stopped accepting calls
         self.error: BaseException | None = None
 
@@ -58,49 +80,105 @@ class SpendJournal:
         """Journal one call to `provider`; True once it is on record and may be sent."""
         if self.refused or self.error is not None:
             return False
-        self._delta(provider, unit_cost).calls += 1
+        free = self._free.get(provider, 0)
+        if free > 0:
+            self._free[provider] = free - 1
+            self._took_slot()
+            return True
+        self._unit_cost[provider] = unit_cost  # the reservation carries it to the ledger
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiting.setdefault(provider, []).append(waiter)
         self._kick()
-        return await waiter
+        sent = await waiter
+        if sent:
+            self._took_slot()
+        return sent
 
     def settle(self, provider: str, unit_cost: float, *, charged: bool, sent: bool = True) -> None:
         """A journalled call came back (or failed): charged at `unit_cost`, or not. A call that
         never left the machine (`sent=False`) is withdrawn from the ledger instead."""
+        self._in_flight -= 1
         delta = self._delta(provider, unit_cost)
         if not sent:
             delta.withdrawn += 1
+        else:
+            delta.settled += 1
+            if charged:
+                delta.charged += 1
+                delta.cost += unit_cost
+        self._unflushed += 1
+        if self._unflushed >= self._flush_after():
             self._kick()
-            return
-        delta.settled += 1
-        if charged:
-            delta.charged += 1
-            delta.cost += unit_cost
-        self._kick()
 
     async def drain(self) -> None:
-        """Wait until everything journalled so far is committed."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
-        if self._pending:
-            self._kick()
-            if self._writer is not None:
+        """Give back the slots not used and wait until everything so far is committed."""
+        for provider, free in self._free.items():
+            if free:
+                self._delta(provider).withdrawn += free
+        self._free.clear()
+        self._draining = True
+        try:
+            while self._writer is not None and not self._writer.done():
                 await asyncio.shield(self._writer)
+            if self._pending:
+                self._kick()
+                if self._writer is not None:
+                    await asyncio.shield(self._writer)
+        finally:
+            self._draining = False
 
-    def _delta(self, provider: str, unit_cost: float) -> SpendDelta:
+    def _took_slot(self) -> None:
+        self._in_flight += 1
+        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+
+    def _flush_after(self) -> int:
+        """Settlements that commit on their own: two blocks' worth (else they ride along)."""
+        return 2 * max(self._block.values(), default=FIRST_BLOCK)
+
+    def _delta(self, provider: str, unit_cost: float | None = None) -> SpendDelta:
+        # The ledger prices unsettled calls at the last unit cost written: never write a 0 for
+        # a delta (a withdrawal, a reservation) that was not given one.
+        if unit_cost is None:
+            unit_cost = self._unit_cost.get(provider, 0.0)
+        else:
+            self._unit_cost[provider] = unit_cost
         delta = self._pending.get(provider)
         if delta is None:
             delta = self._pending[provider] = SpendDelta(unit_cost=unit_cost)
+        else:
+            delta.unit_cost = unit_cost
         return delta
 
     def _kick(self) -> None:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._commit_pending())
 
+    def _reserve(self) -> dict[str, int]:
+        """Add a block to the pending deltas for every provider with calls waiting."""
+        queued = sum(len(waiters) for waiters in self._waiting.values())
+        peak = max(self._peak_in_flight, queued)
+        cap = min(MAX_BLOCK, max(FIRST_BLOCK, MAX_BLOCK_PER_IN_FLIGHT * peak))
+        reserved: dict[str, int] = {}
+        for provider, waiting in self._waiting.items():
+            if not waiting:
+                continue
+            block = max(self._block.get(provider, FIRST_BLOCK), len(waiting))
+            self._delta(provider).calls += block
+            reserved[provider] = block
+            self._block[provider] = max(min(2 * block, cap), min(block, MAX_BLOCK))
+        return reserved
+
+    def _due(self) -> bool:
+        """Whether to commit now: calls wait for slots, settlements piled up, or a drain."""
+        if any(self._waiting.values()):
+            return True
+        return bool(self._pending) and (self._draining or self._unflushed >= self._flush_after())
+
     async def _commit_pending(self) -> None:
-        while self._pending:
-            batch, waiters = self._pending, self._waiters
-            self._pending, self._waiters = {}, []
+        while self._due():
+            reserved = self._reserve()
+            batch = self._pending
+            self._pending, self._unflushed = {}, 0
             try:
                 accepted = await asyncio.to_thread(self._write, batch)
             except Exception as error:
@@ -110,8 +188,22 @@ class SpendJournal:
                 log.error("spend journal could not be written; stopping calls: %s", error)
                 self.error = error
                 accepted = False
+            self.commits += 1
             if not accepted:
                 self.refused = True
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(accepted)
+                for waiting in self._waiting.values():
+                    for waiter in waiting:
+                        if not waiter.done():
+                            waiter.set_result(False)
+                self._waiting.clear()
+                # Slots on record and unused are withdrawn at `drain`; none is used from now.
+                continue
+            for provider, block in reserved.items():
+                free = self._free.get(provider, 0) + block
+                waiting = self._waiting.get(provider, [])
+                while waiting and free:
+                    waiter = waiting.pop(0)
+                    if not waiter.done():
+                        waiter.set_result(True)
+                        free -= 1
+                self._free[provider] = free

@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from glaze_pipeline.core.budget import Budget
-from glaze_pipeline.core.cache import AnswerCache, CachedAnswer, CacheKey
+from glaze_pipeline.core.cache import (
+    AnswerCache,
+    CachedAnswer,
+    CacheKey,
+    read_one,
+    tiers_of,
+    write_one,
+)
 from glaze_pipeline.core.detection import (
     NAME_KEY_STRENGTH,
     company_domain,
@@ -216,6 +223,11 @@ def alias_keys(key: EntityKey, values: Mapping[str, Any]) -> list[EntityKey]:
     return list(unique.values())
 
 
+def _write_all(writes: list[tuple[AnswerCache, dict[CacheKey, CachedAnswer]]]) -> None:
+    for tier, answers in writes:
+        tier.put_many(answers)
+
+
 def waterfall_order(providers: Iterable[Provider]) -> dict[EntityType, list[Provider]]:
     """The order providers are asked in, per entity type: cheapest first, then most confident."""
     order: dict[EntityType, list[Provider]] = {}
@@ -290,11 +302,20 @@ class Waterfall:
         self._limits = {p.name: asyncio.Semaphore(max(1, p.max_concurrency)) for p in providers}
         self._cached: dict[CacheKey, CachedAnswer] = {}
         self._new_answers: dict[CacheKey, CachedAnswer] = {}
+        # Bought answers already written through to a claim's shared tiers: ids of those tiers.
+        self._shared_in: dict[CacheKey, set[int]] = {}
 
     async def enrich_many(
-        self, requests: Iterable[EntityRequest], *, concurrency: int = 50
+        self,
+        requests: Iterable[EntityRequest],
+        *,
+        concurrency: int = 50,
+        on_outcome: Callable[[EntityOutcome], None] | None = None,
     ) -> list[EntityOutcome]:
-        """Enrich a batch: one cache read up front, one cache write at the end."""
+        """Enrich a batch: one cache read up front, one cache write at the end.
+
+        Entities start in the order given (the gate is first come, first served);
+        `on_outcome` hears each one as soon as it is settled (a streaming writer's cue)."""
         requests = list(requests)
         self._prefetch(requests)
         gate = asyncio.Semaphore(max(1, concurrency))
@@ -302,10 +323,13 @@ class Waterfall:
         async def one(request: EntityRequest) -> EntityOutcome:
             async with gate:
                 if self.stopped:  # drain: calls in flight finish, nothing new starts
-                    return _Progress(request.fields).stopped(request.key)
-                outcome = await self.enrich(request)
-                self.entities_done += 1
-                return outcome
+                    outcome = _Progress(request.fields).stopped(request.key)
+                else:
+                    outcome = await self.enrich(request)
+                    self.entities_done += 1
+            if on_outcome is not None:
+                on_outcome(outcome)
+            return outcome
 
         try:
             return await asyncio.gather(*(one(r) for r in requests))
@@ -355,7 +379,7 @@ class Waterfall:
             shared = claim.shared
             if shared is not None:
                 # Another run may have bought it since the prefetch (or while we waited).
-                found = (await asyncio.to_thread(shared.get_many, [cache_key])).get(cache_key)
+                found = await read_one(shared, cache_key)
                 if found is not None:
                     self.stats.cache_hits += 1
                     self.stats.shared_hits += 1
@@ -457,17 +481,21 @@ class Waterfall:
         for name in asked:
             progress.unavailable.setdefault(name, error)
 
-    @staticmethod
-    async def _publish(shared: AnswerCache, cache_key: CacheKey, answer: CachedAnswer) -> None:
+    async def _publish(
+        self, shared: AnswerCache, cache_key: CacheKey, answer: CachedAnswer
+    ) -> None:
         """Write one bought answer through to the shared tier, before the claim is released.
 
         Best effort: the answer is paid for and stays queued for the chunk's batched flush, so
         a failing shared tier costs the waiters a duplicate call, never this run its answer.
+        The tiers it reached are noted, so the flush does not write it to them again.
         """
         try:
-            await asyncio.to_thread(shared.put_many, {cache_key: answer})
+            await write_one(shared, cache_key, answer)
         except Exception:
             log.warning("could not share the answer for %s", cache_key, exc_info=True)
+            return
+        self._shared_in[cache_key] = {id(tier) for tier in tiers_of(shared)}
 
     def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
         if self.cache is None:
@@ -489,12 +517,30 @@ class Waterfall:
     async def flush_cache_async(self) -> None:
         """Write the answers bought so far through to the cache while lookups go on, so a
         killed run's purchases survive it."""
-        answers = self.take_new_answers()
-        if self.cache is not None and answers:
-            await asyncio.to_thread(self.cache.put_many, answers)
+        writes = self._cache_writes(self.take_new_answers())
+        if writes:
+            await asyncio.to_thread(_write_all, writes)
 
     def flush_cache(self) -> None:
         """Write the answers bought since the last flush to the cache, in one batch."""
-        answers = self.take_new_answers()
-        if self.cache is not None and answers:
-            self.cache.put_many(answers)
+        _write_all(self._cache_writes(self.take_new_answers()))
+
+    def _cache_writes(
+        self, answers: dict[CacheKey, CachedAnswer]
+    ) -> list[tuple[AnswerCache, dict[CacheKey, CachedAnswer]]]:
+        """What each cache tier still needs of `answers`: all of them, but the ones written
+        through to that tier under a claim (most of a chunk's purchases, on a shared stack)."""
+        if self.cache is None or not answers:
+            return []
+        shared_in = self._shared_in
+        self._shared_in = {k: v for k, v in shared_in.items() if k not in answers}
+        writes = []
+        for tier in tiers_of(self.cache):
+            wanted = {
+                key: answer
+                for key, answer in answers.items()
+                if id(tier) not in shared_in.get(key, ())
+            }
+            if wanted:
+                writes.append((tier, wanted))
+        return writes
