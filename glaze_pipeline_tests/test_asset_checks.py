@@ -4,6 +4,7 @@ The broken data is written behind the engine's back (plain UPDATEs), as a writer
 leave it; the checks read it back on SQLite and Postgres.
 """
 
+import random
 from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance
@@ -11,7 +12,7 @@ from sqlalchemy import select, update
 
 from glaze_pipeline.core import checks
 from glaze_pipeline.core.schema import EnrichmentRequest, GlazeRow
-from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_leads
+from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_generated, seed_leads
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.definitions import build_definitions
 from glaze_pipeline.defs.checks import (
@@ -117,3 +118,45 @@ def test_the_data_checks_job_runs_the_three_checks_over_all_the_data(store: Stor
     assert set(found) == CHECKS
     assert all(evaluation.passed for evaluation in found.values())
     assert found["every_cell_has_provenance"].metadata["tables"].value == 1
+
+
+def _written_by(store: Store, table_id: str, request_id: str, *, unsourced: set[str]) -> None:
+    """Every row's `industry` cell filled by `request_id`, with provenance except in the rows
+    `unsourced` (their source is missing)."""
+    with store.engine.begin() as connection:
+        ids = connection.scalars(select(GlazeRow.id).where(GlazeRow.table_id == table_id)).all()
+        for row_id in ids:
+            cell = {
+                "status": "done",
+                "source": None if row_id in unsourced else "mock",
+                "confidence": 0.9,
+                "fetched_at": "2026-01-01T00:00:00+00:00",
+                "request_id": request_id,
+            }
+            connection.execute(
+                update(GlazeRow).where(GlazeRow.id == row_id).values(meta={"industry": cell})
+            )
+
+
+def test_a_requests_own_provenance_check_reads_a_sample_of_a_large_table(store: Store) -> None:
+    table = seed_generated(store, rows=50, unique_companies=5)
+    with store.engine.connect() as connection:
+        ids = sorted(
+            connection.scalars(select(GlazeRow.id).where(GlazeRow.table_id == table.id)).all()
+        )
+    # One row in three lacks its source: any run of 20 rows holds some.
+    _written_by(store, table.id, "req_a", unsourced=set(ids[::3]))
+
+    for seed in range(20):  # wherever the run starts, it reads 20 rows
+        own = checks.cells_without_provenance(
+            store, table.id, request_id="req_a", sample_rows=20, rng=random.Random(seed)
+        )
+        assert own.sampled and own.rows_checked == 20
+        assert own.cells_checked == 20 and 6 <= own.count <= 7
+        assert own.sample and all(entry.endswith(": no source") for entry in own.sample)
+
+    # The full check (the `data_checks` job's) reads every row; so does a small table's.
+    full = checks.cells_without_provenance(store, table.id)
+    assert not full.sampled and (full.cells_checked, full.count) == (50, len(ids[::3]))
+    whole = checks.cells_without_provenance(store, table.id, request_id="req_a", sample_rows=50)
+    assert not whole.sampled and (whole.cells_checked, whole.count) == (50, len(ids[::3]))

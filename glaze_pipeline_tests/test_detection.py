@@ -676,3 +676,41 @@ def test_a_linkedin_page_in_the_website_column_is_never_enriched_as_linkedin(
         "company:domain:straße.de",  # one company, bought once, in either spelling
         "company:name:contoso",
     ]
+
+
+def test_the_index_counts_cells_and_fields_per_entity_across_runs_of_a_row() -> None:
+    """A row's cells about one entity are counted together; the company, then the person,
+    then the company again, then a cell with no identifier, all land where they belong."""
+    ids = _ids("name", "email", "company", "website", "industry", "title", "revenue")
+    columns = _columns("industry", "title", "revenue")
+    index = EntityIndex()
+    index.add(targets_for_row("r1", {"website": "acme.com", "email": "ada@acme.com"}, columns, ids))
+    index.add(targets_for_row("r2", {"website": "acme.com"}, columns, ids))
+    acme = EntityKey(EntityType.COMPANY, "domain", "acme.com")
+    ada = EntityKey(EntityType.PERSON, "email", "ada@acme.com")
+    assert index.fields == {acme: {"industry", "revenue"}, ada: {"title"}}
+    assert index.cells == {acme: 4, ada: 1}
+    assert (index.cells_total, index.cells_without_identifier) == (6, 1)
+
+
+def test_a_row_asked_only_about_its_company_names_no_person() -> None:
+    row = {"website": "https://www.acme.com/", "email": "ada@acme.com", "name": "Ada"}
+    [target] = targets_for_row("r1", row, _columns("industry"), IDS)
+    assert target.entity == EntityKey(EntityType.COMPANY, "domain", "acme.com")
+    assert identify_row(row, IDS, person_wanted=False).person is None
+    assert identify_row(row, IDS).person == EntityKey(EntityType.PERSON, "email", "ada@acme.com")
+
+
+def test_a_website_cell_gives_the_same_key_cached_or_not() -> None:
+    """Short website cells are cached on their text; a long one (or a non-string) is parsed
+    every time, with the same answer."""
+    path = "/" + "a" * 300
+    for cell in ("https://www.acme.com/", f"https://www.acme.com{path}"):
+        [target] = targets_for_row("r", {"website": cell}, _columns("industry"), IDS)
+        assert target.entity == EntityKey(EntityType.COMPANY, "domain", "acme.com")
+    for cell in (
+        "https://www.linkedin.com/company/acme",
+        f"https://linkedin.com/company/acme{path[:20]}",
+    ):
+        [target] = targets_for_row("r", {"website": cell}, _columns("industry"), IDS)
+        assert target.entity is not None and target.entity.kind == "linkedin"

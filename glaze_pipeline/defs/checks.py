@@ -66,18 +66,24 @@ def rows_result(store: Store, table_id: str | None = None) -> tuple[bool, dict]:
 def provenance_result(
     store: Store, table_ids: list[str], request_id: str | None = None
 ) -> tuple[bool, dict]:
-    checked = missing = 0
+    checked = missing = rows = 0
+    sampled = False
     sample: list[str] = []
     for table_id in table_ids:
         found = checks.cells_without_provenance(store, table_id, request_id=request_id)
         checked += found.cells_checked
         missing += found.count
+        rows += found.rows_checked or 0
+        sampled = sampled or found.sampled
         sample.extend(found.sample[: checks.SAMPLE - len(sample)])
-    return missing == 0, {
+    metadata: dict = {
         "cells_checked": checked,
         "cells_without_provenance": missing,
         "sample": MetadataValue.json(sample),
     }
+    if sampled:  # a run of checks.PROVENANCE_SAMPLE_ROWS rows per table, from a random id
+        metadata.update(sampled=True, rows_checked=rows)
+    return missing == 0, metadata
 
 
 def evaluations_for_request(store: Store, request_id: str, table_id: str) -> Iterator:
