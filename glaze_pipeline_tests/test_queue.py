@@ -1,6 +1,7 @@
 """The request queue: enqueue, claim races, the sensor, reconciling, cancellation, kinds."""
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -259,7 +260,14 @@ def test_cancel_stops_a_running_chunk(store: Store, monkeypatch: pytest.MonkeyPa
     request_id = engine.start_job(store, target, selection, JobSettings())
     detection = engine.detect_entities(store, target)
     provider = FakeProvider(EntityType.COMPANY, latency_s=0.05, max_concurrency=2)
-    threading.Timer(0.2, app_cancels, (store, request_id)).start()
+
+    def cancel_once_buying() -> None:  # mid-chunk, however slow the machine is to get there
+        deadline = time.monotonic() + 30
+        while provider.total_calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        app_cancels(store, request_id)
+
+    threading.Thread(target=cancel_once_buying, daemon=True).start()
     result = engine.enrich_chunk(
         store,
         request_id,

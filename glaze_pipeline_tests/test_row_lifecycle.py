@@ -399,29 +399,50 @@ def test_a_run_whose_request_is_cancelled_lets_go_of_its_rows(store: Store) -> N
     assert_nothing_held(store, table.id)
 
 
-@pytest.fixture
-def apply_fails_on_second_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def writes_fail_from(monkeypatch: pytest.MonkeyPatch, first: int, last: int | None) -> None:
+    """`Store.apply_patches` raises on its calls `first`..`last` (None: every one after)."""
     original = Store.apply_patches
     calls = [0]
 
     def failing(self: Store, *args: Any, **kwargs: Any) -> int:
         calls[0] += 1
-        if calls[0] == 2:
+        if calls[0] >= first and (last is None or calls[0] <= last):
             raise RuntimeError("the database went away")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Store, "apply_patches", failing)
-    yield
 
 
-def test_a_failed_job_leaves_no_row_queued_or_running(
-    store: Store, apply_fails_on_second_page: None
+def test_a_write_that_fails_once_is_retried_and_the_job_ends_whole(
+    store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The chunk's second page write fails once: Dagster retries the chunk, which rewrites its
+    own first page (its cells are the job's, not a user's) and the rest: nothing bought twice,
+    nothing counted kept."""
+    writes_fail_from(monkeypatch, 2, 2)
     table = seed_generated(store, rows=30, unique_companies=3)
     request_id = queue.enqueue(store, table.id, grid(table, "industry"))
     [launchable], _ = queue.claim_launchable(store, limit=1)
+    config = {**launchable.config, "page_size": 10, "write_page_size": 10}
     with DagsterInstance.ephemeral() as instance:
-        result = run_enrich_table(store, {**launchable.config, "page_size": 10}, instance)
+        result = run_enrich_table(store, config, instance)
+    assert result.success
+    request = store.get_request(request_id)
+    assert (request.status, request.cells_done, request.cells_skipped) == ("succeeded", 30, 0)
+    assert statuses(store, table.id) == ["done"] * 30
+    assert_nothing_held(store, table.id)
+
+
+def test_a_failed_job_leaves_no_row_queued_or_running(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes_fail_from(monkeypatch, 2, None)  # the first page is written, then never again
+    table = seed_generated(store, rows=30, unique_companies=3)
+    request_id = queue.enqueue(store, table.id, grid(table, "industry"))
+    [launchable], _ = queue.claim_launchable(store, limit=1)
+    config = {**launchable.config, "page_size": 10, "write_page_size": 10}
+    with DagsterInstance.ephemeral() as instance:
+        result = run_enrich_table(store, config, instance)
     assert not result.success
     request = store.get_request(request_id)
     assert request.status == "failed" and "the database went away" in (request.error or "")

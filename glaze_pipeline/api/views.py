@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from glaze_pipeline.api.models import Estimate, JobOut, JobPhase, SeedStatus
 from glaze_pipeline.core.models import RequestStatus
-from glaze_pipeline.core.progress import ENRICH_SHARE
+from glaze_pipeline.core.progress import job_progress
 from glaze_pipeline.core.schema import EnrichmentRequest
 from glaze_pipeline.core.status import SEED_JOB_STATUS
 
@@ -27,14 +27,6 @@ from glaze_pipeline.core.status import SEED_JOB_STATUS
 def seed_status(state: str) -> SeedStatus:
     """Seed 001's status word for a request status (core/status.SEED_JOB_STATUS)."""
     return cast(SeedStatus, SEED_JOB_STATUS[RequestStatus(state)])
-
-
-def rounded_percent(part: int, whole: int) -> int:
-    """`part` of `whole` in whole percent, half up, as a person rounds (4 of 6 is 67)."""
-    if whole <= 0:
-        return 0
-    part = max(0, min(part, whole))
-    return (200 * part + whole) // (2 * whole)
 
 
 def cells_answered(request: EnrichmentRequest) -> int:
@@ -50,13 +42,13 @@ def phase_and_progress(request: EnrichmentRequest) -> tuple[JobPhase, int]:
         return "done", 100
     if state is not RequestStatus.RUNNING:
         return "queued", 0
-    answered = cells_answered(request)
-    if answered or request.rows_written:
-        written = rounded_percent(answered, request.cells_total)
-        return "writing", ENRICH_SHARE + written * (100 - ENRICH_SHARE) // 100
-    return "enriching", rounded_percent(
-        request.entities_done, request.entities
-    ) * ENRICH_SHARE // 100
+    phase, progress = job_progress(
+        entities_done=request.entities_done,
+        entities=request.entities,
+        cells_answered=cells_answered(request),
+        cells_total=request.cells_total,
+    )
+    return cast(JobPhase, phase), progress
 
 
 def job_out(request: EnrichmentRequest, **extra: Any) -> JobOut:

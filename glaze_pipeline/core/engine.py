@@ -16,10 +16,10 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from glaze_pipeline.core.ai.columns import InvalidPromptError, check_template
 from glaze_pipeline.core.budget import Budget
@@ -36,6 +36,7 @@ from glaze_pipeline.core.estimate import EstimatePart, estimate_chunk, estimate_
 from glaze_pipeline.core.limits import check_budget
 from glaze_pipeline.core.models import (
     CellStatus,
+    EntityKey,
     EntityOutcome,
     EntityRequest,
     EntityType,
@@ -57,6 +58,7 @@ from glaze_pipeline.core.store import RowPatch, RowRecord, Store
 from glaze_pipeline.core.waterfall import CANCELLED, DEFAULT_THRESHOLD, Waterfall, WaterfallStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROW_CHANGED = "row changed during the run"
 # How often a running job stamps its request and reads its cancel flag, in every phase.
@@ -65,6 +67,8 @@ HEARTBEAT_SECONDS = 1.0
 FLUSH_SECONDS = 1.0
 # How long a terminated chunk may take to let its lookups in flight come back.
 DRAIN_SECONDS = 4.0
+# Chunks (spans of rows) are cut at multiples of this many rows (`plan_spans`).
+SPAN_ROWS = 100
 
 
 class JobCancelled(GlazeError):
@@ -84,7 +88,13 @@ class RequestWatch:
     def __init__(self, requests: RequestRepository, request_id: str) -> None:
         self.requests = requests
         self.request_id = request_id
+        # This process's progress so far (counters from 0): each beat adds what changed since
+        # the one before, so the chunks of a job, in one process or many, add up.
         self.progress: Callable[[], dict[str, int]] | None = None
+        # Hears each beat (from the watch thread): e.g. to publish the job's progress live.
+        self.on_beat: Callable[[Beat], None] | None = None
+        self._stamped: dict[str, int] = {}
+        self._beating = threading.Lock()  # one beat at a time: each adds what the last did not
         self._on_stop: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -137,9 +147,17 @@ class RequestWatch:
 
     def check_now(self) -> Beat:
         """One beat now (with progress); stops the job if it is no longer wanted."""
-        progress = self.progress() if self.progress is not None else {}
-        beat = self.requests.heartbeat(self.request_id, **progress)
-        self.beat = beat
+        with self._beating:
+            progress = self.progress() if self.progress is not None else {}
+            added = {name: value - self._stamped.get(name, 0) for name, value in progress.items()}
+            beat = self.requests.heartbeat(self.request_id, add=added)
+            self._stamped = progress
+            self.beat = beat
+        if self.on_beat is not None:
+            try:
+                self.on_beat(beat)
+            except Exception as error:  # a listener (Redis, say) must not stop the job
+                log.warning("progress of %s not published: %s", self.request_id, error)
         if beat.cancel_requested:
             self.stop("cancelled by the user")
         elif beat.status is not RequestStatus.RUNNING:
@@ -170,14 +188,18 @@ class JobSettings:
     max_chunks: int = 16
     concurrency: int = DEFAULT_CONCURRENCY
     threshold: float = DEFAULT_THRESHOLD
-    # Rows per read page and per write statement: the job costs about 4 statements a page
-    # (detection: read, hold `running`; apply: read, write).
+    # Rows per page detection reads (a read and a `running` hold each).
     page_size: int = 5000
+    # Rows per streamed write (a read and a JSON-merge UPDATE each): small enough that the
+    # first rows land early, big enough to stay within ~2 statements per 1,000 rows.
+    write_page_size: int = 1000
     budget_block_calls: int = 20
+    # Vendor batch endpoints (`lookup_many`) for the providers that declare one.
+    batch_endpoints: bool = False
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        for name in ("chunk_size", "max_chunks", "concurrency", "page_size"):
+        for name in ("chunk_size", "max_chunks", "concurrency", "page_size", "write_page_size"):
             if getattr(self, name) < 1:
                 raise InvalidSelectionError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.threshold <= 1:
@@ -200,13 +222,16 @@ class JobTarget:
         """The row's cells this job fills (see `split`)."""
         return self.split(row)[0]
 
-    def split(self, row: RowRecord) -> tuple[list[ColumnSpec], list[ColumnSpec]]:
+    def split(
+        self, row: RowRecord, *, request_id: str | None = None
+    ) -> tuple[list[ColumnSpec], list[ColumnSpec]]:
         """The row's requested cells as (to fill, kept).
 
         A cell that holds a value is the user's and is kept, unless the request says
         `overwrite`: enrichment never replaces what someone typed (an input column such as a
         name or an email included) without being asked to. A whole-table job asked for the
-        empty cells only, so it keeps nothing it would have to report.
+        empty cells only, so it keeps nothing it would have to report. A cell the job itself
+        (`request_id`) wrote is its to write again (a retried chunk rewrites its own pages).
         """
         if self.cells is not None:
             wanted = self.cells.get(row.id, frozenset())
@@ -215,16 +240,26 @@ class JobTarget:
             asked = list(self.columns)
         if self.overwrite:
             return asked, []
-        fill = [c for c in asked if is_empty(row.data.get(c.key))]
+        fill = [
+            c for c in asked if is_empty(row.data.get(c.key)) or written_by(row, c.key, request_id)
+        ]
         if len(fill) == len(asked):
             return fill, []
-        kept = [] if self.only_empty else [c for c in asked if not is_empty(row.data.get(c.key))]
+        kept = [] if self.only_empty else [c for c in asked if c not in fill]
         return fill, kept
 
     def page_row_ids(self) -> list[str] | None:
         if self.cells is not None:
             return list(self.cells)
         return list(self.row_ids) if self.row_ids is not None else None
+
+
+def written_by(row: RowRecord, key: str, request_id: str | None) -> bool:
+    """Whether the cell's provenance names `request_id` (the job wrote it)."""
+    if request_id is None:
+        return False
+    meta = row.meta.get(key)
+    return isinstance(meta, dict) and meta.get("request_id") == request_id
 
 
 def is_empty(value: Any) -> bool:
@@ -337,6 +372,19 @@ class Detection:
     # An overwriting job's fingerprints of the non-empty cells it read (`cell_ref` -> digest):
     # a cell changed before the job writes it is then kept. Empty for any other job.
     read: dict[str, int] = field(default_factory=dict)
+    # Every SPAN_ROWS rows read, and the end: where `plan_spans` may cut chunks.
+    pages: list[PageMark] = field(default_factory=list)
+    rows_to_fill: int = 0  # rows with at least one cell to fill (the rows a job writes)
+
+
+@dataclass(frozen=True)
+class PageMark:
+    """A place detection passed: the row id there, how many rows were read up to it (its
+    position in an explicit selection) and how many unique entities had been seen."""
+
+    last_id: str
+    rows: int
+    entities: int
 
 
 def detect_entities(
@@ -354,15 +402,23 @@ def detect_entities(
     statement per page; rows with nothing to fill are left as they are."""
     index = EntityIndex()
     kept = 0
+    rows_to_fill = 0
     read: dict[str, int] = {}
+    pages: list[PageMark] = []
+    row_ids = target.page_row_ids()
     for page in store.iter_row_pages(
-        target.table_id, row_ids=target.page_row_ids(), page_size=page_size, with_meta=False
+        target.table_id, row_ids=row_ids, page_size=page_size, with_meta=False
     ):
         if watch is not None:
             watch.raise_if_stopped()
+        if row_ids is not None:
+            # In the selection's order, so a span of it is a slice of its ids (`Chunk`).
+            ids = row_ids[index.rows_read : index.rows_read + len(page)]
+            rank = {row_id: i for i, row_id in enumerate(ids)}
+            page.sort(key=lambda row: rank[row.id])
         index.rows_read += len(page)
         to_fill: list[str] = []
-        for row in page:
+        for position, row in enumerate(page, start=index.rows_read - len(page) + 1):
             fill, keep = target.split(row)
             kept += len(keep)
             cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
@@ -374,11 +430,17 @@ def detect_entities(
                         if not is_empty(value):
                             read[cell_ref(row.id, column.key)] = cell_digest(value)
             index.add(cell_targets)
+            if position % SPAN_ROWS == 0:
+                pages.append(PageMark(row.id, position, len(index.fields)))
+        rows_to_fill += len(to_fill)
+        if page and index.rows_read % SPAN_ROWS:
+            pages.append(PageMark(page[-1].id, index.rows_read, len(index.fields)))
         if request_id is not None:
             store.hold_rows(target.table_id, request_id, RowStatus.RUNNING, row_ids=to_fill)
+    # In the order the rows first need them: a streaming chunk answers its first page first.
     entities = [
         EntityRequest(key, frozenset(fields), index.cells[key])
-        for key, fields in sorted(index.fields.items(), key=lambda item: item[0].id)
+        for key, fields in index.fields.items()
     ]
     return Detection(
         entities=entities,
@@ -387,6 +449,8 @@ def detect_entities(
         rows_read=index.rows_read,
         cells_kept=kept,
         read=read,
+        pages=pages,
+        rows_to_fill=rows_to_fill,
     )
 
 
@@ -404,6 +468,67 @@ def plan_chunks(
     return [list(entities[i : i + size]) for i in range(0, len(entities), size)]
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One step's share of a job: a contiguous span of the selected rows, and the entities
+    first seen in it, in the order its rows need them.
+
+    The step buys its own entities and writes its rows page by page as their entities are
+    answered; an entity its rows share with an earlier span comes from that span's purchase,
+    through the cache and single-flight (so every entity is still bought once). The span is
+    `after < id <= upto` in id order (`upto` None: to the end), or for an explicit selection
+    the selection's row ids `[start:stop]`.
+    """
+
+    index: int
+    entities: list[EntityRequest]
+    after: str = ""
+    upto: str | None = None
+    start: int = 0
+    stop: int | None = None
+    rows: int = 0
+
+    def row_ids(self, target: JobTarget) -> list[str] | None:
+        ids = target.page_row_ids()
+        return None if ids is None else ids[self.start : self.stop]
+
+
+def plan_spans(
+    detection: Detection, target: JobTarget, *, chunk_size: int, max_chunks: int
+) -> list[Chunk]:
+    """Cut the rows into at most `max_chunks` spans at detection's page ends, each owning at
+    least `chunk_size` entities (the last takes the rest): a few fat steps, as `plan_chunks`.
+
+    Every selected row is in exactly one span, rows without an entity included (their cells
+    still get written: `failed: no identifier`)."""
+    entities = detection.entities
+    size = max(chunk_size, math.ceil(len(entities) / max_chunks)) if entities else 0
+    explicit = target.page_row_ids() is not None
+    chunks: list[Chunk] = []
+    after, start, owned_from, rows_from = "", 0, 0, 0
+    for number, mark in enumerate(detection.pages):
+        last_page = number == len(detection.pages) - 1
+        if mark.entities - owned_from < size and not last_page:
+            continue
+        if len(chunks) == max_chunks - 1 and not last_page:
+            continue  # the last span takes the rest
+        chunks.append(
+            Chunk(
+                index=len(chunks),
+                entities=list(entities[owned_from : mark.entities]),
+                after="" if explicit else after,
+                upto=None if explicit or last_page else mark.last_id,
+                start=start if explicit else 0,
+                stop=(None if last_page else mark.rows) if explicit else None,
+                rows=mark.rows - rows_from,
+            )
+        )
+        after, start, owned_from, rows_from = mark.last_id, mark.rows, mark.entities, mark.rows
+    if not chunks:
+        chunks.append(Chunk(index=0, entities=list(entities)))
+    return chunks
+
+
 @dataclass
 class ChunkResult:
     outcomes: Outcomes
@@ -411,6 +536,9 @@ class ChunkResult:
     seconds: float
     stopped: str | None = None  # why the chunk stopped early (a cancel), if it did
     estimate: EstimatePart | None = None  # an estimate job's figures for the chunk
+    # A streaming chunk's writes (`enrich_span`): its outcomes are written, not carried.
+    summary: ApplySummary | None = None
+    first_write_s: float | None = None  # when its first page was written (since it started)
 
 
 def enrich_chunk(
@@ -445,8 +573,6 @@ def enrich_chunk(
     chunk, however it ends.
     """
     started = time.perf_counter()
-    requests = RequestRepository(store)
-    unavailable = dict(unavailable or {})
     if dry_run:
         part = estimate_chunk(
             chunk,
@@ -454,96 +580,346 @@ def enrich_chunk(
             cache=cache,
             observations=store.provider_observations(),
             threshold=settings.threshold,
-            unavailable=unavailable,
+            unavailable=dict(unavailable or {}),
         )
         if on_progress is not None:
             on_progress(len(chunk))
         return ChunkResult({}, WaterfallStats(), time.perf_counter() - started, estimate=part)
-    journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
-    block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0.0)
-    budget = Budget(
-        settings.budget,
-        lease=lambda preferred, minimum: requests.lease_budget(request_id, preferred, minimum),
-        block=block,
-    )
-    waterfall = Waterfall(
-        providers,
-        budget=budget,
-        cache=cache,
-        threshold=settings.threshold,
-        flight=flight,
-        journal=journal,
-        unavailable=unavailable,
-    )
-    own_watch = watch is None
-    watch = watch or RequestWatch(requests, request_id)
+    lookups = _Lookups(store, request_id, providers, settings, cache, flight, unavailable)
 
-    async def run() -> list[EntityOutcome]:
-        async with provider_session(providers):  # HTTP clients live and close in this loop
-            flusher = asyncio.ensure_future(flush_while_running())
-            try:
-                return await waterfall.enrich_many(chunk, concurrency=settings.concurrency)
-            finally:
-                flusher.cancel()
-                await journal.drain()
+    async def work(waterfall: Waterfall) -> list[EntityOutcome]:
+        return await waterfall.enrich_many(chunk, concurrency=settings.concurrency)
 
-    async def flush_while_running() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            try:
-                await waterfall.flush_cache_async()
-            except Exception as error:  # the chunk's final flush tries again
-                log.warning("writing answers through to the cache failed: %s", error)
-            if on_progress is not None:
-                on_progress(waterfall.entities_done)
-
-    outcome: dict[str, Any] = {}
-    # Waited on instead of Thread.join: a join interrupted by a signal can leave the thread
-    # reported dead while it still runs (CPython gh-90882), which would skip the drain.
-    finished = threading.Event()
-
-    def work() -> None:
-        try:
-            outcome["value"] = asyncio.run(run())
-        except BaseException as error:
-            outcome["error"] = error
-        finally:
-            finished.set()
-
-    interrupted: BaseException | None = None
-    with watch if own_watch else nullcontext():
-        # A flag read by the loop before each lookup: setting it from any thread is enough.
-        watch.on_stop(lambda _reason: waterfall.stop())
-        worker = threading.Thread(target=work, name=f"enrich {request_id}", daemon=True)
-        worker.start()
-        try:
-            while not finished.wait(0.1):
-                pass
-        except BaseException as error:  # Dagster's Terminate, or Ctrl-C: stop, then drain
-            interrupted = error
-            watch.stop("the run was terminated")
-            _drain(finished, requests, request_id)
-        finally:
-            if not budget.unlimited:
-                requests.return_budget(request_id, budget.unused)
-            record_llm_calls(store, request_id, providers)
-    if interrupted is not None:
-        raise JobCancelled(f"request {request_id}: the run was terminated") from interrupted
-    if "error" in outcome:
-        raise outcome["error"]
-    outcomes: list[EntityOutcome] = outcome["value"]
-    try:
-        store.record_observations(waterfall.stats.observed)
-    except Exception as error:  # statistics for estimates: never worth failing a job over
-        log.warning("could not record the providers' observations: %s", error)
-    if on_progress is not None:
-        on_progress(waterfall.entities_done)
+    outcomes, stopped = lookups.run(work, watch, on_progress)
     return ChunkResult(
         outcomes={o.key.id: o.fields for o in outcomes},
-        stats=waterfall.stats,
+        stats=lookups.waterfall.stats,
         seconds=time.perf_counter() - started,
-        stopped=watch.stop_reason if waterfall.stopped else None,
+        stopped=stopped,
     )
+
+
+class _Lookups:
+    """One chunk's waterfall, budget and spend journal, run on an event loop in a worker
+    thread (see `enrich_chunk`): the scaffolding `enrich_chunk` and `enrich_span` share."""
+
+    def __init__(
+        self,
+        store: Store,
+        request_id: str,
+        providers: Sequence[Provider],
+        settings: JobSettings,
+        cache: AnswerCache | None,
+        flight: Flight | None,
+        unavailable: Mapping[str, str] | None,
+    ) -> None:
+        self.store = store
+        self.request_id = request_id
+        self.providers = providers
+        self.aborted = False  # interrupted (Terminate): the lookups drain, nothing is written
+        self.requests = requests = RequestRepository(store)
+        self.journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
+        block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0)
+        self.budget = Budget(
+            settings.budget,
+            lease=lambda preferred, minimum: requests.lease_budget(request_id, preferred, minimum),
+            block=block,
+        )
+        self.waterfall = Waterfall(
+            providers,
+            budget=self.budget,
+            cache=cache,
+            threshold=settings.threshold,
+            flight=flight,
+            journal=self.journal,
+            unavailable=dict(unavailable or {}),
+        )
+
+    def run(
+        self,
+        work: Callable[[Waterfall], Awaitable[T]],
+        watch: RequestWatch | None,
+        on_progress: Callable[[int], None] | None,
+    ) -> tuple[T, str | None]:
+        """Run `work(waterfall)` to its end; returns its result and why the lookups stopped
+        early (a cancel), if they did. Raises JobCancelled on an interrupt, after the drain."""
+        waterfall, journal, requests = self.waterfall, self.journal, self.requests
+
+        async def run() -> T:
+            async with provider_session(self.providers):  # HTTP clients live in this loop
+                flusher = asyncio.ensure_future(flush_while_running())
+                try:
+                    return await work(waterfall)
+                finally:
+                    flusher.cancel()
+                    await journal.drain()
+
+        async def flush_while_running() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_SECONDS)
+                try:
+                    await waterfall.flush_cache_async()
+                except Exception as error:  # the chunk's final flush tries again
+                    log.warning("writing answers through to the cache failed: %s", error)
+                if on_progress is not None:
+                    on_progress(waterfall.entities_done)
+
+        outcome: dict[str, Any] = {}
+        # Waited on instead of Thread.join: a join interrupted by a signal can leave the thread
+        # reported dead while it still runs (CPython gh-90882), which would skip the drain.
+        finished = threading.Event()
+
+        def thread() -> None:
+            try:
+                outcome["value"] = asyncio.run(run())
+            except BaseException as error:
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+        own_watch = watch is None
+        watch = watch or RequestWatch(requests, self.request_id)
+        interrupted: BaseException | None = None
+        with watch if own_watch else nullcontext():
+            # A flag read by the loop before each lookup: setting it from any thread is enough.
+            watch.on_stop(lambda _reason: waterfall.stop())
+            worker = threading.Thread(target=thread, name=f"enrich {self.request_id}", daemon=True)
+            worker.start()
+            try:
+                while not finished.wait(0.1):
+                    pass
+            except BaseException as error:  # Dagster's Terminate, or Ctrl-C: stop, then drain
+                interrupted = error
+                self.aborted = True
+                watch.stop("the run was terminated")
+                _drain(finished, requests, self.request_id)
+            finally:
+                if not self.budget.unlimited:
+                    requests.return_budget(self.request_id, self.budget.unused)
+                record_llm_calls(self.store, self.request_id, self.providers)
+        if interrupted is not None:
+            raise JobCancelled(
+                f"request {self.request_id}: the run was terminated"
+            ) from interrupted
+        if "error" in outcome:
+            raise outcome["error"]
+        try:
+            self.store.record_observations(waterfall.stats.observed)
+        except Exception as error:  # statistics for estimates: never worth failing a job over
+            log.warning("could not record the providers' observations: %s", error)
+        if on_progress is not None:
+            on_progress(waterfall.entities_done)
+        stopped = None
+        if waterfall.stopped:
+            if watch.stop_reason is None:
+                # The journal was refused (a cancel the watch has not beaten on yet): ask now.
+                with suppress(Exception):
+                    watch.check_now()
+            stopped = watch.stop_reason or "the request stopped accepting calls"
+        return outcome["value"], stopped
+
+
+def enrich_span(
+    store: Store,
+    request_id: str,
+    target: JobTarget,
+    chunk: Chunk,
+    providers: Sequence[Provider],
+    settings: JobSettings,
+    *,
+    cache: AnswerCache | None,
+    flight: Flight | None = None,
+    watch: RequestWatch | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    unavailable: Mapping[str, str] | None = None,
+    read: Mapping[str, int] | None = None,
+    on_written: WrittenCallback | None = None,
+    stopped: str | None = None,
+) -> ChunkResult:
+    """Enrich one span of rows and write them as they are answered, page by page.
+
+    The chunk's own entities (first seen in its rows) go through the waterfall in the order
+    its rows need them, `settings.concurrency` at a time, as `enrich_chunk` runs them. Beside
+    them a writer reads the span `settings.write_page_size` rows at a time; an entity a page
+    needs that the chunk does not own (an earlier span's) is asked of the waterfall too, which
+    finds it in the cache or waits for its buyer (single-flight); as soon as every entity of
+    the page is answered, the page is written in one JSON-merge statement, with the same
+    compare-and-set rules as `apply_results` (an edit made meanwhile wins). So rows reach the
+    table while the lookups go on, and memory holds one chunk's outcomes, not the job's.
+
+    A cancel (or `stopped`, a job cancelled before this chunk began) starts no new lookup: the
+    pages are still read to the end, what was bought is written and the rest is counted
+    `skipped: cancelled` and left untouched. Returns the chunk's figures with its
+    `ApplySummary` (no outcomes: they are in the rows).
+    """
+    started = time.perf_counter()
+    summary = ApplySummary()
+    lookups = _Lookups(store, request_id, providers, settings, cache, flight, unavailable)
+    if stopped is not None:
+        lookups.waterfall.stop()
+    own_watch = watch is None
+    watch = watch or RequestWatch(lookups.requests, request_id)
+    owned = {request.key.id for request in chunk.entities}
+    done = [0]
+    if watch.progress is None:
+        watch.progress = lambda: {"entities_done": done[0], **progress_counters(summary)}
+    first_write: list[float] = []
+
+    async def work(waterfall: Waterfall) -> None:
+        outcomes: Outcomes = {}
+        waiting: set[str] = set()
+        ready = asyncio.Event()
+        asked: set[str] = set(owned)
+
+        def answered(outcome: EntityOutcome) -> None:
+            entity = outcome.key.id
+            outcomes[entity] = outcome.fields
+            if entity in owned:
+                done[0] += 1
+            if entity in waiting:
+                waiting.discard(entity)
+                if not waiting:
+                    ready.set()
+
+        buying = asyncio.ensure_future(
+            waterfall.enrich_many(
+                chunk.entities, concurrency=settings.concurrency, on_outcome=answered
+            )
+        )
+        extra: list[asyncio.Future[list[EntityOutcome]]] = []
+        try:
+            pages = store.iter_row_pages(
+                target.table_id,
+                row_ids=chunk.row_ids(target),
+                page_size=settings.write_page_size,
+                after=chunk.after,
+                upto=chunk.upto,
+            )
+            while True:
+                rows = await asyncio.to_thread(next, pages, None)
+                if rows is None:
+                    break
+                watch.raise_if_closed()
+                needed = _page_entities(target, rows, request_id)
+                others = [e for e in needed.values() if e.key.id not in asked]
+                if others:
+                    asked.update(e.key.id for e in others)
+                    extra.append(
+                        asyncio.ensure_future(
+                            waterfall.enrich_many(
+                                others, concurrency=settings.concurrency, on_outcome=answered
+                            )
+                        )
+                    )
+                waiting.clear()
+                waiting.update(entity for entity in needed if entity not in outcomes)
+                if waiting:
+                    ready.clear()
+                    await _until(ready, [buying, *extra])
+                if lookups.aborted:
+                    break  # an interrupt: what is written stays; nothing more is
+                if waterfall.stopped and watch.stop_reason is None:
+                    # Calls were refused (the request ended or was cancelled under the job):
+                    # learn which before writing, rather than at the next beat.
+                    await asyncio.to_thread(watch.check_now)
+                watch.raise_if_closed()
+                writer = _CellWriter(target, outcomes, request_id, _missing(waterfall), read)
+                await asyncio.to_thread(_write_page, store, writer, rows, summary, on_written)
+                if not first_write and summary.rows_written:
+                    first_write.append(time.perf_counter() - started)
+            await buying
+            for task in extra:
+                await task
+        except BaseException:
+            waterfall.stop()  # let the lookups in flight come back before the error goes on
+            await asyncio.gather(buying, *extra, return_exceptions=True)
+            raise
+
+    with watch if own_watch else nullcontext():
+        _, stopped_now = lookups.run(work, watch, on_progress)
+    summary.seconds = time.perf_counter() - started
+    return ChunkResult(
+        outcomes={},
+        stats=lookups.waterfall.stats,
+        seconds=summary.seconds,
+        stopped=stopped or stopped_now,
+        summary=summary,
+        first_write_s=first_write[0] if first_write else None,
+    )
+
+
+async def _until(ready: asyncio.Event, tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait for `ready`; a lookup task that fails meanwhile raises its error here, and if every
+    task ends first the wait ends too (the writer then finds those entities unanswered)."""
+    waiter = asyncio.ensure_future(ready.wait())
+    try:
+        while not ready.is_set():
+            running = [task for task in tasks if not task.done()]
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise cast(BaseException, task.exception())
+            if not running:
+                return
+            await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+def _page_entities(
+    target: JobTarget, rows: Sequence[RowRecord], request_id: str | None = None
+) -> dict[str, EntityRequest]:
+    """The entities one page's cells need, with the fields those cells ask of them."""
+    fields: dict[str, tuple[EntityKey, set[str]]] = {}
+    for row in rows:
+        fill, _kept = target.split(row, request_id=request_id)
+        for cell in targets_for_row(row.id, row.data, fill, target.identifiers):
+            if cell.entity is not None and cell.column.field is not None:
+                entry = fields.setdefault(cell.entity.id, (cell.entity, set()))
+                entry[1].add(cell.column.field.name)
+    return {
+        entity: EntityRequest(key, frozenset(names), 0) for entity, (key, names) in fields.items()
+    }
+
+
+def _missing(waterfall: Waterfall) -> FieldOutcome:
+    """A cell's outcome when its entity has none (a lookup the job never made)."""
+    return FieldOutcome(CellStatus.SKIPPED, error=CANCELLED if waterfall.stopped else ROW_CHANGED)
+
+
+def _write_page(
+    store: Store,
+    writer: _CellWriter,
+    rows: list[RowRecord],
+    summary: ApplySummary,
+    on_written: WrittenCallback | None,
+) -> None:
+    """Write one page's patches in one statement; rows an edit beat are read again and
+    rewritten (up to WRITE_ATTEMPTS times), their edited cells kept. The summary counts the
+    page's statements: its read, its writes and re-reads."""
+    summary.rows_read += len(rows)
+    summary.statements += 1  # the page's read
+    page_written: list[RowPatch] = []
+    for _attempt in range(WRITE_ATTEMPTS):
+        patches = [writer.patch(row) for row in rows]
+        to_write = [p.write for p in patches if p.write]
+        summary.statements += bool(to_write)
+        written = store.apply_patches(to_write, request_id=writer.request_id)
+        page_written += [p.write for p in patches if p.write and p.row_id in written]
+        changed = [p.row_id for p in patches if p.write and p.row_id not in written]
+        for patch in patches:
+            if patch.row_id not in changed:
+                summary.cells.update(patch.counts)
+                summary.kept += patch.kept
+        summary.rows_written += len(written)
+        if not changed:
+            break
+        # Someone wrote one of these rows between the read and the write: read them again.
+        rows = store.rows_by_id(changed)
+        summary.statements += 1
+    else:
+        summary.cells[CellStatus.SKIPPED] += sum(len(p.write.meta) for p in patches if p.write)
+    if on_written is not None and page_written:
+        on_written(page_written)
 
 
 def record_llm_calls(store: Store, request_id: str, providers: Iterable[Provider]) -> int:
@@ -605,6 +981,15 @@ class ApplySummary:
     @property
     def cells_total(self) -> int:
         return sum(self.cells.values())
+
+    def merge(self, other: ApplySummary) -> None:
+        """Add another chunk's writes (a job's summary is the sum of its chunks')."""
+        self.rows_read += other.rows_read
+        self.rows_written += other.rows_written
+        self.cells.update(other.cells)
+        self.kept += other.kept
+        self.statements += other.statements
+        self.seconds += other.seconds
 
 
 ProgressCallback = Callable[[ApplySummary], None]
@@ -668,29 +1053,7 @@ def apply_results(
     ):
         if watch is not None:
             watch.raise_if_closed()
-        summary.rows_read += len(page)
-        rows = list(page)
-        page_written: list[RowPatch] = []
-        for _attempt in range(WRITE_ATTEMPTS):
-            patches = [writer.patch(row) for row in rows]
-            written = store.apply_patches(
-                [p.write for p in patches if p.write], request_id=request_id
-            )
-            page_written += [p.write for p in patches if p.write and p.row_id in written]
-            changed = [p.row_id for p in patches if p.write and p.row_id not in written]
-            for patch in patches:
-                if patch.row_id not in changed:
-                    summary.cells.update(patch.counts)
-                    summary.kept += patch.kept
-            summary.rows_written += len(written)
-            if not changed:
-                break
-            # Someone wrote one of these rows between the read and the write: read them again.
-            rows = store.rows_by_id(changed)
-        else:
-            summary.cells[CellStatus.SKIPPED] += sum(len(p.write.meta) for p in patches if p.write)
-        if on_written is not None and page_written:
-            on_written(page_written)
+        _write_page(store, writer, list(page), summary, on_written)
         if progress is not None:
             progress(summary)
     summary.statements = store.statements - before
@@ -723,9 +1086,13 @@ class _CellWriter:
     read: Mapping[str, int] | None  # None: no fingerprints (compare with the page read only)
 
     def patch(self, row: RowRecord) -> _RowWrite:
-        fill, kept = self.target.split(row)
+        fill, kept = self.target.split(row, request_id=self.request_id)
         if self.target.overwrite and self.read is not None:
-            changed = [c for c in fill if not self._as_read(row, c.key)]
+            changed = [
+                c
+                for c in fill
+                if not self._as_read(row, c.key) and not written_by(row, c.key, self.request_id)
+            ]
             fill = [c for c in fill if c not in changed]
             kept = kept + changed
         counts: Counter[str] = Counter({CellStatus.SKIPPED.value: len(kept)} if kept else {})

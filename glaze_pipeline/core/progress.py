@@ -164,6 +164,29 @@ def percent(done: int, total: int) -> int:
     return 100 if total <= 0 else min(100, done * 100 // total)
 
 
+def job_progress(
+    *, entities_done: int, entities: int, cells_answered: int, cells_total: int
+) -> tuple[str, int]:
+    """A running job's phase and percent (whole percent, half up, as a person rounds).
+
+    Rows are written while the lookups go on (each page as soon as its entities are
+    answered), so the percent weighs both: the lookups for ENRICH_SHARE, the cells written for
+    the rest, and never 100 before the job has ended. The phase is `writing` once every lookup
+    is done (only the last pages are left), `enriching` before: detection included, while
+    the job does not yet know its entities."""
+
+    def share(part: int, whole: int) -> int:
+        part = max(0, min(part, whole))
+        return (200 * part + whole) // (2 * whole) if whole > 0 else 0
+
+    looked_up = share(entities_done, entities)
+    written = share(cells_answered, cells_total)
+    value = (looked_up * ENRICH_SHARE + written * (100 - ENRICH_SHARE)) // 100
+    finished_lookups = entities > 0 and entities_done >= entities
+    phase = "writing" if finished_lookups or (cells_answered and not entities) else "enriching"
+    return phase, min(value, 99)
+
+
 def open_progress(redis_url: str | None, prefix: str | None = None) -> ProgressPublisher:
     """A publisher on `redis_url` (none: silent) under `resolve_prefix(redis_url, prefix)`."""
     return (

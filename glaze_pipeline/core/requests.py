@@ -52,6 +52,15 @@ RUNNING = RequestStatus.RUNNING
 OPEN = (QUEUED, LAUNCHED, RUNNING)
 ACTIVE = (LAUNCHED, RUNNING)
 ERROR_LIMIT = 2000
+# The progress counters a heartbeat returns (and a chunk adds to): see `heartbeat`.
+BEAT_COUNTERS = (
+    "entities_done",
+    "rows_written",
+    "cells_done",
+    "cells_failed",
+    "cells_not_found",
+    "cells_skipped",
+)
 
 # Priority: higher first. Pre-enrichment runs below anything a user asked for.
 PRIORITY_DEFAULT = 0
@@ -76,6 +85,8 @@ class Beat:
 
     status: RequestStatus
     cancel_requested: bool
+    # The request's progress counters after this beat (what every chunk added so far).
+    counters: Mapping[str, int] = field(default_factory=dict)
 
 
 class Adoption(enum.Enum):
@@ -363,25 +374,35 @@ class RequestRepository:
             )
         return Adoption.ADOPTED if moved else Adoption.TAKEN
 
-    def heartbeat(self, request_id: str, **progress: int) -> Beat:
+    def heartbeat(
+        self, request_id: str, *, add: Mapping[str, int] | None = None, **progress: int
+    ) -> Beat:
         """Stamp a running request (and its progress counters); says whether to go on.
 
+        `progress` sets counters; `add` adds to them (the chunks of one job, in one process or
+        many, each add what they did since their last beat). The beat returns the counters.
         One statement a beat while the request runs; a second read only once it has not."""
         state = (EnrichmentRequest.status, EnrichmentRequest.cancel_requested)
+        counted = [getattr(EnrichmentRequest, name) for name in BEAT_COUNTERS]
+        values: dict[str, Any] = dict(progress)
+        for name, amount in (add or {}).items():
+            if amount:
+                values[name] = getattr(EnrichmentRequest, name) + amount
         with self.store.engine.begin() as connection:
             row = connection.execute(
                 update(EnrichmentRequest)
                 .where(EnrichmentRequest.id == request_id, _status_in((RUNNING,)))
-                .values(updated_at=utcnow(), **progress)
-                .returning(*state)
+                .values(updated_at=utcnow(), **values)
+                .returning(*state, *counted)
             ).first()
             if row is None:
                 row = connection.execute(
-                    select(*state).where(EnrichmentRequest.id == request_id)
+                    select(*state, *counted).where(EnrichmentRequest.id == request_id)
                 ).first()
         if row is None:
             raise UnknownRequestError(f"unknown request {request_id!r}")
-        return Beat(RequestStatus(row.status), bool(row.cancel_requested))
+        counters = {name: int(getattr(row, name) or 0) for name in BEAT_COUNTERS}
+        return Beat(RequestStatus(row.status), bool(row.cancel_requested), counters)
 
     def lease_budget(self, request_id: str, preferred: float, minimum: float) -> float:
         """Take up to `preferred` (at least `minimum`) of a running request's budget; 0.0 if

@@ -62,7 +62,17 @@ class EnrichTableConfig(Config):
         default=JobSettings.threshold, description="Confidence at which a field is done."
     )
     page_size: int = Field(
-        default=JobSettings.page_size, description="Rows per read page and write batch."
+        default=JobSettings.page_size, description="Rows per page read by detection."
+    )
+    write_page_size: int = Field(
+        default=JobSettings.write_page_size,
+        description="Rows per streamed write: a page is written as soon as its entities are "
+        "answered.",
+    )
+    batch_endpoints: bool = Field(
+        default=JobSettings.batch_endpoints,
+        description="Use the vendors' batch endpoints where a provider declares one (calls "
+        "and cost are still counted per entity).",
     )
     kind: JobKind = Field(
         default=JobKind.enrich,
@@ -98,4 +108,6 @@ class EnrichTableConfig(Config):
             concurrency=self.concurrency,
             threshold=self.threshold,
             page_size=self.page_size,
+            write_page_size=self.write_page_size,
+            batch_endpoints=self.batch_endpoints,
         )

@@ -1,8 +1,9 @@
-"""The `enrich_table` job: detect_entities -> enrich_entities (chunked fan-out) -> apply -> close.
+"""The `enrich_table` job: detect_entities -> enrich_entities (fan-out over spans of rows, each
+writing its rows as they are answered) -> apply_results (adds up) -> close_job.
 
-The job runs in process: a step as its own process costs ~1 s here against ~50 ms in process,
-and each enrich step already runs its lookups concurrently with asyncio, so extra processes
-would buy overhead, not speed.
+The job runs in process by default (a step as its own process costs ~1 s here against ~50 ms
+in process, and each enrich step runs its lookups concurrently with asyncio); the run config
+can put its steps in processes of their own or on Celery workers (`defs/executors.py`).
 """
 
 import time
@@ -24,7 +25,6 @@ from dagster import (
     Output,
     RetryPolicy,
     graph,
-    in_process_executor,
     op,
 )
 
@@ -32,6 +32,7 @@ from glaze_pipeline.core import engine, queue
 from glaze_pipeline.core.ai.client import LlmConfigError
 from glaze_pipeline.core.engine import (
     ApplySummary,
+    Chunk,
     ChunkResult,
     JobCancelled,
     JobSettings,
@@ -41,16 +42,16 @@ from glaze_pipeline.core.engine import (
 from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.estimate import EstimatePart
 from glaze_pipeline.core.models import (
-    CellStatus,
     EntityRequest,
     RequestKind,
     RequestStatus,
 )
 from glaze_pipeline.core.preflight import check_providers, unusable
-from glaze_pipeline.core.progress import ENRICH_SHARE, percent, publish_cells
+from glaze_pipeline.core.progress import job_progress, publish_cells
 from glaze_pipeline.core.providers.base import Provider
+from glaze_pipeline.core.providers.batching import with_batching
 from glaze_pipeline.core.providers.llm_column import ai_column_providers
-from glaze_pipeline.core.requests import Adoption, RequestRepository
+from glaze_pipeline.core.requests import Adoption, Beat, RequestRepository
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
@@ -75,6 +76,7 @@ class JobPlan:
     rows_read: int
     entities: int
     cells_total: int
+    rows_to_fill: int
     cells_without_identifier: int
     chunks: int
     started: float
@@ -232,8 +234,9 @@ def tag_run(context: OpExecutionContext, tags: dict[str, str]) -> None:
 
 
 @op(
-    out={"plan": Out(JobPlan), "chunks": DynamicOut(list[EntityRequest])},
-    description="Read the selected rows in pages, find the unique entities, split into chunks.",
+    out={"plan": Out(JobPlan), "chunks": DynamicOut(Chunk)},
+    description="Read the selected rows in pages, find the unique entities, cut the rows into "
+    "spans (chunks).",
 )
 def detect_entities(
     context: OpExecutionContext,
@@ -290,8 +293,8 @@ def detect_entities(
             # Only a job that writes cells holds rows `running` (estimate, pre_enrich write none).
             request_id=request_id if kind is RequestKind.ENRICH else None,
         )
-        chunks = engine.plan_chunks(
-            detection.entities, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
+        chunks = engine.plan_spans(
+            detection, target, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
         )
         requests.record_counters(
             request_id,
@@ -332,6 +335,7 @@ def detect_entities(
             rows_read=detection.rows_read,
             entities=len(detection.entities),
             cells_total=detection.cells_total,
+            rows_to_fill=detection.rows_to_fill,
             cells_without_identifier=detection.cells_without_identifier,
             chunks=len(chunks),
             started=started,
@@ -340,8 +344,8 @@ def detect_entities(
         ),
         "plan",
     )
-    for index, chunk in enumerate(chunks):
-        yield DynamicOutput(chunk, mapping_key=f"chunk_{index}", output_name="chunks")
+    for chunk in chunks:
+        yield DynamicOutput(chunk, mapping_key=f"chunk_{chunk.index}", output_name="chunks")
 
 
 def preflight(
@@ -366,16 +370,17 @@ def preflight(
 
 
 @op(
-    ins={"plan": In(JobPlan), "chunk": In(list[EntityRequest])},
+    ins={"plan": In(JobPlan), "chunk": In(Chunk)},
     # Retries what is worth retrying (a lost database connection, a crashed worker thread);
     # a cancel, a Terminate or bad input fails with retries refused (request_closed_on_error).
     retry_policy=RetryPolicy(max_retries=ENRICH_RETRIES, delay=1.0),
-    description="Enrich one chunk of entities through the provider waterfall, concurrently.",
+    description="Enrich one span of rows through the provider waterfall, concurrently, and "
+    "write its rows page by page as their entities are answered.",
 )
 def enrich_entities(
     context: OpExecutionContext,
     plan: JobPlan,
-    chunk: list[EntityRequest],
+    chunk: Chunk,
     glaze_db: GlazeDatabase,
     providers: EnrichmentProviders,
     progress: ProgressChannel,
@@ -384,6 +389,7 @@ def enrich_entities(
     store = glaze_db.store()
     requests = RequestRepository(store)
     table_id = plan.target.table_id
+    writes = plan.kind is RequestKind.ENRICH
     with (
         request_closed_on_error(
             store,
@@ -396,128 +402,137 @@ def enrich_entities(
         progress.publisher() as publisher,
     ):
         watch.raise_if_closed()  # closed under the job: nothing more to do
-        if watch.stop_reason is not None:  # cancelled before this chunk started
-            context.log.info(f"{len(chunk)} entities not enriched: {watch.stop_reason}")
-            return engine.stopped_chunk(chunk, watch.stop_reason)
-        reported = [0]
+        stopped = watch.stop_reason  # cancelled before this chunk started
+        if stopped is not None and not writes:
+            context.log.info(f"{len(chunk.entities)} entities not enriched: {stopped}")
+            return engine.stopped_chunk(chunk.entities, stopped)
+        done = [0]
 
-        def advanced(done: int) -> None:
-            delta, reported[0] = done - reported[0], done
-            total_done = requests.advance(plan.request_id, entities_done=delta)
+        def published(beat: Beat) -> None:
+            """Each beat (about every second) tells subscribers where the whole job is."""
+            counters = beat.counters
+            answered = sum(counters.get(f"cells_{name}", 0) for name in CELL_COUNTERS)
+            phase, percent = job_progress(
+                entities_done=counters.get("entities_done", 0),
+                entities=plan.entities,
+                cells_answered=answered,
+                cells_total=plan.cells_total,
+            )
             publisher.publish(
                 "progress",
                 plan.request_id,
                 table_id,
-                phase="enriching",
-                entities_done=min(total_done, plan.entities),
+                phase=phase,
+                entities_done=min(counters.get("entities_done", 0), plan.entities),
                 entities=plan.entities,
-                progress=percent(total_done, plan.entities) * ENRICH_SHARE // 100,
+                rows_written=counters.get("rows_written", 0),
+                rows_total=plan.rows_read,
+                cells_total=plan.cells_total,
+                **{f"cells_{name}": counters.get(f"cells_{name}", 0) for name in CELL_COUNTERS},
+                answered=counters.get("cells_done", 0) + counters.get("cells_not_found", 0),
+                progress=percent,
             )
 
+        watch.on_beat = published
+        if not writes:
+            watch.progress = lambda: {"entities_done": done[0]}
+
+        def advanced(entities_done: int) -> None:
+            done[0] = entities_done
+
         # The AI columns' LLM client lives as long as this step (its connections belong to
-        # the event loop enrich_chunk runs); their LLM attempts are recorded by the chunk.
+        # the event loop the chunk runs); their LLM attempts are recorded by the chunk.
         step_providers = [*providers.providers(), *ai_providers(llm, plan.target)]
+        if plan.settings.batch_endpoints:
+            step_providers = with_batching(step_providers)
         with providers.sharing(store) as sharing:
-            result = engine.enrich_chunk(
-                store,
-                plan.request_id,
-                chunk,
-                step_providers,
-                plan.settings,
-                cache=sharing.cache,
-                flight=sharing.flight,
-                dry_run=plan.kind is RequestKind.ESTIMATE,
-                watch=watch,
-                on_progress=advanced,
-                unavailable=plan.unavailable,
-            )
+            if writes:
+                result = engine.enrich_span(
+                    store,
+                    plan.request_id,
+                    plan.target,
+                    chunk,
+                    step_providers,
+                    plan.settings,
+                    cache=sharing.cache,
+                    flight=sharing.flight,
+                    watch=watch,
+                    unavailable=plan.unavailable,
+                    read=plan.read,
+                    on_written=lambda patches: publish_cells(
+                        publisher, plan.request_id, table_id, patches
+                    ),
+                    stopped=stopped,
+                )
+            else:
+                result = engine.enrich_chunk(
+                    store,
+                    plan.request_id,
+                    chunk.entities,
+                    step_providers,
+                    plan.settings,
+                    cache=sharing.cache,
+                    flight=sharing.flight,
+                    dry_run=plan.kind is RequestKind.ESTIMATE,
+                    watch=watch,
+                    on_progress=advanced,
+                    unavailable=plan.unavailable,
+                )
+        watch.check_now()  # the chunk's last counters reach the request (and subscribers)
         watch.raise_if_closed()
     stats = result.stats
     if result.estimate is not None:
         part = result.estimate
         context.log.info(
-            f"{len(chunk)} entities estimated in {result.seconds:.2f}s: expected cost "
+            f"{len(chunk.entities)} entities estimated in {result.seconds:.2f}s: expected cost "
             f"{sum(part.expected.cost.values()):,.2f}, upper bound {sum(part.worst.cost.values()):,g}"
         )
         return result
+    written = (
+        f"; wrote {result.summary.rows_written} of {result.summary.rows_read} rows "
+        f"({result.summary.statements} statements, first after {result.first_write_s or 0:.2f}s)"
+        if result.summary is not None
+        else ""
+    )
     context.log.info(
-        f"{len(chunk)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
+        f"{len(chunk.entities)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
         f"cache hits {stats.cache_hits} ({stats.shared_hits} from concurrent runs, via "
         f"{sharing.backend}), errors {dict(stats.errors)}"
         + (f"; not sent {stats.not_sent_dict()}" if stats.not_sent else "")
+        + written
         + (f"; stopped: {result.stopped}" if result.stopped else "")
     )
     return result
 
 
+CELL_COUNTERS = ("done", "not_found", "failed", "skipped")
+
+
 @op(
-    description="Write all outcomes back: one JSON-merge UPDATE per page of rows.",
+    description="Gather the chunks' figures: the rows are written by the chunks as they go.",
 )
 def apply_results(
     context: OpExecutionContext,
     plan: JobPlan,
     results: list[ChunkResult],
-    glaze_db: GlazeDatabase,
-    progress: ProgressChannel,
 ) -> AppliedJob:
-    store = glaze_db.store()
-    requests = RequestRepository(store)
-    outcomes, stats = engine.merge_chunks(results)
+    stats = WaterfallStats()
+    summary = ApplySummary()
+    for result in results:
+        stats.merge(result.stats)
+        if result.summary is not None:
+            summary.merge(result.summary)
     stopped = next((r.stopped for r in results if r.stopped), None)
+    seconds = sum(r.seconds for r in results)
     if plan.kind is not RequestKind.ENRICH:
         # estimate and pre_enrich write no cell: the answers are in the cache (or the estimate).
         estimate = engine.merge_estimates(results) if plan.kind is RequestKind.ESTIMATE else None
-        seconds = sum(r.seconds for r in results)
         return AppliedJob(ApplySummary(), stats, seconds, stopped, estimate)
-    last_log = [time.monotonic()]
-    table_id = plan.target.table_id
-
-    with (
-        progress.publisher() as publisher,
-        request_closed_on_error(store, plan.request_id, progress, table_id),
-        RequestWatch(requests, plan.request_id) as watch,
-    ):
-        stopped = stopped or watch.stop_reason
-
-        def page_written(summary: ApplySummary) -> None:
-            answered = summary.cells[CellStatus.DONE] + summary.cells[CellStatus.NOT_FOUND]
-            publisher.publish(
-                "progress",
-                plan.request_id,
-                table_id,
-                phase="writing",
-                rows_written=summary.rows_written,
-                rows_total=plan.rows_read,
-                cells_total=plan.cells_total,
-                cells_done=summary.cells[CellStatus.DONE],
-                cells_not_found=summary.cells[CellStatus.NOT_FOUND],
-                cells_failed=summary.cells[CellStatus.FAILED],
-                cells_skipped=summary.cells[CellStatus.SKIPPED],
-                progress=ENRICH_SHARE
-                + percent(summary.rows_read, plan.rows_read) * (100 - ENRICH_SHARE) // 100,
-                answered=answered,
-            )
-            if time.monotonic() - last_log[0] >= 5:
-                last_log[0] = time.monotonic()
-                context.log.info(f"applied {summary.rows_read}/{plan.rows_read} rows")
-
-        summary = engine.apply_results(
-            store,
-            plan.request_id,
-            plan.target,
-            outcomes,
-            page_size=plan.settings.page_size,
-            progress=page_written,
-            watch=watch,
-            cancelled=stopped is not None,
-            read=plan.read,
-            on_written=lambda patches: publish_cells(publisher, plan.request_id, table_id, patches),
-        )
     context.log.info(
         f"wrote {summary.rows_written} rows ({dict(summary.cells)}) "
-        f"with {summary.statements} statements in {summary.seconds:.2f}s"
+        f"with {summary.statements} statements across {len(results)} chunks"
     )
-    return AppliedJob(summary, stats, sum(r.seconds for r in results), stopped)
+    return AppliedJob(summary, stats, seconds, stopped)
 
 
 @op(description="Close the request with its terminal status and report the job's figures.")
@@ -645,7 +660,7 @@ def enrich_table_graph() -> None:
 
 enrich_table = enrich_table_graph.to_job(
     name="enrich_table",
-    description="Fill a table's cells entity-first: detect, enrich chunks concurrently, write back.",
-    executor_def=in_process_executor,
+    description="Fill a table's cells entity-first: detect, then enrich spans of rows "
+    "concurrently, each writing its rows as their entities are answered.",
     tags={"glaze/kind": "enrich"},
 )

@@ -69,11 +69,21 @@ class EnrichmentProviders(ConfigurableResource):
     `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
     providers); `redis_url` adds the shared Redis tier and Redis single-flight (else
     GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or nothing on SQLite);
-    `cache_ttl_by_provider` sets how long the Redis tier keeps a provider's answers.
+    `cache_ttl_by_provider` sets how long the Redis tier keeps a provider's answers. With
+    Redis, every process keeps each vendor's rate limit together with the others
+    (core/providers/http/shared_limits.py); `concurrent_steps` gives each step its share of a
+    vendor's `max_concurrency`.
     """
 
     config_file: str | None = None
     redis_url: str | None = None
+    concurrent_steps: int = Field(
+        default=1,
+        ge=1,
+        description="How many enrich steps run at once (processes here or on Celery workers): "
+        "each takes that share of a vendor's max_concurrency; with Redis, all of them keep "
+        "the vendor's rate limit together.",
+    )
     cache_ttl_by_provider: dict[str, float] = Field(
         default={},
         description="Seconds the Redis tier keeps an answer, by provider name (others: 7 days); "
@@ -85,7 +95,11 @@ class EnrichmentProviders(ConfigurableResource):
     def providers(self) -> list[Provider]:
         # Loaded once per run: circuit breakers and rate limits live as long as the run.
         if self._providers is None:
-            self._providers = load_providers(self.config_file)
+            self._providers = load_providers(
+                self.config_file,
+                redis_url=redis_url(self.redis_url),
+                processes=self.concurrent_steps,
+            )
         return self._providers
 
     def sharing(self, store: Store) -> AnswerSharing:
