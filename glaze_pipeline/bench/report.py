@@ -20,7 +20,16 @@ FIGURE_COLUMNS = (
     "wall / bound",
     "peak RSS MiB (worker / mock)",
     "cells with a value",
+    "CPU ms / call",
+    "first row s (lookups done)",
+    "max progress gap s (Redis / request row)",
 )
+EXTRA_COLUMNS = 3  # the streaming and CPU columns, after the original ones
+VARIANT_LABELS = {
+    "batched": "entity-first, vendor batch endpoints",
+    "multiprocess": "entity-first, multiprocess executor",
+    "celery": "entity-first, Celery executor",
+}
 
 
 def figure_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -46,6 +55,7 @@ def figure_rows(results: dict[str, Any]) -> list[list[str]]:
                         "-",
                         "-",
                         "-",
+                        *["-"] * EXTRA_COLUMNS,
                     ]
                 )
             continue
@@ -56,12 +66,25 @@ def figure_rows(results: dict[str, Any]) -> list[list[str]]:
                 ("entity-first, same table again", scenario["entity_first"]),
                 ("entity-first, fresh copy of the rows", scenario["entity_first_copy"]),
             ]
+        if "leads" in scenario:
+            runs = len(scenario["leads"]["runs"])
+            variants = [(f"entity-first (median of {runs} runs)", scenario["entity_first"])]
         for label, entity in variants:
             rows.append(_entity_row(name, label, entity, scenario, bound))
+        for key, variant in scenario.get("variants", {}).items():
+            label = variant_label(key, variant)
+            if "wall_s" not in variant:
+                skipped = variant.get("skipped", "-")
+                rows.append([name, label, skipped] + ["-"] * (len(FIGURE_COLUMNS) - 3))
+                continue
+            rows.append(_entity_row(name, label, variant, scenario, bound))
+        if "leads" in scenario:
+            continue
         entity = scenario["entity_first"]
         baseline = scenario.get("baseline", {})
         if "wall_s" not in baseline:
-            rows.append([name, "cell-level baseline", baseline.get("skipped", "-")] + ["-"] * 7)
+            skipped = baseline.get("skipped", "-")
+            rows.append([name, "cell-level baseline", skipped] + ["-"] * (len(FIGURE_COLUMNS) - 3))
             continue
         label = "cell-level baseline"
         if baseline.get("extrapolated"):
@@ -81,9 +104,22 @@ def figure_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{baseline['wall_s'] / baseline['bound_s']:.2f}" if baseline["bound_s"] else "-",
                 f"{baseline['peak_rss_mib']:.0f} / {baseline.get('mock_peak_rss_mib') or 0:.0f}",
                 _baseline_values(baseline, scenario),
+                _per_call(baseline),
+                "-",
+                "-",
             ]
         )
     return rows
+
+
+def variant_label(key: str, variant: dict[str, Any]) -> str:
+    """A second row's path: the variant's own label (e.g. "entity-first, celery, 2 workers"),
+    with the steps each Celery worker ran, else the generic one."""
+    label = str(variant.get("label") or VARIANT_LABELS.get(key, f"entity-first, {key}"))
+    by_worker = variant.get("steps_by_celery_worker") or {}
+    if by_worker:
+        label += " (steps per worker: " + " / ".join(str(n) for n in by_worker.values()) + ")"
+    return label
 
 
 def _entity_row(
@@ -94,15 +130,64 @@ def _entity_row(
     return [
         name,
         label,
-        _calls(entity["provider_calls"]),
-        _calls(needed) if any(needed.values()) else "0",
-        f"{entity['statements']:,}",
+        _calls(entity["provider_calls"]) + _http_requests(entity),
+        "-" if "leads" in scenario else _calls(needed) if any(needed.values()) else "0",
+        _statements(entity),
         f"{entity['wall_s']:.2f}",
         f"{bound:.2f}",
         f"{entity['wall_s'] / bound:.2f}" if bound else "-",
-        f"{entity['peak_rss_mib']:.0f} / {entity.get('mock_peak_rss_mib') or 0:.0f}",
+        f"{entity['peak_rss_mib']:.0f} / {entity.get('mock_peak_rss_mib') or 0:.0f}"
+        + (
+            f" (Celery worker {entity['celery_workers_peak_rss_mib']:.0f})"
+            if entity.get("celery_workers_peak_rss_mib")
+            else ""
+        ),
         f"{request.get('cells_done', 0):,} / {scenario['cells']:,}",
+        _per_call(entity),
+        _first_row(entity.get("stream", {})),
+        _gaps(entity.get("stream", {})),
     ]
+
+
+def _statements(entity: dict[str, Any]) -> str:
+    """The job's statements; with steps in other processes only the run process's are
+    counted (the steps' own are not), which the cell says instead of a misleading figure."""
+    if entity.get("executor", "in_process") != "in_process":
+        return f"not counted (steps in other processes; run process {entity['statements']:,})"
+    return f"{entity['statements']:,}"
+
+
+def _http_requests(entity: dict[str, Any]) -> str:
+    """Where batch endpoints served several entities a request: how many requests it took."""
+    requests = sum(entity.get("http_requests", {}).values())
+    calls = sum(entity["provider_calls"].values())
+    return f" in {requests:,} HTTP requests" if requests and requests != calls else ""
+
+
+def _per_call(run: dict[str, Any]) -> str:
+    """Worker CPU ms per provider call (the entity runs carry it; the baseline: computed)."""
+    value = run.get("cpu_ms_per_call")
+    if value is None:
+        calls = sum(run.get("measured", run).get("provider_calls", {}).values())
+        value = 1000 * run["cpu_s"] / calls if calls and "cpu_s" in run else None
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _first_row(stream: dict[str, Any]) -> str:
+    first = stream.get("first_row_s")
+    if first is None:
+        return "-"
+    share = stream.get("lookups_done_at_first_row")
+    if share is None:
+        share = stream.get("lookups_done_at_first_row_events")
+    return f"{first:.2f} ({share:.0%})" if share is not None else f"{first:.2f}"
+
+
+def _gaps(stream: dict[str, Any]) -> str:
+    gap, beat = stream.get("progress_gap_max_s"), stream.get("heartbeat_gap_max_s")
+    if gap is None and beat is None:
+        return "-"
+    return " / ".join("-" if g is None else f"{g:.2f}" for g in (gap, beat))
 
 
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -134,6 +219,17 @@ def markdown(results: dict[str, Any]) -> str:
         "then premium); the issue's entities x latency / concurrency is in results.json as "
         "`bound_entities_s`.",
         "",
+        "CPU ms / call: the worker process's CPU during the run (its benchmark watcher thread "
+        "taken out) / the calls the mock served; the mock's CPU is apart (last table). First "
+        "row: seconds from the run's start to the first progress event saying rows were "
+        "written (`cells`, or `progress` with rows_written > 0), heard on the table's Redis "
+        "channel by a subscriber started before the run, and the share of the provider calls "
+        "the mock had served by then (its `/_stats` polled every 0.1 s). Max progress gap: the "
+        "longest silence between `started`/`progress` events from the first `started` to the "
+        "last `progress` (Redis), and between the request row's `updated_at` stamps (polled). "
+        "Write rows/s: rows written / the seconds Postgres spent in the row-merge statements; "
+        "detect rows/s: rows / the detect_entities step.",
+        "",
         "## Figures",
         "",
         _table(list(FIGURE_COLUMNS), figure_rows(results)),
@@ -156,6 +252,9 @@ def markdown(results: dict[str, Any]) -> str:
                 "chunks",
                 "CPU s worker / mock",
                 "process wall s",
+                "detect rows/s",
+                "write s (statements) / rows/s",
+                "progress events",
             ],
             _phase_rows(results),
         ),
@@ -180,9 +279,25 @@ def _phase_rows(results: dict[str, Any]) -> list[list[str]]:
                 str(entity.get("request", {}).get("chunks", "-")),
                 f"{entity.get('cpu_s', '-')} / {entity.get('mock_cpu_s', '-')}",
                 str(entity.get("process_wall_s", "-")),
+                _rate(entity.get("detect_rows_per_s")),
+                _writes(entity),
+                str(entity.get("stream", {}).get("progress_events", "-")),
             ]
         )
     return rows
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _writes(entity: dict[str, Any]) -> str:
+    seconds = entity.get("write_seconds")
+    if seconds is None:
+        return "-"
+    statements = entity.get("write_statements")
+    count = f" ({statements})" if statements is not None else ""
+    return f"{seconds:.3f}{count} / {_rate(entity.get('write_rows_per_s'))}"
 
 
 def _baseline_values(baseline: dict[str, Any], scenario: dict[str, Any]) -> str:

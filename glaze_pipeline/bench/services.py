@@ -113,7 +113,13 @@ class MockProcess:
         return result
 
     def calls_by_vendor(self) -> dict[str, int]:
-        """HTTP requests served per vendor (every request is one provider call)."""
+        """Provider calls served per vendor, counted per entity as a vendor bills them: a
+        request per lookup, and each entity a batch request asked about (`lookups`; a mock
+        without batch endpoints counts `requests` only, the same figure)."""
+        return {name: vendor_lookups(v) for name, v in self.stats()["vendors"].items()}
+
+    def requests_by_vendor(self) -> dict[str, int]:
+        """HTTP requests served per vendor (a batch request is one)."""
         return {name: v["requests"] for name, v in self.stats()["vendors"].items()}
 
     def reset(self) -> None:
@@ -124,6 +130,11 @@ class MockProcess:
 
     def cpu_seconds(self) -> float | None:
         return cpu_seconds(self.process.pid)
+
+
+def vendor_lookups(counters: Mapping[str, Any]) -> int:
+    """One vendor's `/_stats` counters -> the entity lookups it served."""
+    return int(counters.get("lookups", counters["requests"]))
 
 
 @contextlib.contextmanager

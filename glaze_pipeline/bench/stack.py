@@ -148,3 +148,138 @@ def wait_http(url: str, *, timeout_s: float) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+def dagster_postgres_yaml(storage_url: str) -> str:
+    """A dagster.yaml whose instance keeps runs and events in `storage_url` (Postgres).
+
+    dagster-postgres NOTIFYs with a bound parameter, which psycopg 3 (SQLAlchemy 2.1's default
+    for postgresql://) sends server-side and Postgres refuses: psycopg2 it is (docs/scaling.md).
+    """
+    url = make_url(normalize_url(storage_url)).set(drivername="postgresql+psycopg2")
+    rendered = url.render_as_string(hide_password=False)
+    return f"storage:\n  postgres:\n    postgres_url: {rendered}\ntelemetry:\n  enabled: false\n"
+
+
+def process_tree(root: int) -> set[int]:
+    """Process `root` and its live descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(entry.name)] = int(fields[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return tree
+
+
+def process_tree_cpu(root: int) -> float:
+    """User + system CPU of process `root` and its live descendants, with what each has
+    collected from children it already reaped (/proc/<pid>/stat utime, stime, cutime, cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended since the tree was read
+        total += sum(int(value) for value in fields[11:15]) / tick
+    return total
+
+
+@dataclass
+class CeleryWorkers:
+    """`glaze worker` processes taking steps from one queue (`celery_workers`)."""
+
+    queue: str
+    names: list[str]
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    def cpu_seconds(self) -> float:
+        """CPU of every worker and its pool processes so far."""
+        return sum(process_tree_cpu(process.pid) for process in self.processes)
+
+    def peak_rss_mib(self) -> float | None:
+        """The largest peak resident set (VmHWM) of any worker or pool process, in MiB."""
+        from glaze_pipeline.bench.services import peak_rss_mib
+
+        peaks = [
+            peak
+            for process in self.processes
+            for pid in process_tree(process.pid)
+            if (peak := peak_rss_mib(pid)) is not None
+        ]
+        return round(max(peaks), 1) if peaks else None
+
+
+@contextlib.contextmanager
+def celery_workers(
+    *,
+    broker: str,
+    queue: str,
+    env: dict[str, str],
+    workdir: Path,
+    count: int = 2,
+    ready_timeout_s: float = 30.0,
+) -> Iterator[CeleryWorkers]:
+    """`count` `glaze worker` processes (concurrency 1, node names w<i>-<queue>@host) on
+    `queue`, each in a session of its own; yields once every one logged " ready.", stops them
+    (SIGTERM to the group, then SIGKILL) and deletes the queue on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = CeleryWorkers(queue, [], [], [])
+    try:
+        for index in range(1, count + 1):
+            name = f"w{index}-{queue}"
+            log = workdir / f"celery-{name}.log"
+            command = [
+                *(sys.executable, "-m", "glaze_pipeline.cli", "worker"),
+                *("--broker", broker, "-q", queue, "-n", f"{name}@%h"),
+                *("--concurrency", "1", "--loglevel", "INFO"),
+            ]
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    command,
+                    cwd=workdir,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            started.names.append(name)
+            started.processes.append(process)
+            started.logs.append(log)
+        deadline = time.monotonic() + ready_timeout_s
+        for name, process, log in zip(started.names, started.processes, started.logs, strict=True):
+            while b" ready." not in log.read_bytes():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    why = (
+                        f"exited {process.returncode}"
+                        if process.returncode is not None
+                        else f"not ready within {ready_timeout_s:g} s"
+                    )
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"celery worker {name} {why}; its log ends:\n{tail}")
+                time.sleep(0.2)
+        yield started
+    finally:
+        for process in started.processes:
+            stop_process_group(process, timeout_s=10)
+        _delete_queue(broker, queue)
+
+
+def _delete_queue(broker: str, queue: str) -> None:
+    """Drop the run's queue from the broker (a leftover is harmless, so failures are ignored)."""
+    from kombu import Connection
+
+    with contextlib.suppress(Exception), Connection(broker, connect_timeout=3) as connection:
+        connection.default_channel.queue_delete(queue)

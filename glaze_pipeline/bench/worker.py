@@ -7,11 +7,22 @@ The parent passes a JSON spec file and reads back a JSON result file.
 - `entity`: the real Dagster job `enrich_table`, executed in process (`runner.run_in_process`,
   as `glaze enrich` runs it) with the bench providers file and `GLAZE_REDIS_URL` set, on a
   SQLite Dagster instance in a temp dir. Statements: `Store.process_statements` before and after.
+  With `execution` set (multiprocess / Celery) the job runs from its reconstructable
+  definition on a persistent instance (`dagster_yaml`: Postgres storage the Celery workers,
+  started by the parent, share); `resources` adds the run's resource config.
 - `baseline`: the cell-level job of `glaze_pipeline.bench.baseline`.
+
+While the entity run goes, a `StreamWatch` thread (started before the clock) hears the table's
+progress channel and polls the mock's `/_stats` and the request row every ~100 ms: the
+streaming figures (time to the first written row, the share of lookups done by then, the
+longest silence between progress events). Its own CPU is taken out of the worker's `cpu_s`.
+The time Postgres spends in the row-merge statements is summed by a statement hook
+(`write_seconds`), for the writing throughput.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -31,13 +42,291 @@ def peak_rss_mib() -> float:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU this process has used so far, all threads."""
+    """User + system CPU this process has used so far, all threads (step processes of another
+    executor are counted apart: `StreamWatch.children_cpu`)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
+# The statement that merges a page of patches into `rows` (Store.apply_patches, Postgres).
+ROW_MERGE_MARK = "data = r.data || v.data"
+PROGRESS_EVENTS = ("started", "progress")
+
+
+class WriteTimer:
+    """Sums the execution time of the row-merge statements of every engine in this process."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.statements = 0
+        self._started: dict[int, float] = {}
+
+    def install(self) -> None:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "before_cursor_execute", self._before)
+        event.listen(Engine, "after_cursor_execute", self._after)
+
+    def _before(self, _conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if ROW_MERGE_MARK in statement:
+            self._started[id(cursor)] = time.perf_counter()
+
+    def _after(self, _conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        began = self._started.pop(id(cursor), None)
+        if began is not None:
+            self.seconds += time.perf_counter() - began
+            self.statements += 1
+
+
+class StreamWatch:
+    """What a subscriber and a poller see while the job runs, timestamped on arrival.
+
+    One thread: it listens on the table's progress channel (`<prefix>:table:<id>`), and every
+    `interval` s polls the mock's `/_stats` (provider calls served so far) and the newest
+    request row of the table (`updated_at`, the heartbeat). Subscribed before the run starts,
+    so the job's first event is heard. Arrival times can lag by a GIL switch (~5 ms).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        table_id: str,
+        *,
+        mock_url: str | None,
+        database_url: str,
+        interval: float = 0.1,
+        track_children: bool = False,
+    ) -> None:
+        import threading
+
+        import redis
+
+        from glaze_pipeline.core.progress import resolve_prefix, table_channel
+
+        self.channel = table_channel(resolve_prefix(redis_url), table_id)
+        self.table_id = table_id
+        self.mock_url = mock_url
+        self.database_url = database_url
+        self.interval = interval
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.calls: list[tuple[float, int]] = []
+        self.beats: list[tuple[float, float]] = []  # (seen at, the row's updated_at)
+        self.cpu_s = 0.0
+        self.errors: list[str] = []
+        # Steps in other processes (multiprocess): each descendant's CPU, last seen by a poll.
+        self.track_children = track_children
+        self.children_cpu: dict[int, float] = {}
+        self._client = redis.Redis.from_url(redis_url)
+        self._pubsub = self._client.pubsub()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-stream-watch", daemon=True)
+
+    def start(self) -> None:
+        self._pubsub.subscribe(self.channel)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the subscription is live once confirmed
+            message = self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.5)
+            if message and message["type"] == "subscribe":
+                break
+        else:
+            raise RuntimeError(f"no subscription confirmed on {self.channel}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._pubsub.close()
+        self._client.close()
+
+    def _run(self) -> None:
+        import httpx
+        from sqlalchemy import create_engine, text
+
+        from glaze_pipeline.core.store import normalize_url
+
+        engine = create_engine(normalize_url(self.database_url), pool_size=1)
+        beat_sql = text(
+            "SELECT updated_at FROM enrichment_requests WHERE table_id = :t "
+            "ORDER BY created_at DESC LIMIT 1"
+        )
+        http = httpx.Client(timeout=2)
+        next_poll = 0.0
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                message = self._listen(self.interval / 2)
+                while message is not None:
+                    self._heard(message)
+                    message = self._listen(0)
+                now = time.monotonic()
+                if now >= next_poll or stopping:
+                    next_poll = now + self.interval
+                    self._poll(http, engine, beat_sql)
+                if stopping:
+                    break
+        finally:
+            http.close()
+            engine.dispose()
+            self.cpu_s = time.thread_time()
+
+    def _listen(self, timeout: float) -> dict[str, Any] | None:
+        message: dict[str, Any] | None = self._pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=timeout
+        )
+        return message
+
+    def _heard(self, message: dict[str, Any]) -> None:
+        try:
+            payload = json.loads(message["data"])
+        except (TypeError, ValueError):
+            return
+        if isinstance(payload, dict):
+            self.events.append((time.time(), payload))
+
+    def _poll(self, http: Any, engine: Any, beat_sql: Any) -> None:
+        from glaze_pipeline.bench.services import vendor_lookups
+
+        seen = time.time()
+        if self.track_children:
+            self.children_cpu.update(descendants_cpu(os.getpid()))
+        if self.mock_url:
+            try:
+                vendors = http.get(f"{self.mock_url}/_stats").json()["vendors"]
+                self.calls.append((seen, sum(vendor_lookups(v) for v in vendors.values())))
+            except Exception as error:  # a poll lost is a sample lost, not the run
+                self._note(f"mock stats: {error}")
+        try:
+            with engine.connect() as connection:
+                stamp = connection.execute(beat_sql, {"t": self.table_id}).scalar()
+            if stamp is not None:
+                self.beats.append((seen, stamp.timestamp()))
+        except Exception as error:
+            self._note(f"request row: {error}")
+
+    def _note(self, error: str) -> None:
+        if len(self.errors) < 5:
+            self.errors.append(error)
+
+    def figures(self, started_at: float) -> dict[str, Any]:
+        """The streaming figures, in seconds from `started_at` (the run's start)."""
+        return stream_figures(self.events, self.calls, self.beats, started_at) | {
+            "events_heard": len(self.events),
+            "watch_cpu_s": round(self.cpu_s, 3),
+            "watch_errors": self.errors,
+        }
+
+
+def descendants_cpu(root: int) -> dict[int, float]:
+    """User + system CPU of every live descendant of process `root`, from /proc."""
+    from glaze_pipeline.bench.services import cpu_seconds as process_cpu
+
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(entry.name)] = int(fields[1])
+    found: dict[int, float] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                cpu = process_cpu(pid)
+                if cpu is not None:
+                    found[pid] = cpu
+                    frontier.append(pid)
+    return found
+
+
+def _writes_rows(payload: dict[str, Any]) -> bool:
+    event = payload.get("event")
+    if event == "cells":
+        return bool(payload.get("cells"))
+    return event == "progress" and int(payload.get("rows_written") or 0) > 0
+
+
+def stream_figures(
+    events: list[tuple[float, dict[str, Any]]],
+    calls: list[tuple[float, int]],
+    beats: list[tuple[float, float]],
+    started_at: float,
+) -> dict[str, Any]:
+    """First written row, lookups done by then, and the longest silences during enrichment.
+
+    * `first_row_s`: the first `cells` event, or `progress` with rows_written > 0.
+    * `lookups_done_at_first_row`: provider calls the mock had served by then (its first poll
+      at or after that moment: an upper bound), over all it served in the run; and
+      `lookups_done_at_first_row_events`: entities_done / entities of the first progress event
+      that reports rows written (the job's own view).
+    * `progress_gap_max_s`: the longest time between consecutive `started` / `progress` events,
+      from the first `started` to the last `progress`; `heartbeat_gap_max_s` the same over the
+      request row's distinct `updated_at` stamps (polled: can overstate by one poll interval).
+    """
+    out: dict[str, Any] = {
+        "first_row_s": None,
+        "lookups_done_at_first_row": None,
+        "lookups_done_at_first_row_events": None,
+        "progress_events": 0,
+        "progress_gap_max_s": None,
+        "heartbeat_gap_max_s": None,
+    }
+    first_row = next((t for t, p in events if _writes_rows(p)), None)
+    if first_row is not None:
+        out["first_row_s"] = round(first_row - started_at, 3)
+        total = calls[-1][1] if calls else 0
+        after = next((n for t, n in calls if t >= first_row), None)
+        if total and after is not None:
+            out["lookups_done_at_first_row"] = round(after / total, 4)
+    reporting = next(
+        (
+            p
+            for _, p in events
+            if p.get("event") == "progress" and int(p.get("rows_written") or 0) > 0
+        ),
+        None,
+    )
+    if reporting is not None and reporting.get("entities"):
+        share = int(reporting.get("entities_done") or 0) / int(reporting["entities"])
+        out["lookups_done_at_first_row_events"] = round(share, 4)
+    started = next((t for t, p in events if p.get("event") == "started"), None)
+    progress = [t for t, p in events if p.get("event") == "progress"]
+    out["progress_events"] = len(progress)
+    if started is not None and progress:
+        window = [t for t, p in events if p.get("event") in PROGRESS_EVENTS and t >= started]
+        window = [t for t in window if t <= progress[-1]]
+        out["enrich_window_s"] = round(progress[-1] - started, 3)
+        out["progress_gap_max_s"] = round(_longest_gap(window), 3)
+        stamps = sorted({stamp for _, stamp in beats if started <= stamp <= progress[-1]})
+        if stamps:
+            out["heartbeat_gap_max_s"] = round(_longest_gap([started, *stamps, progress[-1]]), 3)
+    elif started is not None:
+        out["progress_gap_max_s"] = None  # no progress event at all: nothing streamed
+    return out
+
+
+def _longest_gap(times: list[float]) -> float:
+    ordered = sorted(times)
+    return max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
+
+
+def _execution_runner(spec: dict[str, Any]) -> str:
+    """Which executor the spec's `execution` run config selects (in_process when none)."""
+    execution = spec.get("execution")
+    if not execution:
+        return "in_process"
+    from glaze_pipeline.defs.executors import selected_executor
+
+    return selected_executor({"execution": execution})
+
+
 def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     from dagster import DagsterEventType, DagsterInstance
+    from dagster._core.errors import DagsterInvalidConfigError
 
     from glaze_pipeline.core import queue
     from glaze_pipeline.core.models import RequestKind
@@ -46,31 +335,59 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
     from glaze_pipeline.runner import run_in_process
 
     os.environ["GLAZE_REDIS_URL"] = spec["redis_url"]
+    # Step processes of the multiprocess / Celery executors build the definitions from these.
+    os.environ["GLAZE_DATABASE_URL"] = spec["database_url"]
+    os.environ["GLAZE_PROVIDERS_FILE"] = spec["providers_file"]
     home = Path(spec["dagster_home"])
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # A Celery run needs storage its workers share (Postgres): `dagster_yaml` gives it.
+    (home / "dagster.yaml").write_text(spec.get("dagster_yaml") or "telemetry:\n  enabled: false\n")
     definitions = build_definitions(spec["database_url"], spec["providers_file"])
     job_name, run_config = queue.job_run(RequestKind.ENRICH, spec["job_config"])
+    if spec.get("execution"):
+        run_config["execution"] = spec["execution"]
+    if spec.get("resources"):
+        run_config["resources"] = spec["resources"]
+    executor = _execution_runner(spec)
     definitions.get_job_def(job_name)  # built before the clock starts
+    writes = WriteTimer()
+    writes.install()
+    watch = StreamWatch(
+        spec["redis_url"],
+        spec["job_config"]["table_id"],
+        mock_url=spec.get("mock_url"),
+        database_url=spec["database_url"],
+        track_children=executor != "in_process",
+    )
+    watch.start()
     ready_s = time.perf_counter() - STARTED
     with DagsterInstance.from_config(str(home)) as instance:
         before = Store.process_statements
         cpu_before = cpu_seconds()
         started_at = time.time()
-        outcome = run_in_process(
-            job_name,
-            run_config,
-            database_url=spec["database_url"],
-            definitions=definitions,
-            instance=instance,
-            log_level="WARNING",
-            one_line_log=False,
-        )
+        try:
+            if executor == "in_process":
+                outcome = run_in_process(
+                    job_name,
+                    run_config,
+                    database_url=spec["database_url"],
+                    definitions=definitions,
+                    instance=instance,
+                    log_level="WARNING",
+                    one_line_log=False,
+                )
+                run_id, success = outcome.run_id, outcome.success
+                events: Any = outcome.result
+            else:
+                run_id, success, events = _run_elsewhere(job_name, run_config, instance)
+        except DagsterInvalidConfigError as error:
+            watch.stop()
+            return {"success": False, "config_rejected": str(error), "failure": str(error)}
         wall = time.time() - started_at
-        cpu = cpu_seconds() - cpu_before
+        cpu_all = cpu_seconds() - cpu_before
+        watch.stop()
         statements = Store.process_statements - before
         rss = peak_rss_mib()
-        result = outcome.result
         kinds = {
             DagsterEventType.RUN_START,
             DagsterEventType.STEP_START,
@@ -79,9 +396,23 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         }
         steps: dict[str, dict[str, float]] = {}
         run_started = None
-        for entry in instance.all_logs(outcome.run_id):
+        failure = None
+        step_pids: set[int] = set()
+        ran_on: dict[str, str] = {}
+        for entry in instance.all_logs(run_id):
             event = entry.dagster_event
-            if event is None or event.event_type not in kinds:
+            if event is None:
+                continue
+            if entry.step_key and event.event_type is DagsterEventType.ENGINE_EVENT:
+                worker = _celery_worker_of(event)
+                if worker is not None:
+                    ran_on[entry.step_key] = worker
+            if event.pid is not None and event.event_type is DagsterEventType.STEP_START:
+                step_pids.add(event.pid)
+            if failure is None and event.event_type is DagsterEventType.STEP_FAILURE:
+                data = event.step_failure_data
+                failure = data.error.message if data is not None and data.error else "failed"
+            if event.event_type not in kinds:
                 continue
             offset = entry.timestamp - started_at
             if event.event_type is DagsterEventType.RUN_START:
@@ -89,14 +420,17 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
             elif entry.step_key:
                 stage = "start" if event.event_type is DagsterEventType.STEP_START else "end"
                 steps.setdefault(entry.step_key, {})[stage] = round(offset, 3)
-        failure = None
-        if not outcome.success:
-            failed = next((e for e in result.all_events if e.is_step_failure), None)
-            data = failed.step_failure_data if failed is not None else None
-            failure = data.error.message if data is not None and data.error else "run failed"
+        if not success and failure is None:
+            failure = "run failed"
+        request_id = _request_of(events, spec, success)
+    # The watcher thread's CPU is the benchmark's, not the job's. Step processes of another
+    # executor: their CPU as last polled (up to one poll interval of each is missed).
+    children_cpu = sum(watch.children_cpu.values())
+    cpu = max(0.0, cpu_all - watch.cpu_s) + children_cpu
     out: dict[str, Any] = {
-        "success": outcome.success,
+        "success": success,
         "failure": failure,
+        "executor": executor,
         "wall_s": round(wall, 3),
         "process_ready_s": round(ready_s, 3),
         "run_started_s": round(run_started, 3) if run_started is not None else None,
@@ -104,12 +438,21 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         "phases": _phases(steps),
         "statements": statements,
         "cpu_s": round(cpu, 2),
+        "cpu_s_with_watch": round(cpu_all, 2),
+        "cpu_s_step_processes": round(children_cpu, 2),
         "peak_rss_mib": round(rss, 1),
+        "step_processes": len(step_pids),
+        "steps_by_celery_worker": _count_by_worker(ran_on),
+        "stream": watch.figures(started_at),
     }
-    if outcome.success and outcome.request_id is not None:
-        plan = result.output_for_node(queue.ENRICH_OP, "plan")
+    if executor == "in_process":
+        # Only statements run in this process are timed; another executor's steps would need
+        # to report their own (a `write_seconds` the coordinator may add to this result).
+        out["write_seconds"] = round(writes.seconds, 3)
+        out["write_statements"] = writes.statements
+    if success and request_id is not None:
         store = Store(spec["database_url"])
-        request = store.get_request(outcome.request_id)
+        request = store.get_request(request_id)
         store.dispose()
         out["request"] = {
             "id": request.id,
@@ -125,9 +468,77 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
             "cache_hits": request.cache_hits,
             "provider_calls_counted_by_job": request.provider_calls,
             "cost": request.cost,
-            "chunks": plan.chunks,
+            "chunks": _chunks(events),
         }
     return out
+
+
+def _celery_worker_of(event: Any) -> str | None:
+    """The Celery worker (node name) an engine event says ran its step: dagster-celery
+    reports the hostname of the worker that took the task."""
+    metadata = getattr(event.event_specific_data, "metadata", None) or {}
+    value = metadata.get("Celery worker")
+    return str(value.value) if value is not None else None
+
+
+def _count_by_worker(ran_on: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for worker in ran_on.values():
+        counts[worker] = counts.get(worker, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _request_of(events: Any, spec: dict[str, Any], success: bool) -> str | None:
+    """The run's request id: its plan output in process, else the table's newest request."""
+    if not success:
+        return None
+    from glaze_pipeline.core import queue
+
+    if events is not None:
+        return str(events.output_for_node(queue.ENRICH_OP, "plan").request_id)
+    from sqlalchemy import create_engine, text
+
+    from glaze_pipeline.core.store import normalize_url
+
+    engine = create_engine(normalize_url(spec["database_url"]))
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(
+                text(
+                    "SELECT id FROM enrichment_requests WHERE table_id = :t "
+                    "ORDER BY created_at DESC LIMIT 1"
+                ),
+                {"t": spec["job_config"]["table_id"]},
+            ).scalar()
+    finally:
+        engine.dispose()
+    return str(found) if found is not None else None
+
+
+def _chunks(events: Any) -> int | None:
+    if events is None:
+        return None
+    from glaze_pipeline.core import queue
+
+    return int(events.output_for_node(queue.ENRICH_OP, "plan").chunks)
+
+
+def _run_elsewhere(
+    job_name: str, run_config: dict[str, Any], instance: Any
+) -> tuple[str, bool, None]:
+    """Run the job with steps in other processes (multiprocess / Celery): a reconstructable
+    job from `glaze_pipeline.definitions` (which reads GLAZE_DATABASE_URL and
+    GLAZE_PROVIDERS_FILE), on this persistent instance."""
+    from dagster import execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    config = {**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    repository = ReconstructableRepository.for_module(
+        "glaze_pipeline.definitions", "defs", working_directory=os.getcwd()
+    )
+    job = repository.get_reconstructable_job(job_name)
+    with execute_job(job, instance, run_config=config, raise_on_error=False) as result:
+        return result.run_id, result.success, None
 
 
 def _phases(steps: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -78,9 +78,9 @@ def bench_api_latency(
 @bench.command("run")
 @click.option(
     "--scenarios",
-    default="S1,S2,S3,S4,S5,S6",
+    default="S1,S2,S3,S4,S5,S6,L",
     show_default=True,
-    help="Comma-separated: S1..S6 (see bench_results/results.md).",
+    help="Comma-separated: S1..S6, L (the 10-row Leads job; see bench_results/results.md).",
 )
 @click.option(
     "--scale",
@@ -108,6 +108,22 @@ def bench_api_latency(
 @click.option("--redis-url", default="redis://127.0.0.1:6379/13", show_default=True)
 @click.option("--launch-requests", type=POSITIVE, default=10, show_default=True, help="S6.")
 @click.option("--profile/--no-profile", default=False, help="py-spy flame graphs.")
+@click.option(
+    "--batched/--no-batched",
+    default=True,
+    show_default=True,
+    help="S3 again with the vendors' batch endpoints on, as a second row.",
+)
+@click.option(
+    "--executors",
+    default="in_process",
+    show_default=True,
+    help="Comma-separated: in_process, multiprocess, celery; S3 runs again on each other one "
+    "(a second row; skipped, saying why, where the engine does not offer it).",
+)
+@click.option(
+    "--leads-runs", type=POSITIVE, default=3, show_default=True, help="L: runs (the median)."
+)
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench_results"))
 def bench_run(
     scenarios: str,
@@ -120,11 +136,22 @@ def bench_run(
     redis_url: str,
     launch_requests: int,
     profile: bool,
+    batched: bool,
+    executors: str,
+    leads_runs: int,
     output_dir: Path,
 ) -> None:
-    """Entity-first pipeline vs the cell-level baseline: calls, statements, time, memory."""
+    """Entity-first pipeline vs the cell-level baseline: calls, statements, time, memory,
+    CPU per call, and how the rows stream."""
     from glaze_pipeline.bench.report import FIGURE_COLUMNS, figure_rows, target_rows
-    from glaze_pipeline.bench.run import BenchSettings, run_benchmark
+    from glaze_pipeline.bench.run import EXECUTORS, BenchSettings, run_benchmark
+
+    chosen = tuple(name.strip() for name in executors.split(",") if name.strip())
+    unknown = sorted(set(chosen) - set(EXECUTORS))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown {unknown}; choose from {', '.join(EXECUTORS)}", param_hint="--executors"
+        )
 
     settings = BenchSettings(
         postgres_url=postgres_url,
@@ -137,6 +164,9 @@ def bench_run(
         launch_requests=launch_requests,
         profile=profile,
         output_dir=str(output_dir),
+        batched=batched,
+        executors=chosen,
+        leads_runs=leads_runs,
     )
     selected = [name.strip().upper() for name in scenarios.split(",") if name.strip()]
     results = run_benchmark(settings, selected, echo=console.print)
