@@ -244,7 +244,7 @@ def test_a_bug_inside_the_run_is_one_internal_error_line(
     def broken_chunk(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("a bug in the chunk")
 
-    monkeypatch.setattr(engine, "enrich_chunk", broken_chunk)
+    monkeypatch.setattr(engine, "enrich_span", broken_chunk)  # the enrich step's work
     seed_leads(store)
     ran = glaze(capsys, "--database-url", store.url, "enrich", "tbl_leads", "--columns", "industry")
     assert ran.code == 1, ran
