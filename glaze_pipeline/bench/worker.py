@@ -182,6 +182,10 @@ class StreamWatch:
         except (TypeError, ValueError):
             return
         if isinstance(payload, dict):
+            if isinstance(payload.get("cells"), list):
+                # What was written, not the cells themselves: a 1M-row job publishes 3M cells,
+                # which kept here would be the worker's peak RSS, not the job's.
+                payload["cells"] = len(payload["cells"])
             self.events.append((time.time(), payload))
 
     def _poll(self, http: Any, engine: Any, beat_sql: Any) -> None:
