@@ -5,7 +5,6 @@ from detection) and lets go of them when it writes them or ends, however it ends
 failure, a killed worker found by the reconciler. One statement per page, never per row.
 """
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 

@@ -66,7 +66,7 @@ def test_an_explicit_selection_is_cut_by_position(store: Store) -> None:
     column = table.column_by_key("industry").id
     settings = JobSettings(page_size=20, chunk_size=5, max_chunks=4)
     selection = Selection(column_ids=[column], row_ids=chosen)
-    target, request_id, detection, spans = plan(store, table.id, settings, selection)
+    target, request_id, _, spans = plan(store, table.id, settings, selection)
     assert len(spans) >= 2  # cut where each span owns its share of the 30 companies
     assert [row_id for span in spans for row_id in span.row_ids(target) or []] == chosen
     summaries = [
