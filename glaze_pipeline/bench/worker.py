@@ -224,26 +224,13 @@ class StreamWatch:
 def descendants_cpu(root: int) -> dict[int, float]:
     """User + system CPU of every live descendant of process `root`, from /proc."""
     from glaze_pipeline.bench.services import cpu_seconds as process_cpu
+    from glaze_pipeline.bench.stack import process_tree
 
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parents[int(entry.name)] = int(fields[1])
     found: dict[int, float] = {}
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                cpu = process_cpu(pid)
-                if cpu is not None:
-                    found[pid] = cpu
-                    frontier.append(pid)
+    for pid in process_tree(root) - {root}:
+        cpu = process_cpu(pid)
+        if cpu is not None:
+            found[pid] = cpu
     return found
 
 
