@@ -157,8 +157,8 @@ WRITE_ROWS_PER_S = 50_000  # writing on Postgres
 # in-process path before issue 12 (commit 460e83e), measured 2026-11-23 22:53 UTC on this
 # 2-core machine while other sessions were busy on it: 5 runs, each a fresh Postgres database,
 # an emptied Redis db and a fresh mock (100 ms latency), the job in a fresh `bench.worker`
-# process, exactly as `glaze bench run --scenarios L` does; `git archive 460e83e` unpacked in
-# /tmp/h5/glaze-head and run with PYTHONPATH pointing there (/tmp/h5/leads_ref.py).
+# process, exactly as `glaze bench run --scenarios L` does, on `git archive 460e83e` unpacked
+# in a scratch directory and put first on PYTHONPATH (a throwaway script, not kept).
 # Walls 2.155, 1.446, 3.321, 2.414, 3.261 s (median 2.414); worker CPU 0.99, 0.91, 1.05,
 # 1.03, 1.06 s (median 1.03). The wall is noisy on a shared machine; the CPU is steadier:
 # the same code through `glaze bench run --scenarios S3,L --scale 0.05` at 23:01, under
