@@ -4,9 +4,9 @@ steps run in other processes or on other machines (multiprocess, Celery: see exe
 Dagster's default IO manager pickles outputs to the local disk of the run's instance, which a
 Celery worker on another machine cannot read. For those runs this one keeps each output in the
 `step_outputs` table (core/step_outputs.py) of the Glaze database, which every worker already
-reaches; the outputs are small dataclasses (a plan, a chunk of entity requests, a chunk's
-outcomes), one row each. Rows are kept a week, for a re-execution from failure (which reads the
-parent run's outputs), then purged by the next run that starts a step.
+reaches; the outputs are small dataclasses (a plan, a span of rows with the entities it owns,
+a chunk's figures), one row each. Rows are kept a week, for a re-execution from failure (which
+reads the parent run's outputs), then purged by the next run that starts a step.
 
 A run in process (the default executor) keeps its outputs in memory, as `execute_in_process`
 always did: for the 10-row Leads job on SQLite the database hand-off costs ~5 rows written and
