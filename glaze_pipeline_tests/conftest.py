@@ -17,6 +17,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from glaze_pipeline.core.store import Store, normalize_url
+from glaze_pipeline.testing.mock_server import MockProviderServer
+from glaze_pipeline_tests.provider_helpers import quiet_mock
 
 PG_BASE_URL = os.environ.get(
     "GLAZE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -121,3 +123,18 @@ def redis_url() -> Iterator[str]:
     yield REDIS_TEST_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="module")
+def mock_server() -> Iterator[MockProviderServer]:
+    """The mock vendors over real HTTP, quiet (no request log), one server per test module;
+    a module that needs other vendors defines its own `mock_server`."""
+    with quiet_mock() as server:
+        yield server
+
+
+@pytest.fixture
+def mock(mock_server: MockProviderServer) -> MockProviderServer:
+    """The module's mock vendors, reset to their configuration for each test."""
+    mock_server.reset(config=True)
+    return mock_server

@@ -11,7 +11,6 @@ import asyncio
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -40,23 +39,10 @@ from glaze_pipeline_tests.provider_helpers import (
     company,
     company_vendor,
     configure_vendor,
-    quiet_mock,
     run_waterfall,
 )
 
 MOCK_FILE = Path(__file__).resolve().parents[1] / "seed" / "providers.mock.yaml"
-
-
-@pytest.fixture(scope="module")
-def mock_server() -> Iterator[MockProviderServer]:
-    with quiet_mock() as server:
-        yield server
-
-
-@pytest.fixture
-def mock(mock_server: MockProviderServer) -> MockProviderServer:
-    mock_server.reset(config=True)
-    return mock_server
 
 
 def vendor(mock: MockProviderServer, name: str = "premium", **http: object) -> JsonApiProvider:

@@ -14,7 +14,6 @@ import logging
 import socket
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +63,12 @@ from glaze_pipeline_tests.provider_helpers import (
     configure_vendor,
     fake_dns,
     fast_http,
-    quiet_mock,
     run_waterfall,
     wait_until,
 )
 
 SECRET = "sk-live-7f3a9c1e5b2d-DO-NOT-LOG"
 KEY_ENV = "GLAZE_TEST_VENDOR_KEY"
-
-
-@pytest.fixture(scope="module")
-def mock_server() -> Iterator[MockProviderServer]:
-    with quiet_mock() as server:
-        yield server
-
-
-@pytest.fixture
-def mock(mock_server: MockProviderServer) -> MockProviderServer:
-    mock_server.reset(config=True)
-    return mock_server
 
 
 async def lookup(provider: JsonApiProvider, key: EntityKey, fields: set[str]) -> ProviderAnswer:
