@@ -111,7 +111,9 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 async def system_resolve(host: str, port: int) -> list[str]:
     """The addresses of `host` from the system resolver (getaddrinfo, in a worker thread)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # `socket.getaddrinfo` itself, not the loop's: uvloop's resolves in libuv, past the
+    # process's own resolver (and the tests' stand-in for it).
+    infos = await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
