@@ -16,6 +16,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from glaze_pipeline.core.singleflight import forget_outages
 from glaze_pipeline.core.store import Store, normalize_url
 from glaze_pipeline.testing.mock_server import MockProviderServer
 from glaze_pipeline_tests.provider_helpers import quiet_mock
@@ -64,6 +65,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = getattr(item, "module", None)
         if module is not None and module.__name__.rpartition(".")[2] in E2E_MODULES:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _no_redis_outage_carried_over() -> Iterator[None]:
+    """A Redis outage one test caused (a tripped breaker) is not the next one's to outwait."""
+    forget_outages()
+    yield
+    forget_outages()
 
 
 @pytest.fixture(scope="session")

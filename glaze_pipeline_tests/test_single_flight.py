@@ -77,7 +77,9 @@ def open_sharing(request: pytest.FixtureRequest, pg_store: Store) -> Iterator[Sh
     opened: list[AnswerSharing] = []
 
     def factory(max_wait: timedelta = DEFAULT_MAX_WAIT) -> AnswerSharing:
-        sharing = open_answer_sharing(pg_store, url, settings=SharingSettings(max_wait=max_wait))
+        # Redis down from the start: nobody holds a Redis lock to wait out for long.
+        settings = SharingSettings(max_wait=max_wait, outage_grace=timedelta(seconds=0.2))
+        sharing = open_answer_sharing(pg_store, url, settings=settings)
         assert sharing.backend == ("postgres" if url is None else "redis+postgres")
         opened.append(sharing)
         return sharing
@@ -204,12 +206,15 @@ def test_leader_writes_its_answer_through_before_releasing(
     asyncio.run(waterfall.enrich(COMPANIES[0]))
 
     assert fake.total_calls == 1
-    # In SQL on either backend: it is where runs that hold the Postgres lock meet...
-    assert KEY in SqlAnswerCache(pg_store).get_many([KEY])
+    sql = SqlAnswerCache(pg_store)
     if request.node.callspec.params["open_sharing"] == "redis+postgres":
-        # ...and in Redis too, where runs that wait on Redis meet.
+        # In Redis, where runs that lock on Redis meet; the table gets it with the flush.
         assert sharing.redis is not None
         assert KEY in RedisAnswerCache(sharing.redis).get_many([KEY])
+        assert KEY not in sql.get_many([KEY])
+        waterfall.flush_cache()
+    # In SQL, where runs that hold the Postgres lock meet (Redis down, or none).
+    assert KEY in sql.get_many([KEY])
 
 
 def test_waiter_goes_ahead_after_max_wait(open_sharing: SharingFactory) -> None:
@@ -429,7 +434,7 @@ def fallback_flight(pg_store: Store, redis_url: str) -> Iterator[FallbackFactory
             client, shared=RedisAnswerCache(client, breaker=breaker), breaker=breaker
         )
         on_postgres = PostgresFlight(pg_store.url, shared=SqlAnswerCache(pg_store))
-        opened.append(FallbackFlight(on_redis, on_postgres))
+        opened.append(FallbackFlight(on_redis, on_postgres, grace=timedelta(0)))
         return opened[-1], breaker
 
     yield factory
@@ -494,13 +499,22 @@ def test_open_redis_breaker_falls_back_to_the_postgres_lock_and_sql(
     client.close()
 
 
-def test_a_redis_holder_holds_the_postgres_lock_too_for_contenders_that_fell_back(
-    pg_store: Store, redis_url: str, request: pytest.FixtureRequest
+@pytest.mark.parametrize("always_guard", [False, True])
+def test_a_contender_that_finds_redis_down_still_meets_the_redis_holder(
+    always_guard: bool, pg_store: Store, redis_url: str, request: pytest.FixtureRequest
 ) -> None:
     """Redis dies mid-purchase, in miniature: the holder took its lock on Redis, a contender
-    (for which Redis is already down) falls back to Postgres and must still find it taken."""
-    holder = open_answer_sharing(pg_store, redis_url)
-    contender = open_answer_sharing(pg_store, down_redis_url())
+    (for which Redis is already down) falls back to Postgres and must not buy it again: it
+    waits out the Redis holder's purchase (`grace`), or, with `always_guard`, finds the
+    Postgres lock that the holder took behind its Redis one."""
+    holder = open_answer_sharing(
+        pg_store, redis_url, settings=SharingSettings(always_guard=always_guard)
+    )
+    contender = open_answer_sharing(
+        pg_store,
+        down_redis_url(),
+        settings=SharingSettings(outage_grace=timedelta(seconds=0 if always_guard else 1.5)),
+    )
     request.addfinalizer(holder.close)
     request.addfinalizer(contender.close)
     slow = FakeProvider(EntityType.COMPANY, name=PROVIDER, latency_s=0.5)
@@ -512,23 +526,65 @@ def test_a_redis_holder_holds_the_postgres_lock_too_for_contenders_that_fell_bac
     client = redis.Redis.from_url(redis_url)
     request.addfinalizer(client.close)
 
-    def both_locks_taken() -> bool:
-        return bool(client.keys("glaze:flight:*")) and advisory_lock_taken(pg_store, KEY)
+    def locks_taken() -> bool:  # the Postgres lock, when taken, comes a tick after Redis's
+        return bool(client.keys("glaze:flight:*")) and (
+            not always_guard or advisory_lock_taken(pg_store, KEY)
+        )
 
-    async def scenario() -> tuple[list[EntityOutcome], list[EntityOutcome]]:
+    async def scenario() -> tuple[list[EntityOutcome], list[EntityOutcome], bool]:
         buying = asyncio.create_task(holder_run.enrich_many(COMPANIES[:1]))
-        assert await asyncio.to_thread(wait_until, both_locks_taken)
+        assert await asyncio.to_thread(wait_until, locks_taken)
+        also_in_postgres = await asyncio.to_thread(advisory_lock_taken, pg_store, KEY)
         waiting = asyncio.create_task(contender_run.enrich_many(COMPANIES[:1]))
-        return await asyncio.wait_for(buying, 5), await asyncio.wait_for(waiting, 5)
+        return (
+            await asyncio.wait_for(buying, 5),
+            await asyncio.wait_for(waiting, 5),
+            also_in_postgres,
+        )
 
-    bought, read = asyncio.run(scenario())
+    bought, read, also_in_postgres = asyncio.run(scenario())
 
+    assert also_in_postgres is always_guard  # the database is off the path unless asked
     assert (slow.total_calls, fake.total_calls) == (1, 0)
-    assert contender_run.stats.shared_hits == 1  # read from SQL, where the holder wrote it
+    assert contender_run.stats.shared_hits == 1  # read from SQL, where the holder's flush put it
     for [outcome] in (bought, read):
         assert outcome.fields["industry"].status is CellStatus.DONE
         assert outcome.fields["industry"].value is not None
         assert outcome.fields["industry"].value.value == fake_value(outcome.key, "industry")
+
+
+def test_after_an_outage_redis_holders_take_the_postgres_lock_for_a_grace(
+    pg_store: Store, redis_url: str
+) -> None:
+    """Back on Redis, a claim also locks in Postgres until purchases made under Postgres
+    locks during the outage have ended; then the database is off the path again."""
+    client = redis.Redis.from_url(redis_url)
+    breaker = RedisBreaker(cooldown_s=60)
+    flight = FallbackFlight(
+        RedisFlight(client, shared=RedisAnswerCache(client, breaker=breaker), breaker=breaker),
+        PostgresFlight(pg_store.url, shared=SqlAnswerCache(pg_store)),
+        grace=timedelta(seconds=1),
+    )
+
+    async def holds_postgres_lock_too() -> tuple[bool, bool]:
+        async with flight.claim(KEY) as claim:
+            assert claim.held
+            meets_in_both = isinstance(claim.shared, TieredCache)
+            return meets_in_both, await asyncio.to_thread(advisory_lock_taken, pg_store, KEY)
+
+    try:
+        assert asyncio.run(holds_postgres_lock_too()) == (False, False)  # Redis alone
+        breaker.trip(redis.ConnectionError("redis is down"), "a test")
+        started = time.monotonic()
+        assert asyncio.run(holds_postgres_lock_too()) == (False, True)  # Postgres alone...
+        assert time.monotonic() - started >= 0.9  # ...after waiting out the Redis holders
+        breaker._open_until = 0.0  # Redis is back
+        assert asyncio.run(holds_postgres_lock_too()) == (True, True)  # both, for the grace
+        time.sleep(1.1)
+        assert asyncio.run(holds_postgres_lock_too()) == (False, False)  # Redis alone again
+    finally:
+        flight.close()
+        client.close()
 
 
 def test_redis_down_on_sqlite_goes_ahead_unlocked_and_says_so_once(

@@ -143,7 +143,9 @@ def test_two_runs_buy_each_company_once_when_redis_dies(
     caplog.set_level(logging.WARNING, logger="glaze_pipeline.core.singleflight")
     target, selection, entities = company_entities(pg_store)
     settings = JobSettings(concurrency=CONCURRENCY)
-    sharing_settings = SharingSettings(max_wait=MAX_WAIT)
+    # Waiting out purchases under Redis locks (150 ms each, flushed to SQL every second) when
+    # Redis dies: a few seconds, not the 30 s of the default lock TTL.
+    sharing_settings = SharingSettings(max_wait=MAX_WAIT, outage_grace=timedelta(seconds=3))
     runs = []
     for _ in range(2):
         sharing = open_answer_sharing(pg_store, private_redis.url, settings=sharing_settings)

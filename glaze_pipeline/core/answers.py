@@ -2,10 +2,11 @@
 
 `open_answer_sharing(store, redis_url)` builds the pair a job uses, consistently:
 
-- with Redis, on Postgres: memory -> Redis -> SQL; runs wait on Redis locks, and a holder takes
-  the Postgres advisory lock behind its Redis one. A bought answer is written through to Redis
-  and to the `entity_cache` table before the locks are let go. While Redis is down, runs lock
-  and meet in Postgres alone: single-flight survives the outage (`FallbackFlight`);
+- with Redis, on Postgres: memory -> Redis -> SQL; runs lock and meet in Redis, and a bought
+  answer is written through to Redis before the lock is let go, and to the `entity_cache`
+  table by the chunk's flush. While Redis is down, runs lock and meet in Postgres: after
+  waiting out the purchases made under Redis locks, so single-flight survives the outage
+  (`FallbackFlight`; `always_guard` takes the Postgres lock behind every Redis one instead);
 - with Redis, on SQLite: memory -> Redis -> SQL, and Redis locks; while Redis is down there is
   no lock to fall back to, and runs go ahead unlocked (logged once);
 - without Redis, on Postgres: memory -> SQL, and advisory locks; the answer is written through
@@ -67,6 +68,10 @@ class SharingSettings:
     redis_miss_ttl: timedelta = DEFAULT_MISS_TTL
     lock_ttl: timedelta = DEFAULT_LOCK_TTL
     max_wait: timedelta = DEFAULT_MAX_WAIT
+    # Redis down: how long the first claims wait before locking in Postgres (None: the lock
+    # TTL and 2 s, enough for a purchase under a Redis lock to end and be flushed to SQL).
+    outage_grace: timedelta | None = None
+    always_guard: bool = False  # take the Postgres lock behind every Redis one (FallbackFlight)
 
 
 @dataclass
@@ -134,9 +139,14 @@ def open_answer_sharing(
         max_wait=settings.max_wait,
         breaker=breaker,
     )
-    return AnswerSharing(
-        TieredCache([memory, shared, sql]), FallbackFlight(on_redis, database), client
+    grace = settings.outage_grace
+    flight = FallbackFlight(
+        on_redis,
+        database,
+        grace=grace if grace is not None else settings.lock_ttl + timedelta(seconds=2),
+        always_guard=settings.always_guard,
     )
+    return AnswerSharing(TieredCache([memory, shared, sql]), flight, client)
 
 
 def _database_flight(store: Store, sql: SqlAnswerCache, settings: SharingSettings) -> Flight:

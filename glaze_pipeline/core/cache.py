@@ -143,8 +143,10 @@ class TieredCache:
 
 
 def tiers_of(cache: AnswerCache) -> list[AnswerCache]:
-    """The tiers a cache writes to: its own, for a `TieredCache`; else itself."""
-    return list(cache.tiers) if isinstance(cache, TieredCache) else [cache]
+    """The tiers a cache writes to: its `tiers` where it has them (a `TieredCache`, a claim's
+    meeting place); else itself."""
+    tiers: Iterable[AnswerCache] | None = getattr(cache, "tiers", None)
+    return list(tiers) if tiers is not None else [cache]
 
 
 async def read_one(tier: AnswerCache, key: CacheKey) -> CachedAnswer | None:

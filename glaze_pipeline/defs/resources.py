@@ -84,6 +84,13 @@ class EnrichmentProviders(ConfigurableResource):
         "each takes that share of a vendor's max_concurrency; with Redis, all of them keep "
         "the vendor's rate limit together.",
     )
+    always_guard: bool = Field(
+        default=False,
+        description="With Redis on Postgres: take the Postgres advisory lock behind every "
+        "Redis lock, and meet in SQL too, so a process that loses Redis while others keep it "
+        "never buys again what they are buying (~0.4 ms of CPU per call). Off: the database's "
+        "lock is taken only while Redis is down, after waiting out purchases under Redis locks.",
+    )
     cache_ttl_by_provider: dict[str, float] = Field(
         default={},
         description="Seconds the Redis tier keeps an answer, by provider name (others: 7 days); "
@@ -108,7 +115,8 @@ class EnrichmentProviders(ConfigurableResource):
             redis_ttl_by_provider={
                 name: timedelta(seconds=seconds)
                 for name, seconds in self.cache_ttl_by_provider.items()
-            }
+            },
+            always_guard=self.always_guard,
         )
         return open_answer_sharing(store, redis_url(self.redis_url), settings=settings)
 
