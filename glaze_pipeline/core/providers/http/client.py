@@ -68,7 +68,11 @@ from glaze_pipeline.core.providers.http.resilience import (
 )
 from glaze_pipeline.core.providers.http.settings import HttpSettings
 from glaze_pipeline.core.providers.http.shared_limits import SharedRateLimiter, concurrency_share
-from glaze_pipeline.core.providers.http.transport import ShardedTransport, pool_transport
+from glaze_pipeline.core.providers.http.transport import (
+    AiohttpTransport,
+    ShardedTransport,
+    pool_transport,
+)
 from glaze_pipeline.core.redact import redact
 
 logger = logging.getLogger(__name__)
@@ -305,10 +309,13 @@ class ProviderClient:
         return client, transport
 
     def _default_transport(self) -> httpx.AsyncBaseTransport | None:
-        """Sharded pools where they help; every connection through the guard when there is one.
+        """aiohttp's pool for an unguarded client; for a guarded one, httpcore's (sharded where
+        that helps), every connection opened through the guard, which only httpcore can take.
 
-        A guarded client ignores environment proxies (`trust_env`): a proxy would resolve the
-        host where the guard cannot check it.
+        `max_concurrency` connections either way, made on this session's loop. A client that
+        trusts the environment keeps httpx's own transport, which picks a proxy per URL. A
+        guarded client ignores environment proxies: a proxy would resolve the host where the
+        guard cannot check it.
         """
         settings = self.settings
         backend = GuardedNetworkBackend(self.egress) if self.egress is not None else None
@@ -319,6 +326,8 @@ class ProviderClient:
             return None  # httpx's own, with its proxy handling
         if self._tls is None:
             self._tls = httpx.create_ssl_context()
+        if backend is None:
+            return AiohttpTransport(connections, verify=self._tls)
         if sharded:
             return ShardedTransport(
                 connections,

@@ -1,4 +1,5 @@
-"""httpx transports: connections spread over many small pools, optionally through a guard."""
+"""httpx transports: aiohttp's pool for the vendors' APIs; for guarded fetches, httpcore's
+connections spread over many small pools, every one opened through the guard."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
+from yarl import URL
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
@@ -97,3 +100,148 @@ def pool_transport(
         network_backend=network_backend,
     )
     return transport
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx requests sent over aiohttp's connection pool: one event loop's worth.
+
+    For the vendors' JSON APIs (no egress guard, no environment proxy). httpcore runs each
+    request through anyio (cancel scopes, events, locks, a `sniffio` lookup per await) and polls
+    its pooled sockets; aiohttp's pool and parser are plain asyncio callbacks, mostly in C.
+    Measured on uvloop, 200 lookups in flight against the mock vendor at 0 ms: process CPU per
+    lookup 0.66-0.76 ms through `ShardedTransport`, 0.29-0.31 ms through this; the bench's S3
+    worker CPU per provider call went from 1.8-2.1 ms to 1.3-1.6 ms.
+
+    It keeps httpx's side of the contract: the timeouts a request carries (connect, read, pool;
+    aiohttp has no write timeout: the caller's attempt timeout bounds a stalled send), aiohttp's
+    errors raised as the httpx exceptions they correspond to, no redirects, no cookies, no
+    decompression (the httpx response decodes, as with httpcore), no proxy from the
+    environment. aiohttp's connector is bound to the loop it was made on: made on the first
+    request, closed by `aclose` with the session that owns it.
+    """
+
+    def __init__(self, connections: int, *, verify: ssl.SSLContext, keepalive_s: float = 5.0):
+        self._connections = connections
+        self._verify = verify
+        self._keepalive_s = keepalive_s  # httpx's default keep-alive expiry
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._connections,
+            limit_per_host=0,
+            keepalive_timeout=self._keepalive_s,
+            ssl=self._verify,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            # h11's limit (httpcore's parser) for a header line, rather than aiohttp's 8 KiB
+            max_line_size=_MAX_HEADER_LINE,
+            max_field_size=_MAX_HEADER_LINE,
+        )
+        return self._session
+
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        given = request.extensions.get("timeout") or {}
+        key = (given.get("connect"), given.get("read"), given.get("pool"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            connect, read, pool = key
+            # aiohttp's `connect` covers waiting for a pooled connection and opening one;
+            # `sock_connect` the opening alone.
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=None if pool is None or connect is None else pool + connect,
+                sock_connect=connect,
+                sock_read=read,
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        content = await request.aread()  # already read unless streamed (lookups never are)
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw
+        ]
+        try:
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                data=content or None,
+                allow_redirects=False,
+                timeout=self._timeout(request),
+            )
+        except aiohttp.ClientError as error:
+            raise _httpx_error(error, request) from error
+        except ValueError as error:  # a header aiohttp will not write (a CR or LF in a value)
+            raise httpx.LocalProtocolError(str(error), request=request) from error
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=_AiohttpBody(response, request),
+            request=request,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", errors="replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+# h11's DEFAULT_MAX_INCOMPLETE_EVENT_SIZE: the longest status or header line httpcore accepts.
+_MAX_HEADER_LINE = 16 * 1024
+
+
+class _AiohttpBody(httpx.AsyncByteStream):
+    """An aiohttp response body as an httpx stream; closing it frees the connection (back to
+    the pool when the body was read to the end, closed otherwise)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except aiohttp.ClientError as error:
+            raise _httpx_error(error, self._request) from error
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+def _httpx_error(error: aiohttp.ClientError, request: httpx.Request) -> httpx.HTTPError:
+    """The httpx exception httpcore would have raised for what aiohttp reports.
+
+    Timeouts are TimeoutErrors in aiohttp: they must become httpx's before a caller's
+    `except TimeoutError` (the attempt timeout) takes them for its own.
+    """
+    message = str(error) or type(error).__name__
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message, request=request)
+    if isinstance(error, aiohttp.ServerTimeoutError):  # SocketTimeoutError: a read timed out
+        return httpx.ReadTimeout(message, request=request)
+    if isinstance(error, aiohttp.ClientConnectorError):  # refused, DNS, TLS handshake
+        return httpx.ConnectError(message, request=request)
+    if isinstance(
+        error,
+        aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
+    ):  # closed early, a body cut off or malformed, an unparseable status line or header
+        return httpx.RemoteProtocolError(message, request=request)
+    if isinstance(error, aiohttp.ClientConnectionError):  # reset while sending or reading
+        return httpx.ReadError(message, request=request)
+    if isinstance(error, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return httpx.UnsupportedProtocol(message, request=request)
+    return httpx.TransportError(message, request=request)
