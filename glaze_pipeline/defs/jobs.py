@@ -434,6 +434,8 @@ def enrich_entities(
             )
 
         watch.on_beat = published
+        if watch.beat is not None:  # the step's first beat, taken on the way in: tell it now
+            published(watch.beat)  # (a step's start, in a process of its own, is a silence)
         if not writes:
             watch.progress = lambda: {"entities_done": done[0]}
 
