@@ -387,7 +387,7 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         }
         steps: dict[str, dict[str, float]] = {}
         run_started = None
-        failure = None
+        failures: dict[str, str] = {}  # step -> why it failed, in the order they failed
         step_pids: set[int] = set()
         ran_on: dict[str, str] = {}
         for entry in instance.all_logs(run_id):
@@ -400,9 +400,10 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
                     ran_on[entry.step_key] = worker
             if event.pid is not None and event.event_type is DagsterEventType.STEP_START:
                 step_pids.add(event.pid)
-            if failure is None and event.event_type is DagsterEventType.STEP_FAILURE:
+            if event.event_type is DagsterEventType.STEP_FAILURE:
                 data = event.step_failure_data
-                failure = data.error.message if data is not None and data.error else "failed"
+                why = data.error.message if data is not None and data.error else "failed"
+                failures.setdefault(entry.step_key or "run", why.strip())
             if event.event_type not in kinds:
                 continue
             offset = entry.timestamp - started_at
@@ -411,6 +412,8 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
             elif entry.step_key:
                 stage = "start" if event.event_type is DagsterEventType.STEP_START else "end"
                 steps.setdefault(entry.step_key, {})[stage] = round(offset, 3)
+        # Every failed step says why: the first to fail is not always the first one logged.
+        failure = "; ".join(f"{step}: {why}" for step, why in failures.items()) or None
         if not success and failure is None:
             failure = "run failed"
         request_id = _request_of(events, spec, success)
