@@ -41,6 +41,7 @@ from glaze_pipeline.core.engine import (
 )
 from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.estimate import EstimatePart
+from glaze_pipeline.core.heap import frozen_heap
 from glaze_pipeline.core.models import (
     EntityRequest,
     RequestKind,
@@ -447,7 +448,7 @@ def enrich_entities(
         step_providers = [*providers.providers(), *ai_providers(llm, plan.target)]
         if plan.settings.batch_endpoints:
             step_providers = with_batching(step_providers)
-        with providers.sharing(store) as sharing:
+        with frozen_heap(), providers.sharing(store) as sharing:
             if writes:
                 result = engine.enrich_span(
                     store,
