@@ -26,7 +26,7 @@ from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core import engine
 from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
 from glaze_pipeline.core.budget import Budget
-from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache
+from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache, tiers_of
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.engine import JobSettings
@@ -618,7 +618,9 @@ def test_redis_up_on_sqlite_meets_in_redis_alone(sqlite_store: Store, redis_url:
         claim = asyncio.run(claim_once(sharing.flight))
 
     assert claim.held is True
-    assert isinstance(claim.shared, RedisAnswerCache)  # no per-answer SQL write on SQLite
+    assert claim.shared is not None
+    [tier] = tiers_of(claim.shared)
+    assert isinstance(tier, RedisAnswerCache)  # no per-answer SQL write under the lock
 
 
 # -- through the engine ----------------------------------------------------------------------
