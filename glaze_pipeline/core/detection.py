@@ -405,7 +405,8 @@ def _parse_url(text: str) -> _Url | None:
     return _parse_short_url(text) if len(text) <= _CACHED_URL_CHARS else _parse_any_url(text)
 
 
-def _parse_any_url(text: str) -> _Url | None:
+def _parse_any_url(text: str, *, cached: bool = True) -> _Url | None:
+    """`_parse_url` uncached; `cached` False leaves the host's site out of its cache too."""
     if len(text.split(None, 1)) != 1:  # empty, or holds whitespace: not a URL
         return None
     if "@" in text and "/" not in text:  # an address (or `mailto:`): its domain
@@ -419,7 +420,10 @@ def _parse_any_url(text: str) -> _Url | None:
         return None
     if not host:
         return None
-    site = _site(host)
+    if cached:
+        site = _site(host)
+    else:
+        site = _cached_site.__wrapped__(host) if len(host) <= HOST_MAX_CHARS + 1 else None
     return _Url(site, parts.path, parts.query) if site is not None else None
 
 
@@ -467,7 +471,9 @@ def _website_key(value: Any) -> EntityKey | None:
 
 
 def _parse_website_key(value: Any) -> EntityKey | None:
-    url = _parse_url(_bounded(value, URL_MAX_CHARS))
+    # Not through `_parse_url`'s caches: the key is cached (below), so the URL and its site
+    # are not asked for again, and caching them too would hold each website three times.
+    url = _parse_any_url(text, cached=False) if (text := _bounded(value, URL_MAX_CHARS)) else None
     if url is None:
         return None
     if not _is_profile_page(url):
@@ -480,8 +486,13 @@ def _parse_website_key(value: Any) -> EntityKey | None:
 
 # Cached on the cell's text: a table repeats its companies' websites (ten rows a company in
 # the benchmark's S5), and detection and the apply stage both derive every row's key; the
-# key is immutable, so one object serves every row.
-_cached_website_key = lru_cache(maxsize=1 << 16)(_parse_website_key)
+# key is immutable, so one object serves every row, and the job's entity is that object.
+# Room for a job's companies (S5: 100,000): a table read in id order meets its companies in
+# no order, and an LRU smaller than their number misses a share of rows that grows with
+# the table (65,536 entries missed ~35 % of S5's rows, each a ~25 us parse, and every miss
+# made the entity again: 165,000 keys for 100,000 entities). An entry is ~200 bytes
+# beside the key it returns, which the job holds anyway.
+_cached_website_key = lru_cache(maxsize=1 << 18)(_parse_website_key)
 
 
 # --- email --------------------------------------------------------------------------------
@@ -736,26 +747,27 @@ def identify_row(
     """The company and the person a row is about, from its identifier columns. Without
     `person_wanted` (no cell asks about a person) the person is not looked for: None."""
     company = _company_key(data, ids)
-    person: EntityKey | None = None
     if not person_wanted:
         return RowEntities(company, None)
+    return RowEntities(company, _person_key(data, ids, company))
+
+
+def _person_key(
+    data: Mapping[str, Any], ids: IdentifierColumns, company: EntityKey | None
+) -> EntityKey | None:
+    """LinkedIn slug, else email, else name + company (the row's `company` key)."""
     slug = _first(data, ids.person_linkedins, linkedin_slug)
     if slug:
-        person = EntityKey(EntityType.PERSON, "linkedin", slug)
-    else:
-        email = _first(data, ids.emails, normalize_email)
-        if email:
-            person = EntityKey(EntityType.PERSON, "email", email)
-        else:
-            full_name = _person_name(data, ids)
-            if full_name and company is not None:
-                person = EntityKey(
-                    EntityType.PERSON,
-                    "name_company",
-                    f"{full_name}|{company.value}",
-                    NAME_KEY_STRENGTH,
-                )
-    return RowEntities(company, person)
+        return EntityKey(EntityType.PERSON, "linkedin", slug)
+    email = _first(data, ids.emails, normalize_email)
+    if email:
+        return EntityKey(EntityType.PERSON, "email", email)
+    full_name = _person_name(data, ids)
+    if full_name and company is not None:
+        return EntityKey(
+            EntityType.PERSON, "name_company", f"{full_name}|{company.value}", NAME_KEY_STRENGTH
+        )
+    return None
 
 
 class CellTarget(NamedTuple):
@@ -775,61 +787,76 @@ def targets_for_row(
     columns: Sequence[ColumnSpec],
     ids: IdentifierColumns,
 ) -> list[CellTarget]:
-    """Map each requested column of one row to the entity its field belongs to."""
+    """Map each requested column of one row to the entity its field belongs to.
+
+    Run on every row read, twice a job (detection, then the span that writes it): no object
+    but the targets is made, and the person is looked for only when a cell asks about one."""
     if not columns:  # e.g. a whole-table job on a row whose cells are all filled
         return []
-    persons = []
-    for column in columns:
-        if column.field is None:  # validated away before a job starts
-            raise ValueError(f"column {column.key!r} maps to no field")
-        persons.append(column.field.entity_type is _PERSON)
-    entities = identify_row(data, ids, person_wanted=any(persons))
-    company, person = entities.company, entities.person
+    try:
+        persons = [column.field.entity_type is _PERSON for column in columns]  # type: ignore[union-attr]
+    except AttributeError:  # a column without a field: validated away before a job starts
+        unmapped = next(column for column in columns if column.field is None)
+        raise ValueError(f"column {unmapped.key!r} maps to no field") from None
+    company = _company_key(data, ids)
+    if True not in persons:
+        return [_target(CellTarget, (row_id, column, company)) for column in columns]
+    person = _person_key(data, ids, company)
     return [
-        CellTarget(row_id, column, person if is_person else company)
+        _target(CellTarget, (row_id, column, person if is_person else company))
         for column, is_person in zip(columns, persons, strict=True)
     ]
 
 
 _PERSON = EntityType.PERSON
+# CellTarget(...) without the named tuple's own __new__, a Python call per cell.
+_target = tuple.__new__
 
 
 @dataclass
 class EntityIndex:
-    """Accumulates the unique entities of a job, page by page, with the fields they need."""
+    """Accumulates the unique entities of a job, page by page, with the fields they need.
 
-    fields: dict[EntityKey, set[str]] = field(default_factory=dict)
+    Each entity's fields are a frozenset shared by every entity that wants the same fields
+    (a job asks a handful of combinations of 100,000 entities): one set, not one per entity,
+    kept until the job ends (detection's `EntityRequest`s and the chunks' hold the same)."""
+
+    fields: dict[EntityKey, frozenset[str]] = field(default_factory=dict)
     cells: Counter[EntityKey] = field(default_factory=Counter)  # cells about each entity
     cells_total: int = 0
     cells_without_identifier: int = 0
     rows_read: int = 0
+    _sets: dict[frozenset[str], frozenset[str]] = field(default_factory=dict, repr=False)
 
     def add(self, targets: Iterable[CellTarget]) -> None:
-        # A row's cells are mostly about one entity: its set of fields and its count are
-        # looked up once per run of equal entities, not once per cell (EntityKey's hash is
-        # computed in Python each time).
-        fields, cells = self.fields, self.cells
+        # A row's cells are mostly about one entity: its fields and its count are looked up
+        # once per run of equal entities, not once per cell (EntityKey's hash is computed in
+        # Python each time).
         entity: EntityKey | None = None
-        wanted: set[str] = set()
-        run = 0
-        for target in targets:
-            self.cells_total += 1
-            if target.entity is None:
-                self.cells_without_identifier += 1
-                continue
-            if target.entity is not entity:
-                if run and entity is not None:
-                    cells[entity] += run
-                entity, run = target.entity, 0
-                found = fields.get(entity)
-                if found is None:
-                    found = fields[entity] = set()
-                wanted = found
-            assert target.column.field is not None
-            wanted.add(target.column.field.name)
-            run += 1
-        if run and entity is not None:
-            cells[entity] += run
+        names: list[str] = []
+        total = without = 0
+        for _row_id, column, key in targets:
+            total += 1
+            if key is None:
+                without += 1
+            elif key is entity:
+                names.append(column.field.name)  # type: ignore[union-attr]
+            else:
+                if entity is not None:
+                    self._merge(entity, names)
+                entity, names = key, [column.field.name]  # type: ignore[union-attr]
+        if entity is not None:
+            self._merge(entity, names)
+        self.cells_total += total
+        self.cells_without_identifier += without
+
+    def _merge(self, entity: EntityKey, names: list[str]) -> None:
+        self.cells[entity] += len(names)
+        found = self.fields.get(entity)
+        if found is not None and found.issuperset(names):
+            return
+        wanted = frozenset(names) if found is None else found.union(names)
+        self.fields[entity] = self._sets.setdefault(wanted, wanted)
 
     def __len__(self) -> int:
         return len(self.fields)
