@@ -141,6 +141,31 @@ def test_cache_makes_the_second_run_free() -> None:
     assert second[0].fields["industry"].value.value == fake_value(ACME, "industry")
 
 
+def test_a_waterfall_serving_many_batches_keeps_none_of_their_answers() -> None:
+    """A span asks one batch per page of the entities earlier spans bought: each batch's
+    answers are dropped once it is settled (they are in the cache), and asked again they are
+    cache hits, not calls."""
+    cache = MemoryCache()
+    provider = FakeProvider(EntityType.COMPANY)
+    companies = [
+        want("industry", key=EntityKey(EntityType.COMPANY, "domain", f"co{i}.example"))
+        for i in range(20)
+    ]
+    run(Waterfall([provider], budget=Budget(None), cache=cache), *companies)
+    span = Waterfall([provider], budget=Budget(None), cache=cache)
+
+    async def pages() -> list[int]:
+        held = []
+        for page in (companies[:10], companies[10:], companies[:10]):
+            await span.enrich_many(page)
+            held.append(len(span._cached))
+        return held
+
+    assert asyncio.run(pages()) == [0, 0, 0]
+    assert provider.total_calls == 20  # bought once, by the first run
+    assert span.stats.cache_hits == 30
+
+
 def test_name_keys_lower_confidence() -> None:
     weak = EntityKey(EntityType.COMPANY, "name", "acme", 0.7)
     provider = FakeProvider(EntityType.COMPANY, confidence=0.9)

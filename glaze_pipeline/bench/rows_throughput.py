@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from glaze_pipeline.bench.stack import fresh_postgres
 from glaze_pipeline.core import checks, engine
@@ -55,17 +55,26 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def answers(entities: list[engine.EntityRequest]) -> engine.Outcomes:
-    """Every entity answered with a value for each field it needs (what a warm cache gives)."""
+def answers(entities: list[engine.EntityRequest], *, apart: bool = False) -> engine.Outcomes:
+    """Every entity answered with a value for each field it needs (what a warm cache gives).
+
+    All answers share one fetch time, so every done cell's `meta` is alike; `apart` gives each
+    entity its own (as answers bought one by one have): no two entities' meta alike."""
     now = datetime.now(UTC)
     return {
         e.key.id: {
             name: FieldOutcome(
-                CellStatus.DONE, FieldValue(f"{name} of {e.key.value}", 0.9, "mock", now)
+                CellStatus.DONE,
+                FieldValue(
+                    f"{name} of {e.key.value}",
+                    0.9,
+                    "mock",
+                    now + timedelta(microseconds=i) if apart else now,
+                ),
             )
             for name in e.fields
         }
-        for e in entities
+        for i, e in enumerate(entities)
     }
 
 
@@ -75,6 +84,7 @@ def measure(
     postgres_url: str = POSTGRES_URL,
     page_size: int = engine.JobSettings.page_size,
     companies: int | None = None,
+    apart: bool = False,
 ) -> Throughput:
     """Seed `rows` rows of S5's shape in a throwaway database and time detection and writing."""
     with fresh_postgres(postgres_url) as url:
@@ -97,7 +107,7 @@ def measure(
             detect_s, detect_cpu = time.perf_counter() - started, _cpu() - cpu
             detect_statements = store.statements - before
 
-            outcomes = answers(detection.entities)
+            outcomes = answers(detection.entities, apart=apart)
             before, cpu, started = store.statements, _cpu(), time.perf_counter()
             summary = engine.apply_results(
                 store, request_id, target, outcomes, page_size=page_size, read=detection.read
@@ -141,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--companies", type=int, default=None, help="default: rows / 10")
     parser.add_argument("--page-size", type=int, default=engine.JobSettings.page_size)
     parser.add_argument("--postgres-url", default=POSTGRES_URL)
+    parser.add_argument(
+        "--apart", action="store_true", help="each entity's answers fetched at its own time"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     result = measure(
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         postgres_url=args.postgres_url,
         page_size=args.page_size,
         companies=args.companies,
+        apart=args.apart,
     )
     if args.json:
         json.dump(asdict(result), sys.stdout)

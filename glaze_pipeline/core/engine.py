@@ -30,6 +30,7 @@ from glaze_pipeline.core.detection import (
     ColumnSpec,
     EntityIndex,
     IdentifierColumns,
+    identify_row,
     targets_for_row,
 )
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError, UnknownColumnError
@@ -55,7 +56,7 @@ from glaze_pipeline.core.settings import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY
 from glaze_pipeline.core.singleflight import Flight
 from glaze_pipeline.core.spend import SpendJournal
 from glaze_pipeline.core.status import aggregate_row
-from glaze_pipeline.core.store import RowPatch, RowRecord, Store
+from glaze_pipeline.core.store import RowPatch, RowRecord, SharedDocument, Store
 from glaze_pipeline.core.waterfall import CANCELLED, DEFAULT_THRESHOLD, Waterfall, WaterfallStats
 
 log = logging.getLogger(__name__)
@@ -787,7 +788,14 @@ def enrich_span(
                 chunk.entities, concurrency=settings.concurrency, on_outcome=answered
             )
         )
-        extra: list[asyncio.Future[list[EntityOutcome]]] = []
+        extra: list[asyncio.Future[None]] = []
+
+        async def ask(others: list[EntityRequest]) -> None:
+            # The outcomes reach `answered`; the batch's list of them is not kept.
+            await waterfall.enrich_many(
+                others, concurrency=settings.concurrency, on_outcome=answered
+            )
+
         try:
             pages = store.iter_row_pages(
                 target.table_id,
@@ -805,13 +813,7 @@ def enrich_span(
                 others = [e for e in needed.values() if e.key.id not in asked]
                 if others:
                     asked.update(e.key.id for e in others)
-                    extra.append(
-                        asyncio.ensure_future(
-                            waterfall.enrich_many(
-                                others, concurrency=settings.concurrency, on_outcome=answered
-                            )
-                        )
-                    )
+                    extra.append(asyncio.ensure_future(ask(others)))
                 waiting.clear()
                 waiting.update(entity for entity in needed if entity not in outcomes)
                 if waiting:
@@ -826,6 +828,15 @@ def enrich_span(
                 watch.raise_if_closed()
                 writer = _CellWriter(target, outcomes, request_id, _missing(waterfall), read)
                 await asyncio.to_thread(_write_page, store, writer, rows, summary, on_written)
+                # What the page needed of earlier spans' entities goes once it is written: with
+                # rows in random order a span needs nearly all of them, and held to its end
+                # they made S5's peak (727 MiB). A later page asks again (a cache hit).
+                for entity in [entity for entity in outcomes if entity not in owned]:
+                    del outcomes[entity]
+                    asked.discard(entity)
+                for task in [task for task in extra if task.done()]:
+                    task.result()  # a batch that failed raises here
+                    extra.remove(task)
                 if not first_write and summary.rows_written:
                     first_write.append(time.perf_counter() - started)
             await buying
@@ -1076,15 +1087,45 @@ class _RowWrite:
     kept: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What the job writes for one set of cells and their outcomes, whichever row they are in:
+    the values, each cell's meta, the counts, and the row status these cells alone give."""
+
+    outcomes: tuple[FieldOutcome | None, ...]  # kept so the ids in the cache key stay theirs
+    data: SharedDocument
+    meta: SharedDocument
+    counts: Counter[str]
+    status: tuple[str, float | None, str | None]
+
+
+_NO_IDENTIFIER = FieldOutcome(CellStatus.FAILED, error=NO_IDENTIFIER)
+# A cell as the writer needs it: its data key, its field's name, and whether it is a person's.
+_Cell = tuple[str, str, bool]
+
+
 @dataclass
 class _CellWriter:
-    """Turns one row and the job's outcomes into its patch and what it counts."""
+    """Turns one row and the job's outcomes into its patch and what it counts.
+
+    Rows about the same entity write the same thing: the values, cell meta, counts and row
+    status for a set of cells and their outcomes are built once (`_Answer`, keyed by the cells'
+    keys and the outcome objects) and shared by every such row, and equal cell meta is one
+    object (`_cell_meta`, `_row_metas`): a shared object is encoded once for the whole job
+    (`SharedDocument`) and parsed by the database once per page (`Store.apply_patches`).
+    Per row only its own part is made: which cells it fills, which entities its identifiers
+    name, what its cells hold now (`expect`), and its status if the row had `meta` already.
+    """
 
     target: JobTarget
     outcomes: Outcomes
     request_id: str
     missing: FieldOutcome
     read: Mapping[str, int] | None  # None: no fingerprints (compare with the page read only)
+    _answers: dict[tuple[object, ...], _Answer] = field(default_factory=dict, repr=False)
+    _cell_metas: dict[tuple[object, ...], dict[str, Any]] = field(default_factory=dict, repr=False)
+    _row_metas: dict[tuple[object, ...], SharedDocument] = field(default_factory=dict, repr=False)
+    _all_cells: tuple[_Cell, ...] | None = field(default=None, repr=False)
 
     def patch(self, row: RowRecord) -> _RowWrite:
         fill, kept = self.target.split(row, request_id=self.request_id)
@@ -1096,35 +1137,101 @@ class _CellWriter:
             ]
             fill = [c for c in fill if c not in changed]
             kept = kept + changed
-        counts: Counter[str] = Counter({CellStatus.SKIPPED.value: len(kept)} if kept else {})
-        cell_targets = targets_for_row(row.id, row.data, fill, self.target.identifiers)
-        data: dict[str, Any] = {}
-        meta: dict[str, Any] = {}
-        expect: dict[str, Any] = {}
-        for cell in cell_targets:
-            assert cell.column.field is not None
-            if cell.entity is None:
-                outcome = FieldOutcome(CellStatus.FAILED, error=NO_IDENTIFIER)
-            else:
-                found = self.outcomes.get(cell.entity.id, {}).get(cell.column.field.name)
-                # None: the row's identifiers changed after detection, or the job was
-                # cancelled before it reached this entity: either way it has no answer for it.
-                outcome = found or self.missing
+        cells = self._cells(fill)
+        outcomes: list[FieldOutcome | None] = []
+        shape: list[object] = []  # each cell's key and outcome: what the row writes
+        if cells:
+            found = identify_row(
+                row.data, self.target.identifiers, person_wanted=any(c[2] for c in cells)
+            )
+            last: EntityKey | None = None
+            answers: dict[str, FieldOutcome] = {}
+            for key, name, is_person in cells:
+                entity = found.person if is_person else found.company
+                if entity is None:
+                    outcome: FieldOutcome | None = _NO_IDENTIFIER
+                else:
+                    if entity is not last:  # a row's cells share one EntityKey object
+                        last = entity
+                        answers = self.outcomes.get(entity.id, {})
+                    # None: the row's identifiers changed after detection, or the job was
+                    # cancelled before it reached this entity: it has no answer for it.
+                    outcome = answers.get(name)
+                outcomes.append(outcome)
+                shape += (key, id(outcome))
+        shared = self._answers.get(tuple(shape))
+        if shared is None:
+            shared = self._answers[tuple(shape)] = self._answer(cells, tuple(outcomes))
+        counts = shared.counts
+        if kept:
+            counts = counts.copy()
+            counts[CellStatus.SKIPPED.value] += len(kept)
+        meta = shared.meta
+        if not meta:
+            return _RowWrite(row.id, None, counts, len(kept))
+        data = row.data
+        expect = {key: data.get(key) for key in meta}  # what it holds now (None: empty)
+        if row.meta:
+            # Its cells had meta before (this job's or others'): the row's status is all of
+            # them, in the row's order (which error comes first).
+            aggregate, confidence, error = aggregate_row({**row.meta, **meta})
+            status = (aggregate.value, confidence, error)
+        else:
+            status = shared.status
+        write = RowPatch(row.id, shared.data, meta, *status, expect)
+        return _RowWrite(row.id, write, counts, len(kept))
+
+    def _cells(self, fill: Sequence[ColumnSpec]) -> tuple[_Cell, ...]:
+        """The cells a row fills (every column of the job, most often: made once)."""
+        columns = self.target.columns
+        if len(fill) == len(columns):  # `fill` is a sublist of the job's columns
+            if self._all_cells is None:
+                self._all_cells = _writer_cells(columns)
+            return self._all_cells
+        return _writer_cells(fill)
+
+    def _answer(self, cells: Sequence[_Cell], outcomes: tuple[FieldOutcome | None, ...]) -> _Answer:
+        data = SharedDocument()
+        metas: list[tuple[str, dict[str, Any]]] = []
+        counts: Counter[str] = Counter()
+        for (key, _name, _person), found in zip(cells, outcomes, strict=True):
+            outcome = found or self.missing
             counts[outcome.status.value] += 1
             if outcome.error == CANCELLED:
                 # A cell the cancelled job never reached is left as it was (its row goes back
                 # to the status it had); the request counts it `skipped: cancelled`.
                 continue
-            key = cell.column.key
-            meta[key] = cell_meta(outcome, self.request_id)
-            expect[key] = row.data.get(key)  # what it holds now (None: empty)
+            metas.append((key, self._cell_meta(outcome)))
             if outcome.status is CellStatus.DONE and outcome.value is not None:
                 data[key] = outcome.value.value
-        if not meta:
-            return _RowWrite(row.id, None, counts, len(kept))
-        status, confidence, error = aggregate_row({**row.meta, **meta})
-        write = RowPatch(row.id, data, meta, status.value, confidence, error, expect)
-        return _RowWrite(row.id, write, counts, len(kept))
+        shape = tuple((key, id(meta)) for key, meta in metas)
+        meta = self._row_metas.get(shape)
+        if meta is None:
+            meta = self._row_metas[shape] = SharedDocument(metas)
+        aggregate, confidence, error = aggregate_row(meta)
+        return _Answer(outcomes, data, meta, counts, (aggregate.value, confidence, error))
+
+    def _cell_meta(self, outcome: FieldOutcome) -> dict[str, Any]:
+        """`cell_meta`, one object per distinct meta (what it records of the outcome)."""
+        value = outcome.value
+        # What `cell_meta` writes, exactly: 1 and 1.0 are equal keys but not equal JSON, nor are
+        # two equal instants in different offsets.
+        key = (
+            (
+                outcome.status,
+                type(value.confidence),
+                value.confidence,
+                value.source,
+                value.fetched_at.isoformat(),
+                outcome.error,
+            )
+            if value is not None
+            else (outcome.status, outcome.error)
+        )
+        meta = self._cell_metas.get(key)
+        if meta is None:
+            meta = self._cell_metas[key] = cell_meta(outcome, self.request_id)
+        return meta
 
     def _as_read(self, row: RowRecord, key: str) -> bool:
         """The cell still holds what detection read (empty, or the fingerprinted value)."""
@@ -1133,6 +1240,15 @@ class _CellWriter:
         if remembered is None:
             return is_empty(value)
         return not is_empty(value) and cell_digest(value) == remembered
+
+
+def _writer_cells(columns: Sequence[ColumnSpec]) -> tuple[_Cell, ...]:
+    cells = []
+    for column in columns:
+        if column.field is None:  # validated away before a job starts
+            raise ValueError(f"column {column.key!r} maps to no field")
+        cells.append((column.key, column.field.name, column.field.entity_type is EntityType.PERSON))
+    return tuple(cells)
 
 
 def progress_counters(summary: ApplySummary) -> dict[str, int]:

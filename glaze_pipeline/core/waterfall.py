@@ -335,6 +335,11 @@ class Waterfall:
             return await asyncio.gather(*(one(r) for r in requests))
         finally:
             self.flush_cache()
+            # The batch's answers are settled and in the cache tiers: a waterfall that serves
+            # many batches (a span's pages) does not hold them all to its end.
+            for request in requests:
+                for provider in self.providers.get(request.key.type, []):
+                    self._cached.pop((request.key.id, provider.name), None)
 
     def stop(self) -> None:
         """Start no new entity (a cancelled job); lookups in flight complete and are cached."""
