@@ -19,7 +19,12 @@ from contextlib import contextmanager
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Run the block with the objects that exist now out of the cycle collector's passes."""
+    """Run the block with the objects that exist now out of the cycle collector's passes.
+
+    Garbage is collected first: frozen, it would outlive the block, and the block after it
+    (the next step in this process) would freeze it again, and so on (S3's steps in one
+    process, batched: 557 MiB at scale 1, against ~330 collecting first)."""
+    gc.collect()
     gc.freeze()
     try:
         yield
