@@ -5,6 +5,7 @@ engine on both databases (the same stages the Dagster ops call), with determinis
 vendors so every figure is reproducible.
 """
 
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -160,6 +161,36 @@ def test_observations_add_up_across_jobs(store: Store) -> None:
     assert (total.lookups, total.found, total.charged, total.errors) == (15, 12, 12, 1)
     assert total.fields == {"industry": [12, 11]}
     assert since.tzinfo is not None
+    # Several rows at once, fields only one side has, chunks adding concurrently: nothing lost,
+    # and on Postgres one statement per chunk, however many providers and key kinds.
+    before = store.statements
+    store.record_observations(
+        {
+            ("cheap", "domain"): Observation(2, 1, 1, 0, {"employee_count": [1, 1]}),
+            ("cheap", "name"): Observation(3, 0, 0, 3, {}),
+            ("idle", "domain"): Observation(0, 0, 0, 0, {}),  # no lookups: not written
+        }
+    )
+    if store.dialect == "postgresql":
+        assert store.statements - before == 1
+
+    def add() -> None:
+        own = Store(store.url)
+        for _ in range(5):
+            own.record_observations({("cheap", "domain"): Observation(1, 1, 1, 0, {"x": [1, 0]})})
+        own.dispose()
+
+    adders = [threading.Thread(target=add) for _ in range(3)]
+    for adder in adders:
+        adder.start()
+    for adder in adders:
+        adder.join()
+    totals = {key: total for key, (total, _since) in store.provider_observations().items()}
+    assert set(totals) == {("cheap", "domain"), ("cheap", "name")}
+    cheap = totals[("cheap", "domain")]
+    assert (cheap.lookups, cheap.found, cheap.charged, cheap.errors) == (32, 28, 28, 1)
+    assert cheap.fields == {"industry": [12, 11], "employee_count": [1, 1], "x": [15, 0]}
+    assert totals[("cheap", "name")].errors == 3
 
 
 def run_job(

@@ -107,6 +107,28 @@ def test_a_withdrawn_call_leaves_the_ledger_even_after_a_cancel(store: Store) ->
     assert request.unavailable_providers == {"premium": "API key missing"}
 
 
+def test_a_journal_write_is_one_statement_on_postgres(store: Store) -> None:
+    """The check that the request accepts calls and the ledger's upsert go together (one
+    round trip per block of calls); on SQLite they stay two statements of one transaction."""
+    requests, request_id = running(store)
+    before = store.statements
+    deltas = {
+        "a": SpendDelta(calls=4, unit_cost=1.5),
+        "b": SpendDelta(calls=2, settled=1, charged=1, cost=0.5, unit_cost=0.5),
+        "c": SpendDelta(),  # nothing to write: no ledger row
+    }
+    assert requests.record_spend(request_id, deltas) is True
+    assert store.statements - before == (1 if store.dialect == "postgresql" else 2)
+    spend = requests.spend(request_id)
+    assert (spend.calls, spend.unsettled) == ({"a": 4, "b": 2}, 5)
+    # Refused calls are not journalled; the settlement and the withdrawal that rode along are.
+    assert requests.request_cancel(request_id) is RequestStatus.RUNNING
+    refused = {"a": SpendDelta(calls=3, withdrawn=1, settled=2, charged=2, cost=3.0)}
+    assert requests.record_spend(request_id, refused) is False
+    assert requests.spend(request_id).calls == {"a": 3, "b": 2}
+    assert requests.record_spend("req_nope", {"a": SpendDelta(calls=1)}) is False
+
+
 def test_budget_leases_never_exceed_the_budget_across_threads(store: Store) -> None:
     requests, request_id = running(store, budget=40.0)
     granted: list[float] = []

@@ -1,13 +1,16 @@
 """The waterfall's decisions, with in-process providers (HTTP providers have their own tests)."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from glaze_pipeline.core.budget import Budget
-from glaze_pipeline.core.cache import MemoryCache
+from glaze_pipeline.core.cache import CacheKey, MemoryCache
+from glaze_pipeline.core.flight import Claim
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import (
     CredentialsMissing,
@@ -296,3 +299,46 @@ def test_a_vendor_nobody_could_connect_to_fails_the_cell_but_is_no_call() -> Non
     assert outcome.fields["industry"].error == "down: connection refused"
     assert waterfall.stats.calls["down"] == 0
     assert waterfall.stats.not_sent_dict() == {"down": {"unreachable": 1}}
+
+
+class SharingFlight:
+    """Grants every claim with `shared` as the contenders' tier (as Redis would be)."""
+
+    backend = "test"
+
+    def __init__(self) -> None:
+        self.shared = MemoryCache()
+        self.failed = False
+
+    @asynccontextmanager
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
+        yield Claim(held=True, shared=self.shared)
+
+    def primary_failed(self) -> bool:
+        return self.failed
+
+    def close(self) -> None:
+        return None
+
+
+def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
+    """The chunk flushes answers a claim already wrote through to the shared tier on a slow
+    clock; one the shared tier does not hold (no claim, or the tier failed since) is urgent."""
+    companies = [
+        want("industry", key=EntityKey(EntityType.COMPANY, "domain", f"co{i}.example"))
+        for i in range(3)
+    ]
+    flight = SharingFlight()
+    shared = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), flight=flight)
+    asyncio.run(shared.enrich_many(companies, flush=False))
+    assert len(flight.shared) == 3  # written through under the claims
+    assert not shared.unshared_answers
+    flight.failed = True  # Redis failed after: only the flush keeps the answers now
+    assert shared.unshared_answers
+    bought = {(c.key.id, "fake_company") for c in companies}
+    assert bought <= set(shared.take_new_answers())  # with the aliases they brought along
+    assert not shared.unshared_answers  # nothing left to flush
+
+    alone = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), cache=MemoryCache())
+    asyncio.run(alone.enrich_many(companies, flush=False))
+    assert alone.unshared_answers  # no shared tier: the flush is all there is

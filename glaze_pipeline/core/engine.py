@@ -67,6 +67,9 @@ ROW_CHANGED = "row changed during the run"
 HEARTBEAT_SECONDS = 1.0
 # How often answers bought are written through to the cache while a chunk runs.
 FLUSH_SECONDS = 1.0
+# How long answers already in a shared tier (written through to Redis under their claim) wait
+# for the chunk's batched write to the other tiers (the database's cache table, memory).
+SHARED_FLUSH_SECONDS = 5.0
 # How long a terminated chunk may take to let its lookups in flight come back.
 DRAIN_SECONDS = 4.0
 # Chunks (spans of rows) are cut at multiples of this many rows (`plan_spans`).
@@ -560,9 +563,10 @@ def enrich_chunk(
     """Run the waterfall over one chunk, drawing on the job's budget in blocks.
 
     Every call is journalled before it is sent (spend never lost), answers are written through
-    to the cache every FLUSH_SECONDS, and the request is watched every HEARTBEAT_SECONDS: on a
-    cancel no new lookup starts, the lookups in flight come back and are cached, and the
-    result says `stopped` (the entities not reached are `skipped: cancelled`).
+    to the cache every SHARED_FLUSH_SECONDS (every FLUSH_SECONDS for an answer Redis does not
+    hold), and the request is watched every HEARTBEAT_SECONDS: on a cancel no new lookup
+    starts, the lookups in flight come back and are cached, and the result says `stopped` (the
+    entities not reached are `skipped: cancelled`).
 
     The lookups run on an event loop in a worker thread, so that Dagster's Terminate (an
     interrupt delivered to this, the main thread) can stop them the same way and let them
@@ -590,7 +594,7 @@ def enrich_chunk(
     lookups = _Lookups(store, request_id, providers, settings, cache, flight, unavailable)
 
     async def work(waterfall: Waterfall) -> list[EntityOutcome]:
-        return await waterfall.enrich_many(chunk, concurrency=settings.concurrency)
+        return await waterfall.enrich_many(chunk, concurrency=settings.concurrency, flush=False)
 
     outcomes, stopped = lookups.run(work, watch, on_progress)
     return ChunkResult(
@@ -654,15 +658,24 @@ class _Lookups:
                     return await work(waterfall)
                 finally:
                     flusher.cancel()
+                    await flush()  # the batches' own flushes are off (`flush=False`)
                     await journal.drain()
 
+        async def flush() -> None:
+            try:
+                await waterfall.flush_cache_async()
+            except Exception as error:  # the chunk's final flush tries again
+                log.warning("writing answers through to the cache failed: %s", error)
+
         async def flush_while_running() -> None:
+            last = time.monotonic()
             while True:
                 await asyncio.sleep(FLUSH_SECONDS)
-                try:
-                    await waterfall.flush_cache_async()
-                except Exception as error:  # the chunk's final flush tries again
-                    log.warning("writing answers through to the cache failed: %s", error)
+                # An answer in no shared tier yet is written within the second; answers a
+                # claim already wrote through to Redis (nearly all, with Redis up) can wait.
+                if waterfall.unshared_answers or time.monotonic() - last >= SHARED_FLUSH_SECONDS:
+                    last = time.monotonic()
+                    await flush()
                 if on_progress is not None:
                     on_progress(waterfall.entities_done)
 
@@ -785,7 +798,7 @@ def enrich_span(
 
         buying = asyncio.ensure_future(
             waterfall.enrich_many(
-                chunk.entities, concurrency=settings.concurrency, on_outcome=answered
+                chunk.entities, concurrency=settings.concurrency, on_outcome=answered, flush=False
             )
         )
         extra: list[asyncio.Future[None]] = []
@@ -793,7 +806,7 @@ def enrich_span(
         async def ask(others: list[EntityRequest]) -> None:
             # The outcomes reach `answered`; the batch's list of them is not kept.
             await waterfall.enrich_many(
-                others, concurrency=settings.concurrency, on_outcome=answered
+                others, concurrency=settings.concurrency, on_outcome=answered, flush=False
             )
 
         try:

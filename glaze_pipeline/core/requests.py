@@ -16,7 +16,9 @@ killed: calls sent and never settled are counted as charged, since the vendor bi
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -132,6 +134,39 @@ _CLAIM_SQL = """
     UPDATE enrichment_requests SET status = 'launched', launched_at = :now, updated_at = :now
     WHERE id IN (SELECT id FROM picked) AND status = 'queued'
     RETURNING id, table_id, kind, selection, budget, priority
+"""
+
+
+# `RequestRepository.record_spend` on Postgres: whether the request still accepts calls, read
+# under a share lock (a cancel or an ending waits for the ledger, never slips between), and the
+# ledger's increments (calls only when accepted), in one statement. Data-modifying CTEs always
+# run to completion; the query returns the verdict.
+_RECORD_SPEND_SQL = """
+WITH state AS MATERIALIZED (
+    SELECT status = :running AND NOT cancel_requested AS ok
+    FROM enrichment_requests WHERE id = :request_id FOR SHARE
+), verdict AS MATERIALIZED (
+    SELECT COALESCE((SELECT ok FROM state), false) AS ok
+), d AS (
+    SELECT d.provider,
+           CASE WHEN verdict.ok THEN d.calls ELSE 0 END - d.withdrawn AS calls,
+           d.settled, d.charged, d.cost, d.unit_cost
+    FROM verdict, jsonb_to_recordset(CAST(:deltas AS jsonb)) AS d(
+        provider text, calls integer, withdrawn integer, settled integer, charged integer,
+        cost double precision, unit_cost double precision
+    )
+), upsert AS (
+    INSERT INTO request_spend AS s (request_id, provider, calls, settled, charged, cost, unit_cost)
+    SELECT :request_id, d.provider, d.calls, d.settled, d.charged, d.cost, d.unit_cost
+    FROM d WHERE d.calls <> 0 OR d.settled <> 0
+    ON CONFLICT (request_id, provider) DO UPDATE SET
+        calls = s.calls + excluded.calls,
+        settled = s.settled + excluded.settled,
+        charged = s.charged + excluded.charged,
+        cost = s.cost + excluded.cost,
+        unit_cost = excluded.unit_cost
+)
+SELECT ok FROM verdict
 """
 
 
@@ -441,9 +476,24 @@ class RequestRepository:
         """Journal calls about to be sent and settle calls answered, in one transaction.
 
         Returns False, recording only the settlements, when the request no longer accepts new
-        calls (it ended, or a cancel was asked): the caller must then not send them.
+        calls (it ended, or a cancel was asked): the caller must then not send them. On
+        Postgres the check (under a share lock on the request) and the ledger's upsert are one
+        statement; on SQLite, whose writers are serialized anyway, two.
         """
         wanted = any(delta.calls > 0 for delta in deltas.values())
+        if self.store.dialect == "postgresql":
+            payload = json.dumps(
+                [
+                    {"provider": provider, **dataclasses.asdict(delta)}
+                    for provider, delta in deltas.items()
+                ]
+            )
+            with self.store.engine.begin() as connection:
+                accepted = connection.execute(
+                    text(_RECORD_SPEND_SQL),
+                    {"request_id": request_id, "running": RUNNING.value, "deltas": payload},
+                ).scalar_one()
+            return bool(accepted) or not wanted
         with self.store.engine.begin() as connection:
             accepted = True
             if wanted:

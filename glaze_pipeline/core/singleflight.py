@@ -376,8 +376,9 @@ class FallbackFlight:
     """Redis locks where runs wait, the database's lock behind them for when Redis dies.
 
     With Redis up, a claim is a Redis lock and contenders meet in Redis; a bought answer
-    reaches the `entity_cache` table with the chunk's periodic flush (every second) and at its
-    end, not under the lock. That keeps the database off the per-purchase path: on S3 at
+    reaches the `entity_cache` table with the chunk's periodic flush (every 5 s while Redis
+    holds it; within the second once this process sees Redis fail, or the answer did not reach
+    it) and at its end, not under the lock. That keeps the database off the per-purchase path: on S3 at
     `--scale 0.05`, 1.58 ms of worker CPU per provider call and 126 statements, against 2.0 ms
     and 425 when every purchase also took the Postgres lock and read and wrote SQL under it.
 

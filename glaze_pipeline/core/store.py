@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
+    DateTime,
     Engine,
     Select,
     Text,
+    bindparam,
     cast,
     create_engine,
     event,
@@ -35,8 +37,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -249,6 +249,63 @@ class RowPatch:
     confidence: float | None
     error: str | None
     expect: dict[str, Any] | None = None
+
+
+# `Store.record_observations`: every (provider, key kind)'s counts added in one upsert;
+# `fields` ({field: [asked, filled]}) is summed pair by pair over both sides' keys.
+_ADD_OBSERVATIONS_SQL = {
+    "postgresql": """
+INSERT INTO provider_observations AS o
+    (provider, key_kind, lookups, found, charged, errors, fields, since, updated_at)
+SELECT p.provider, p.key_kind, p.lookups, p.found, p.charged, p.errors, p.fields, :now, :now
+FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS p(
+    provider text, key_kind text, lookups integer, found integer, charged integer,
+    errors integer, fields jsonb
+)
+ON CONFLICT (provider, key_kind) DO UPDATE SET
+    lookups = o.lookups + excluded.lookups,
+    found = o.found + excluded.found,
+    charged = o.charged + excluded.charged,
+    errors = o.errors + excluded.errors,
+    fields = (
+        SELECT COALESCE(jsonb_object_agg(k.name, jsonb_build_array(
+            COALESCE((o.fields -> k.name ->> 0)::bigint, 0)
+                + COALESCE((excluded.fields -> k.name ->> 0)::bigint, 0),
+            COALESCE((o.fields -> k.name ->> 1)::bigint, 0)
+                + COALESCE((excluded.fields -> k.name ->> 1)::bigint, 0)
+        )), '{}'::jsonb)
+        FROM (
+            SELECT jsonb_object_keys(o.fields) AS name
+            UNION SELECT jsonb_object_keys(excluded.fields)
+        ) AS k
+    ),
+    updated_at = excluded.updated_at
+""",
+    "sqlite": """
+INSERT INTO provider_observations AS o
+    (provider, key_kind, lookups, found, charged, errors, fields, since, updated_at)
+SELECT p.value ->> 'provider', p.value ->> 'key_kind', p.value ->> 'lookups',
+       p.value ->> 'found', p.value ->> 'charged', p.value ->> 'errors', p.value -> 'fields',
+       :now, :now
+FROM json_each(:payload) AS p WHERE true
+ON CONFLICT (provider, key_kind) DO UPDATE SET
+    lookups = o.lookups + excluded.lookups,
+    found = o.found + excluded.found,
+    charged = o.charged + excluded.charged,
+    errors = o.errors + excluded.errors,
+    fields = (
+        SELECT COALESCE(json_group_object(k.name, json_array(
+            COALESCE(o.fields -> k.name ->> 0, 0) + COALESCE(excluded.fields -> k.name ->> 0, 0),
+            COALESCE(o.fields -> k.name ->> 1, 0) + COALESCE(excluded.fields -> k.name ->> 1, 0)
+        )), '{}')
+        FROM (
+            SELECT key AS name FROM json_each(o.fields)
+            UNION SELECT key FROM json_each(excluded.fields)
+        ) AS k
+    ),
+    updated_at = excluded.updated_at
+""",
+}
 
 
 class Store:
@@ -1006,57 +1063,31 @@ class Store:
     def record_observations(self, observed: Mapping[tuple[str, str], Observation]) -> None:
         """Add what a chunk's lookups answered to each (provider, key kind)'s history.
 
-        One transaction; each row is read under a lock and rewritten, so concurrent chunks add
-        up (the few rows are per provider and key kind, not per entity).
+        One upsert adds every row's counts, the fields' pairs summed key by key in SQL, so
+        concurrent chunks add up (a read-then-write would lose one's counts on SQLite, which
+        reads outside the write transaction) and a chunk costs one statement.
         """
         observed = {key: o for key, o in observed.items() if o.lookups}
         if not observed:
             return
         now = datetime.now(UTC)
+        payload = [
+            {
+                "provider": provider,
+                "key_kind": kind,
+                "lookups": o.lookups,
+                "found": o.found,
+                "charged": o.charged,
+                "errors": o.errors,
+                "fields": o.fields,
+            }
+            for (provider, kind), o in sorted(observed.items())
+        ]
         with self.engine.begin() as connection:
-            for (provider, kind), observation in sorted(observed.items()):
-                where = (
-                    ProviderObservation.provider == provider,
-                    ProviderObservation.key_kind == kind,
-                )
-                row = connection.execute(
-                    select(ProviderObservation).where(*where).with_for_update()
-                ).first()
-                if row is None:
-                    # Another chunk may create it at the same time: then add to theirs.
-                    insert_row = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(
-                        ProviderObservation
-                    )
-                    connection.execute(
-                        insert_row.values(
-                            provider=provider,
-                            key_kind=kind,
-                            lookups=0,
-                            found=0,
-                            charged=0,
-                            errors=0,
-                            fields={},
-                            since=now,
-                            updated_at=now,
-                        ).on_conflict_do_nothing()
-                    )
-                    row = connection.execute(
-                        select(ProviderObservation).where(*where).with_for_update()
-                    ).one()
-                total = Observation(row.lookups, row.found, row.charged, row.errors, row.fields)
-                total.merge(observation)
-                connection.execute(
-                    update(ProviderObservation)
-                    .where(*where)
-                    .values(
-                        lookups=total.lookups,
-                        found=total.found,
-                        charged=total.charged,
-                        errors=total.errors,
-                        fields=total.fields,
-                        updated_at=now,
-                    )
-                )
+            statement = text(_ADD_OBSERVATIONS_SQL[self.dialect]).bindparams(
+                bindparam("now", type_=DateTime(timezone=True))
+            )
+            connection.execute(statement, {"payload": json.dumps(payload), "now": now})
 
     def provider_observations(self) -> dict[tuple[str, str], tuple[Observation, datetime]]:
         """Every provider's history by key kind, with the time it starts from."""

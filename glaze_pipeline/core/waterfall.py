@@ -304,6 +304,8 @@ class Waterfall:
         self._new_answers: dict[CacheKey, CachedAnswer] = {}
         # Bought answers already written through to a claim's shared tiers: ids of those tiers.
         self._shared_in: dict[CacheKey, set[int]] = {}
+        # Bought since the last flush and in no shared tier (yet): only the flush keeps them.
+        self._unshared: set[CacheKey] = set()
 
     async def enrich_many(
         self,
@@ -311,8 +313,10 @@ class Waterfall:
         *,
         concurrency: int = 50,
         on_outcome: Callable[[EntityOutcome], None] | None = None,
+        flush: bool = True,
     ) -> list[EntityOutcome]:
-        """Enrich a batch: one cache read up front, one cache write at the end.
+        """Enrich a batch: one cache read up front, one cache write at the end (unless
+        `flush` is off: a caller that flushes on its own clock, off the event loop).
 
         Entities start in the order given (the gate is first come, first served);
         `on_outcome` hears each one as soon as it is settled (a streaming writer's cue)."""
@@ -334,7 +338,8 @@ class Waterfall:
         try:
             return await asyncio.gather(*(one(r) for r in requests))
         finally:
-            self.flush_cache()
+            if flush:
+                self.flush_cache()
             # The batch's answers are settled and in the cache tiers: a waterfall that serves
             # many batches (a span's pages) does not hold them all to its end.
             for request in requests:
@@ -471,6 +476,7 @@ class Waterfall:
             fetched_at=datetime.now(UTC),
         )
         self._new_answers[(key.id, provider.name)] = answer
+        self._unshared.add((key.id, provider.name))
         if answer.found:  # written with the chunk's answers: no call, no charge, no budget
             for alias in alias_keys(key, answer.values):
                 self._new_answers.setdefault((alias.id, provider.name), answer)
@@ -501,6 +507,7 @@ class Waterfall:
             log.warning("could not share the answer for %s", cache_key, exc_info=True)
             return
         self._shared_in[cache_key] = {id(tier) for tier in tiers_of(shared)}
+        self._unshared.discard(cache_key)
 
     def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
         if self.cache is None:
@@ -512,10 +519,22 @@ class Waterfall:
         ]
         self._cached.update(self.cache.get_many(keys))
 
+    @property
+    def unshared_answers(self) -> bool:
+        """Whether an answer bought since the last flush is in no shared tier yet (bought
+        without a claim that wrote it through, e.g. while Redis is down), or the shared tier
+        has failed since (a flight's `primary_failed`): only the flush keeps such answers if
+        the process dies, and contenders that fell back to the database meet them there."""
+        if self._unshared:
+            return True
+        failed: Callable[[], bool] | None = getattr(self.flight, "primary_failed", None)
+        return bool(self._new_answers) and failed is not None and failed()
+
     def take_new_answers(self) -> dict[CacheKey, CachedAnswer]:
         """The answers bought since the last call, handed over for one batched cache write
         (call it on the event loop; write them anywhere)."""
         answers, self._new_answers = self._new_answers, {}
+        self._unshared.clear()
         self._cached.update(answers)
         return answers
 
