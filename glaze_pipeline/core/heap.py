@@ -21,12 +21,16 @@ from contextlib import contextmanager
 def frozen_heap() -> Iterator[None]:
     """Run the block with the objects that exist now out of the cycle collector's passes.
 
-    Garbage is collected first: frozen, it would outlive the block, and the block after it
-    (the next step in this process) would freeze it again, and so on (S3's steps in one
-    process, batched: 557 MiB at scale 1, against ~330 collecting first)."""
-    gc.collect()
+    Garbage must not be frozen: it would outlive the block, and the block after it (the next
+    step in this process) would freeze it again, and so on (S3's steps in one process, batched:
+    557 MiB at scale 1, against ~330 collecting). So the young generations are collected
+    before the freeze, and the block's own objects (all it left unfrozen) at its end, before
+    the heap is given back: each pass walks what is new, never the whole heap again (a full
+    collection per step was 7 % of the worker's CPU on S3 at `--scale 0.3`, 16 steps)."""
+    gc.collect(1)
     gc.freeze()
     try:
         yield
     finally:
+        gc.collect()
         gc.unfreeze()
