@@ -209,3 +209,46 @@ def test_the_spend_journal_group_commits_and_never_sends_what_is_not_on_record(
     stopped = SpendJournal(write)
     assert not any(asyncio.run(calls(stopped, 50)))
     assert stopped.refused and requests.spend(request_id).calls == {"paid": 200}
+
+
+def test_a_large_chunk_s_journal_skips_the_ramp_and_a_small_one_keeps_it(store: Store) -> None:
+    """A chunk of 4,000 entities reserves a quarter of them at once; a 10-entity job starts
+    at FIRST_BLOCK (or the calls waiting), so its crash could over-count no more than that.
+    Either way every call is journalled before it goes and the unused slots are withdrawn."""
+    import asyncio
+
+    from glaze_pipeline.core.spend import FIRST_BLOCK, SpendJournal, first_block_for
+
+    requests, request_id = running(store)
+
+    def commits(entities: int, calls: int) -> tuple[int, list[int]]:
+        reserved: list[int] = []
+
+        def write(deltas: Mapping[str, SpendDelta]) -> bool:
+            reserved.append(sum(d.calls for d in deltas.values()))
+            return requests.record_spend(request_id, deltas)
+
+        journal = SpendJournal(write, first_block=first_block_for(entities))
+
+        async def run() -> None:
+            gate = asyncio.Semaphore(200)
+
+            async def one() -> None:
+                async with gate:
+                    assert await journal.send("paid", 1.0)
+                    await asyncio.sleep(0)
+                    journal.settle("paid", 1.0, charged=True)
+
+            await asyncio.gather(*(one() for _ in range(calls)))
+            await journal.drain()
+
+        asyncio.run(run())
+        return journal.commits, [r for r in reserved if r]
+
+    ramped, _ = commits(10, 4000)
+    large, reservations = commits(4000, 4000)
+    assert reservations[0] == 1000 and large < ramped
+    _, small = commits(10, 10)
+    assert small == [max(FIRST_BLOCK, 10)]  # the calls waiting at once, never a quarter of more
+    spend = requests.spend(request_id)
+    assert (spend.calls, spend.unsettled) == ({"paid": 8010}, 0)

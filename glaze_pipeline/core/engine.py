@@ -54,7 +54,7 @@ from glaze_pipeline.core.redact import redact
 from glaze_pipeline.core.requests import Beat, RequestRepository
 from glaze_pipeline.core.settings import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY
 from glaze_pipeline.core.singleflight import Flight
-from glaze_pipeline.core.spend import SpendJournal
+from glaze_pipeline.core.spend import SpendJournal, first_block_for
 from glaze_pipeline.core.status import aggregate_row
 from glaze_pipeline.core.store import RowPatch, RowRecord, SharedDocument, Store
 from glaze_pipeline.core.waterfall import CANCELLED, DEFAULT_THRESHOLD, Waterfall, WaterfallStats
@@ -591,7 +591,9 @@ def enrich_chunk(
         if on_progress is not None:
             on_progress(len(chunk))
         return ChunkResult({}, WaterfallStats(), time.perf_counter() - started, estimate=part)
-    lookups = _Lookups(store, request_id, providers, settings, cache, flight, unavailable)
+    lookups = _Lookups(
+        store, request_id, providers, settings, cache, flight, unavailable, entities=len(chunk)
+    )
 
     async def work(waterfall: Waterfall) -> list[EntityOutcome]:
         return await waterfall.enrich_many(chunk, concurrency=settings.concurrency, flush=False)
@@ -618,13 +620,18 @@ class _Lookups:
         cache: AnswerCache | None,
         flight: Flight | None,
         unavailable: Mapping[str, str] | None,
+        *,
+        entities: int,
     ) -> None:
         self.store = store
         self.request_id = request_id
         self.providers = providers
         self.aborted = False  # interrupted (Terminate): the lookups drain, nothing is written
         self.requests = requests = RequestRepository(store)
-        self.journal = SpendJournal(lambda deltas: requests.record_spend(request_id, deltas))
+        self.journal = SpendJournal(
+            lambda deltas: requests.record_spend(request_id, deltas),
+            first_block=first_block_for(entities),
+        )
         block = settings.budget_block_calls * max((p.cost_per_call for p in providers), default=0)
         self.budget = Budget(
             settings.budget,
@@ -769,7 +776,16 @@ def enrich_span(
     """
     started = time.perf_counter()
     summary = ApplySummary()
-    lookups = _Lookups(store, request_id, providers, settings, cache, flight, unavailable)
+    lookups = _Lookups(
+        store,
+        request_id,
+        providers,
+        settings,
+        cache,
+        flight,
+        unavailable,
+        entities=len(chunk.entities),
+    )
     if stopped is not None:
         lookups.waterfall.stop()
     own_watch = watch is None

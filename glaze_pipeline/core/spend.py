@@ -6,8 +6,9 @@ one of its provider's free slots, already on record, and goes at once; when ther
 waits while one writer reserves a block of slots (`calls += block`, in one transaction through
 `RequestRepository.record_spend`, with every settlement pending). The block doubles with every
 reservation, from the calls waiting at the time, up to `MAX_BLOCK_PER_IN_FLIGHT` times the most
-calls this journal has had in flight (at most `MAX_BLOCK`): a 6,000-call chunk at 200 in flight
-costs about a dozen commits, however many calls there are. Settlements (a call's answer came
+calls this journal has had in flight (at most `MAX_BLOCK`); it starts at FIRST_BLOCK, or at a
+quarter of the chunk's entities for a large chunk (`first_block_for`): a 6,000-call chunk at
+200 in flight costs a handful of commits, however many calls there are. Settlements (a call's answer came
 back, charged or not) ride along with the next reservation; they commit on their own only
 once two blocks' worth are pending. `drain()` withdraws the slots left unused (the ledger's
 `withdrawn`) and commits what is pending.
@@ -52,16 +53,27 @@ class SpendDelta:
 SpendWriter = Callable[[Mapping[str, SpendDelta]], bool]
 
 
-FIRST_BLOCK = 8  # slots of a provider's first reservation (or the calls waiting, if more)
+FIRST_BLOCK = 8  # the least first reservation of a provider (or the calls waiting, if more)
 MAX_BLOCK = 1024  # the cap on one reservation, and so on what a crash can over-count
 MAX_BLOCK_PER_IN_FLIGHT = 8  # a block is at most this many times the peak of calls in flight
+
+
+def first_block_for(entities: int) -> int:
+    """A chunk's first reservation per provider: a quarter of its entities (each needs at
+    least one call unless cached), so a large chunk reserves in a few blocks from the start
+    while a small job's crash over-counts no more than FIRST_BLOCK calls."""
+    return entities // 4
 
 
 class SpendJournal:
     """Journals a chunk's calls ahead in blocks (before they are sent), settlements after."""
 
-    def __init__(self, write: SpendWriter) -> None:
+    def __init__(self, write: SpendWriter, *, first_block: int = FIRST_BLOCK) -> None:
+        """`first_block`: the size of each provider's first reservation (at least
+        FIRST_BLOCK, at most MAX_BLOCK): a caller that knows its chunk is large starts higher
+        and skips the ramp up (see `first_block_for`)."""
         self._write = write
+        self._first_block = min(MAX_BLOCK, max(FIRST_BLOCK, first_block))
         self._pending: dict[str, SpendDelta] = {}
         self._free: dict[str, int] = {}  # slots on record, not used yet, by provider
         self._block: dict[str, int] = {}  # the next reservation's size, by provider
@@ -133,7 +145,7 @@ class SpendJournal:
 
     def _flush_after(self) -> int:
         """Settlements that commit on their own: two blocks' worth (else they ride along)."""
-        return 2 * max(self._block.values(), default=FIRST_BLOCK)
+        return 2 * max(self._block.values(), default=self._first_block)
 
     def _delta(self, provider: str, unit_cost: float | None = None) -> SpendDelta:
         # The ledger prices unsettled calls at the last unit cost written: never write a 0 for
@@ -157,12 +169,12 @@ class SpendJournal:
         """Add a block to the pending deltas for every provider with calls waiting."""
         queued = sum(len(waiters) for waiters in self._waiting.values())
         peak = max(self._peak_in_flight, queued)
-        cap = min(MAX_BLOCK, max(FIRST_BLOCK, MAX_BLOCK_PER_IN_FLIGHT * peak))
+        cap = min(MAX_BLOCK, max(self._first_block, MAX_BLOCK_PER_IN_FLIGHT * peak))
         reserved: dict[str, int] = {}
         for provider, waiting in self._waiting.items():
             if not waiting:
                 continue
-            block = max(self._block.get(provider, FIRST_BLOCK), len(waiting))
+            block = max(self._block.get(provider, self._first_block), len(waiting))
             self._delta(provider).calls += block
             reserved[provider] = block
             self._block[provider] = max(min(2 * block, cap), min(block, MAX_BLOCK))
