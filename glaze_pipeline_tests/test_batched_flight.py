@@ -49,11 +49,12 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def flight_on(client: redis.Redis, lock_ttl: timedelta = timedelta(seconds=30)) -> RedisFlight:
+def flight_on(
+    client: redis.Redis, lock_ttl: timedelta = timedelta(seconds=30), *, renew: bool = True
+) -> RedisFlight:
     breaker = RedisBreaker()
-    return RedisFlight(
-        client, shared=RedisAnswerCache(client, breaker=breaker), breaker=breaker, lock_ttl=lock_ttl
-    )
+    shared = RedisAnswerCache(client, breaker=breaker)
+    return RedisFlight(client, shared=shared, breaker=breaker, lock_ttl=lock_ttl, renew=renew)
 
 
 def keys(n: int) -> list[CacheKey]:
@@ -128,7 +129,7 @@ def test_a_release_never_frees_a_lock_someone_else_holds(client: redis.Redis) ->
     """The holder's lock expires, a second run takes it, then the first one's release (in the
     same pipeline as other work) must leave the second run's lock alone."""
     key = keys(1)[0]
-    holder = flight_on(client, lock_ttl=timedelta(milliseconds=200))
+    holder = flight_on(client, lock_ttl=timedelta(milliseconds=200), renew=False)  # stalled
     taker = flight_on(redis.Redis.from_url(_url(client)))
 
     async def scenario() -> tuple[bool, bytes | str | None, bytes | str | None]:

@@ -256,13 +256,18 @@ def redis_flight(
     *,
     lock_ttl: timedelta = DEFAULT_LOCK_TTL,
     max_wait: timedelta = DEFAULT_MAX_WAIT,
+    renew: bool = True,
 ) -> tuple[RedisFlight, redis.Redis]:
     client = redis.Redis.from_url(redis_url)
-    return RedisFlight(client, shared=None, lock_ttl=lock_ttl, max_wait=max_wait), client
+    flight = RedisFlight(client, shared=None, lock_ttl=lock_ttl, max_wait=max_wait, renew=renew)
+    return flight, client
 
 
 def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: str) -> None:
-    holder, holder_client = redis_flight(redis_url, lock_ttl=timedelta(milliseconds=300))
+    # A holder that no longer renews its lock: what a dead process leaves behind.
+    holder, holder_client = redis_flight(
+        redis_url, lock_ttl=timedelta(milliseconds=300), renew=False
+    )
     waiter, waiter_client = redis_flight(redis_url, max_wait=timedelta(seconds=5))
     lock = holder.lock_name(KEY)
 
@@ -283,6 +288,37 @@ def test_redis_lock_expiry_lets_a_waiter_proceed_if_the_holder_dies(redis_url: s
     assert 0.15 <= waited < 2.0  # it waited for the expiry, not for max_wait
     assert still_locked is not None
     assert waiter_client.exists(lock) == 0  # the waiter's own release did free it
+    holder_client.close()
+    waiter_client.close()
+
+
+def test_a_live_holder_keeps_its_lock_past_the_ttl_and_frees_it_on_release(
+    redis_url: str,
+) -> None:
+    """A call slower than the lock's TTL does not lose the lock while its holder lives (it is
+    renewed); the waiter gets it the moment the holder releases, and nothing is left behind."""
+    holder, holder_client = redis_flight(redis_url, lock_ttl=timedelta(milliseconds=300))
+    waiter, waiter_client = redis_flight(redis_url, max_wait=timedelta(seconds=5))
+    lock = holder.lock_name(KEY)
+
+    async def scenario() -> tuple[bool, float]:
+        async def hold() -> None:
+            async with holder.claim(KEY) as held:
+                assert held.held
+                await asyncio.sleep(1.2)  # four TTLs: a slow vendor call
+
+        holding = asyncio.ensure_future(hold())
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        async with waiter.claim(KEY) as taken:
+            waited = time.perf_counter() - started
+        await holding
+        return taken.held, waited
+
+    held, waited = asyncio.run(scenario())
+    assert held is True
+    assert 1.0 <= waited < 2.5  # it waited for the release, not for an expiry at 0.3 s
+    assert holder_client.exists(lock) == 0
     holder_client.close()
     waiter_client.close()
 

@@ -68,8 +68,9 @@ class SharingSettings:
     redis_miss_ttl: timedelta = DEFAULT_MISS_TTL
     lock_ttl: timedelta = DEFAULT_LOCK_TTL
     max_wait: timedelta = DEFAULT_MAX_WAIT
-    # Redis down: how long the first claims wait before locking in Postgres (None: the lock
-    # TTL and 2 s, enough for a purchase under a Redis lock to end and be flushed to SQL).
+    # Redis down: how long the first claims wait before locking in Postgres (None: `max_wait`
+    # and 2 s: a purchase under a Redis lock has by then ended and been flushed to SQL, or its
+    # waiters would have gone ahead without it anyway).
     outage_grace: timedelta | None = None
     always_guard: bool = False  # take the Postgres lock behind every Redis one (FallbackFlight)
 
@@ -143,7 +144,7 @@ def open_answer_sharing(
     flight = FallbackFlight(
         on_redis,
         database,
-        grace=grace if grace is not None else settings.lock_ttl + timedelta(seconds=2),
+        grace=grace if grace is not None else settings.max_wait + timedelta(seconds=2),
         always_guard=settings.always_guard,
     )
     return AnswerSharing(TieredCache([memory, shared, sql]), flight, client)

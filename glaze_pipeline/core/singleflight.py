@@ -16,7 +16,8 @@ with a Postgres one. It comes with the claim, not with the flight, because a fli
 back from one lock service to another must meet its contenders in the matching tier.
 
 - `RedisFlight`: `SET key token NX PX ttl`; released by a token-checked script, so a holder whose
-  lock expired never frees someone else's. A crashed holder's lock expires after `lock_ttl`.
+  lock expired never frees someone else's. Renewed while its holder lives; a crashed holder's
+  lock expires after `lock_ttl` (10 s).
 - `PostgresFlight`: `pg_try_advisory_lock` on a 64-bit hash of the key, held on one dedicated
   connection per flight. A crashed holder's session ends and frees its locks at once.
 - `FallbackFlight`: Redis first, the database's lock behind it, so Redis going down never
@@ -68,7 +69,9 @@ from glaze_pipeline.core.flight import Claim, Flight
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK_TTL = timedelta(seconds=30)
+# A held Redis lock is renewed every third of its TTL while its holder lives, so a holder's
+# slow call never loses it, and a dead holder's lock frees others within the TTL.
+DEFAULT_LOCK_TTL = timedelta(seconds=10)
 DEFAULT_MAX_WAIT = timedelta(seconds=30)
 FIRST_POLL_S = 0.01
 MAX_POLL_S = 0.25
@@ -86,6 +89,18 @@ if redis.call("get", KEYS[1]) == ARGV[1] then
     return redis.call("del", KEYS[1])
 end
 return 0
+"""
+
+# Extend each lock (KEYS) that still holds its token (ARGV[2..]) by ARGV[1] ms: how many were.
+_RENEW_SCRIPT = """
+local renewed = 0
+for i, name in ipairs(KEYS) do
+    if redis.call("get", name) == ARGV[i + 1] then
+        redis.call("pexpire", name, ARGV[1])
+        renewed = renewed + 1
+    end
+end
+return renewed
 """
 
 
@@ -124,8 +139,10 @@ def _claim(outcome: bool | None, shared: AnswerCache | None) -> Claim:
 class RedisFlight:
     """Single-flight across processes through Redis locks that expire after `lock_ttl`.
 
-    `lock_ttl` should outlast a provider call (timeouts and retries included): a call that runs
-    longer loses its lock, and a waiter may then buy the same answer a second time. Claims and
+    A held lock is renewed every third of `lock_ttl` (one script for all the flight's held
+    locks) for as long as its holder lives: a slow call keeps it, and a holder that died frees
+    its keys within `lock_ttl` (a re-run after a crash waits that long at most, not a call's
+    worst case). `renew=False` plays a holder that stopped renewing (tests). Claims and
     releases ride the client's `RedisLink`: one pipeline per tick with the shared tier's work.
     """
 
@@ -140,10 +157,14 @@ class RedisFlight:
         lock_ttl: timedelta = DEFAULT_LOCK_TTL,
         max_wait: timedelta = DEFAULT_MAX_WAIT,
         breaker: RedisBreaker | None = None,
+        renew: bool = True,
     ) -> None:
         if lock_ttl <= timedelta(0) or max_wait < timedelta(0):
             raise ValueError("lock_ttl must be positive and max_wait not negative")
         self.client = client
+        self.renew = renew
+        self._held: dict[str, str] = {}  # lock name -> token, while held
+        self._renewer: asyncio.Task[None] | None = None
         self.shared = shared
         self.prefix = prefix
         self.lock_ttl_ms = int(lock_ttl.total_seconds() * 1000)
@@ -180,11 +201,41 @@ class RedisFlight:
             return _took(replies[0])
 
         outcome = await _wait_for(try_lock, self.max_wait_s)
+        if outcome:
+            self._held[name] = token
+            self._keep_renewing()
         try:
             yield _claim(outcome, self.shared)
         finally:
             if outcome:
+                self._held.pop(name, None)
+                if not self._held and self._renewer is not None:
+                    self._renewer.cancel()  # nothing to renew: not left sleeping on the loop
                 await asyncio.shield(self._unlock(name, token))
+
+    def _keep_renewing(self) -> None:
+        """Make sure a renewer runs on this loop while locks are held."""
+        renewer = self._renewer
+        loop = asyncio.get_running_loop()
+        if not self.renew or (
+            renewer is not None and not renewer.done() and renewer.get_loop() is loop
+        ):
+            return
+        self._renewer = loop.create_task(self._renew_while_held())
+
+    async def _renew_while_held(self) -> None:
+        every = self.lock_ttl_ms / 3000
+        while self._held:
+            await asyncio.sleep(every)
+            held = list(self._held.items())
+            if not held:
+                return
+            names = [name for name, _ in held]
+            tokens = [token for _, token in held]
+            command = ("EVAL", _RENEW_SCRIPT, len(names), *names, self.lock_ttl_ms, *tokens)
+            replies = await self.link.execute([command])
+            if replies is None or isinstance(replies[0], Exception):
+                log.warning("could not renew %d single-flight locks (they expire)", len(names))
 
     async def _unlock(self, name: str, token: str) -> None:
         # Token-checked: after an expiry the lock may be someone else's.
@@ -384,10 +435,10 @@ class FallbackFlight:
 
     While the `primary` (Redis) is unavailable (its breaker is open, or taking the lock errs),
     claims take the `fallback` (Postgres advisory) lock and meet in SQL. Exactly once across
-    the switch: the first claim to find Redis down first waits out `grace` (the Redis lock's
-    TTL and a flush; one wait per outage per process, whatever its chunks): a purchase made
-    elsewhere under a Redis lock has by then ended and its answer been flushed to SQL, where
-    the claims that fell back read it. Once Redis is back, claims that win its lock also take
+    the switch: the first claim to find Redis down first waits out `grace` (the waiters'
+    `max_wait` and a flush; one wait per outage per process, whatever its chunks): a purchase
+    made elsewhere under a Redis lock has by then ended and its answer been flushed to SQL,
+    where the claims that fell back read it (or it outlasted its waiters, who went ahead). Once Redis is back, claims that win its lock also take
     the Postgres one and meet in both tiers for another `grace`, so purchases still under
     Postgres locks are seen too. `always_guard=True` keeps that on all the time (each purchase
     then takes part in an advisory-lock take and release and an SQL read and write, coalesced
@@ -406,7 +457,7 @@ class FallbackFlight:
         primary: Flight,
         fallback: Flight,
         *,
-        grace: timedelta = DEFAULT_LOCK_TTL + timedelta(seconds=2),
+        grace: timedelta = DEFAULT_MAX_WAIT + timedelta(seconds=2),
         always_guard: bool = False,
     ) -> None:
         self.primary = primary
