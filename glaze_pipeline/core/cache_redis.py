@@ -16,7 +16,6 @@ several per lookup.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import weakref
@@ -29,6 +28,7 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
+from glaze_pipeline.core import jsontext
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey
 from glaze_pipeline.core.coalesce import Coalescer, LoopLocal
 
@@ -296,12 +296,12 @@ def _encode(answer: CachedAnswer) -> bytes:
         payload["v"] = dict(answer.values)
     if answer.confidence:
         payload["c"] = dict(answer.confidence)
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return jsontext.dumps_bytes(payload)
 
 
 def _decode(payload: bytes | str) -> CachedAnswer | None:
     try:
-        data = json.loads(payload)
+        data = jsontext.loads(payload)
         return CachedAnswer(
             found=bool(data["f"]),
             values=data.get("v", {}),

@@ -33,7 +33,6 @@ made outside any session gets connections of its own, closed when it returns.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import re
@@ -49,6 +48,7 @@ from urllib.parse import urlencode
 import httpx
 import redis
 
+from glaze_pipeline.core import jsontext
 from glaze_pipeline.core.providers.base import (
     AddressRefused,
     BadResponse,
@@ -97,7 +97,7 @@ class HttpResponse:
     def json(self) -> Any:
         """The body as JSON; anything else is a BadResponse."""
         try:
-            return json.loads(self.body)
+            return jsontext.loads(self.body)
         except (ValueError, UnicodeDecodeError) as error:
             raise BadResponse(
                 f"{self.provider}: invalid JSON from {url_path(self.url)}: {error}",
