@@ -429,18 +429,19 @@ class FallbackFlight:
     With Redis up, a claim is a Redis lock and contenders meet in Redis; a bought answer
     reaches the `entity_cache` table with the chunk's periodic flush (every 5 s while Redis
     holds it; within the second once this process sees Redis fail, or the answer did not reach
-    it) and at its end, not under the lock. That keeps the database off the per-purchase path: on S3 at
-    `--scale 0.05`, 1.58 ms of worker CPU per provider call and 126 statements, against 2.0 ms
-    and 425 when every purchase also took the Postgres lock and read and wrote SQL under it.
+    it) and at its end, not under the lock. That keeps the database off the per-purchase path:
+    on S3 at `--scale 0.05`, 1.58 ms of worker CPU per provider call and 126 statements,
+    against 2.0 ms and 425 when every purchase also took the Postgres lock and read and wrote
+    SQL under it.
 
     While the `primary` (Redis) is unavailable (its breaker is open, or taking the lock errs),
     claims take the `fallback` (Postgres advisory) lock and meet in SQL. Exactly once across
     the switch: the first claim to find Redis down first waits out `grace` (the waiters'
     `max_wait` and a flush; one wait per outage per process, whatever its chunks): a purchase
     made elsewhere under a Redis lock has by then ended and its answer been flushed to SQL,
-    where the claims that fell back read it (or it outlasted its waiters, who went ahead). Once Redis is back, claims that win its lock also take
-    the Postgres one and meet in both tiers for another `grace`, so purchases still under
-    Postgres locks are seen too. `always_guard=True` keeps that on all the time (each purchase
+    where the claims that fell back read it (or it outlasted its waiters, who went ahead).
+    Once Redis is back, claims that win its lock also take the Postgres one and meet in both
+    tiers for another `grace`, so purchases still under Postgres locks are seen too. `always_guard=True` keeps that on all the time (each purchase
     then takes part in an advisory-lock take and release and an SQL read and write, coalesced
     per tick) for a deployment where some processes may lose Redis while others keep it: a
     process cut off from Redis alone waits out `grace`, but purchases the others begin under

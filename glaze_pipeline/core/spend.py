@@ -8,9 +8,9 @@ waits while one writer reserves a block of slots (`calls += block`, in one trans
 reservation, from the calls waiting at the time, up to `MAX_BLOCK_PER_IN_FLIGHT` times the most
 calls this journal has had in flight (at most `MAX_BLOCK`); it starts at FIRST_BLOCK, or at a
 quarter of the chunk's entities for a large chunk (`first_block_for`): a 6,000-call chunk at
-200 in flight costs a handful of commits, however many calls there are. Settlements (a call's answer came
-back, charged or not) ride along with the next reservation; they commit on their own only
-once two blocks' worth are pending. `drain()` withdraws the slots left unused (the ledger's
+200 in flight costs a handful of commits, however many calls there are. Settlements (a call's
+answer came back, charged or not) ride along with the next reservation; they commit on their
+own only once two blocks' worth are pending. `drain()` withdraws the slots left unused (the ledger's
 `withdrawn`) and commits what is pending.
 
 So a SIGKILL never under-counts spend: a call sent and never settled is on record, and counted
