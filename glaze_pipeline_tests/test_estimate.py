@@ -5,7 +5,7 @@ engine on both databases (the same stages the Dagster ops call), with determinis
 vendors so every figure is reproducible.
 """
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -180,11 +180,9 @@ def test_observations_add_up_across_jobs(store: Store) -> None:
             own.record_observations({("cheap", "domain"): Observation(1, 1, 1, 0, {"x": [1, 0]})})
         own.dispose()
 
-    adders = [threading.Thread(target=add) for _ in range(3)]
-    for adder in adders:
-        adder.start()
-    for adder in adders:
-        adder.join()
+    with ThreadPoolExecutor(3) as pool:
+        for adding in [pool.submit(add) for _ in range(3)]:
+            adding.result()  # an adder's error fails the test here, not silently
     totals = {key: total for key, (total, _since) in store.provider_observations().items()}
     assert set(totals) == {("cheap", "domain"), ("cheap", "name")}
     cheap = totals[("cheap", "domain")]

@@ -250,59 +250,56 @@ class RowPatch:
 
 
 # `Store.record_observations`: every (provider, key kind)'s counts added in one upsert;
-# `fields` ({field: [asked, filled]}) is summed pair by pair over both sides' keys.
-_ADD_OBSERVATIONS_SQL = {
-    "postgresql": """
-INSERT INTO provider_observations AS o
-    (provider, key_kind, lookups, found, charged, errors, fields, since, updated_at)
-SELECT p.provider, p.key_kind, p.lookups, p.found, p.charged, p.errors, p.fields, :now, :now
+# `fields` ({field: [asked, filled]}) is summed pair by pair over both sides' keys. By dialect:
+# the payload's rows, and the sum of `fields` in that dialect's JSON.
+_OBSERVATION_PARTS = {
+    "postgresql": (
+        """SELECT p.provider, p.key_kind, p.lookups, p.found, p.charged, p.errors, p.fields,
+       :now, :now
 FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS p(
     provider text, key_kind text, lookups integer, found integer, charged integer,
     errors integer, fields jsonb
-)
-ON CONFLICT (provider, key_kind) DO UPDATE SET
-    lookups = o.lookups + excluded.lookups,
-    found = o.found + excluded.found,
-    charged = o.charged + excluded.charged,
-    errors = o.errors + excluded.errors,
-    fields = (
-        SELECT COALESCE(jsonb_object_agg(k.name, jsonb_build_array(
+)""",
+        """SELECT COALESCE(jsonb_object_agg(k.name, jsonb_build_array(
             COALESCE((o.fields -> k.name ->> 0)::bigint, 0)
                 + COALESCE((excluded.fields -> k.name ->> 0)::bigint, 0),
             COALESCE((o.fields -> k.name ->> 1)::bigint, 0)
                 + COALESCE((excluded.fields -> k.name ->> 1)::bigint, 0)
-        )), '{}'::jsonb)
+        )), jsonb_build_object())
         FROM (
             SELECT jsonb_object_keys(o.fields) AS name
             UNION SELECT jsonb_object_keys(excluded.fields)
-        ) AS k
+        ) AS k""",
     ),
-    updated_at = excluded.updated_at
-""",
-    "sqlite": """
-INSERT INTO provider_observations AS o
-    (provider, key_kind, lookups, found, charged, errors, fields, since, updated_at)
-SELECT p.value ->> 'provider', p.value ->> 'key_kind', p.value ->> 'lookups',
+    "sqlite": (
+        """SELECT p.value ->> 'provider', p.value ->> 'key_kind', p.value ->> 'lookups',
        p.value ->> 'found', p.value ->> 'charged', p.value ->> 'errors', p.value -> 'fields',
        :now, :now
-FROM json_each(:payload) AS p WHERE true
+FROM json_each(:payload) AS p WHERE true""",
+        """SELECT COALESCE(json_group_object(k.name, json_array(
+            COALESCE(o.fields -> k.name ->> 0, 0) + COALESCE(excluded.fields -> k.name ->> 0, 0),
+            COALESCE(o.fields -> k.name ->> 1, 0) + COALESCE(excluded.fields -> k.name ->> 1, 0)
+        )), json_object())
+        FROM (
+            SELECT key AS name FROM json_each(o.fields)
+            UNION SELECT key FROM json_each(excluded.fields)
+        ) AS k""",
+    ),
+}
+_ADD_OBSERVATIONS_SQL = {
+    dialect: f"""
+INSERT INTO provider_observations AS o
+    (provider, key_kind, lookups, found, charged, errors, fields, since, updated_at)
+{rows}
 ON CONFLICT (provider, key_kind) DO UPDATE SET
     lookups = o.lookups + excluded.lookups,
     found = o.found + excluded.found,
     charged = o.charged + excluded.charged,
     errors = o.errors + excluded.errors,
-    fields = (
-        SELECT COALESCE(json_group_object(k.name, json_array(
-            COALESCE(o.fields -> k.name ->> 0, 0) + COALESCE(excluded.fields -> k.name ->> 0, 0),
-            COALESCE(o.fields -> k.name ->> 1, 0) + COALESCE(excluded.fields -> k.name ->> 1, 0)
-        )), '{}')
-        FROM (
-            SELECT key AS name FROM json_each(o.fields)
-            UNION SELECT key FROM json_each(excluded.fields)
-        ) AS k
-    ),
+    fields = ({fields_sum}),
     updated_at = excluded.updated_at
-""",
+"""
+    for dialect, (rows, fields_sum) in _OBSERVATION_PARTS.items()
 }
 
 
