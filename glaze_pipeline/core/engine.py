@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import closing, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -48,6 +48,7 @@ from glaze_pipeline.core.models import (
     RowStatus,
     Selection,
 )
+from glaze_pipeline.core.overlap import WriteBehind, read_ahead
 from glaze_pipeline.core.providers.base import KeepsLlmCalls, Provider
 from glaze_pipeline.core.providers.session import provider_session
 from glaze_pipeline.core.redact import redact
@@ -411,37 +412,49 @@ def detect_entities(
     read: dict[str, int] = {}
     pages: list[PageMark] = []
     row_ids = target.page_row_ids()
-    for page in store.iter_row_pages(
-        target.table_id, row_ids=row_ids, page_size=page_size, with_meta=False
-    ):
-        if watch is not None:
-            watch.raise_if_stopped()
-        if row_ids is not None:
-            # In the selection's order, so a span of it is a slice of its ids (`Chunk`).
-            ids = row_ids[index.rows_read : index.rows_read + len(page)]
-            rank = {row_id: i for i, row_id in enumerate(ids)}
-            page.sort(key=lambda row: rank[row.id])
-        index.rows_read += len(page)
-        to_fill: list[str] = []
-        for position, row in enumerate(page, start=index.rows_read - len(page) + 1):
-            fill, keep = target.split(row)
-            kept += len(keep)
-            cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
-            if cell_targets:
-                to_fill.append(row.id)
-                if target.overwrite:
-                    for column in fill:
-                        value = row.data.get(column.key)
-                        if not is_empty(value):
-                            read[cell_ref(row.id, column.key)] = cell_digest(value)
-            index.add(cell_targets)
-            if position % SPAN_ROWS == 0:
-                pages.append(PageMark(row.id, position, len(index.fields)))
-        rows_to_fill += len(to_fill)
-        if page and index.rows_read % SPAN_ROWS:
-            pages.append(PageMark(page[-1].id, index.rows_read, len(index.fields)))
-        if request_id is not None:
-            store.hold_rows(target.table_id, request_id, RowStatus.RUNNING, row_ids=to_fill)
+    source = read_ahead(
+        store.iter_row_pages(
+            target.table_id, row_ids=row_ids, page_size=page_size, with_meta=False
+        ),
+        name="detect-read",
+    )
+    # The next page is read, and this page's rows held, while Python detects (core/overlap.py).
+    with closing(source), WriteBehind(name="detect-hold") as holds:
+        for page in source:
+            if watch is not None:
+                watch.raise_if_stopped()
+            if row_ids is not None:
+                # In the selection's order, so a span of it is a slice of its ids (`Chunk`).
+                ids = row_ids[index.rows_read : index.rows_read + len(page)]
+                rank = {row_id: i for i, row_id in enumerate(ids)}
+                page.sort(key=lambda row: rank[row.id])
+            index.rows_read += len(page)
+            to_fill: list[str] = []
+            for position, row in enumerate(page, start=index.rows_read - len(page) + 1):
+                fill, keep = target.split(row)
+                kept += len(keep)
+                cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
+                if cell_targets:
+                    to_fill.append(row.id)
+                    if target.overwrite:
+                        for column in fill:
+                            value = row.data.get(column.key)
+                            if not is_empty(value):
+                                read[cell_ref(row.id, column.key)] = cell_digest(value)
+                index.add(cell_targets)
+                if position % SPAN_ROWS == 0:
+                    pages.append(PageMark(row.id, position, len(index.fields)))
+            rows_to_fill += len(to_fill)
+            if page and index.rows_read % SPAN_ROWS:
+                pages.append(PageMark(page[-1].id, index.rows_read, len(index.fields)))
+            if request_id is not None and to_fill:
+                holds.submit(
+                    store.hold_rows,
+                    target.table_id,
+                    request_id,
+                    RowStatus.RUNNING,
+                    row_ids=to_fill,
+                )
     # In the order the rows first need them: a streaming chunk answers its first page first.
     entities = [
         EntityRequest(key, frozenset(fields), index.cells[key])

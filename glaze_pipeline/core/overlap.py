@@ -1,0 +1,77 @@
+"""A page loop's database waits overlapped with its Python work: read-ahead and write-behind.
+
+Reading a page of rows, deciding what to do with it, and writing what was decided are three
+waits taken in turn when done in one thread: the database's time to serve the read, Python's
+time to decode and work, the database's time to run the write. On a machine with a spare core
+the two database waits can run while Python works (a thread waiting on a socket lets go of the
+GIL), so a loop costs about its longest part instead of their sum. Each helper keeps at most one
+item in flight, so memory stays one page ahead and writes stay in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_END = object()
+
+
+def read_ahead(items: Iterator[T], *, name: str = "read-ahead") -> Generator[T, None, None]:
+    """`items`, each fetched in a thread while the caller works on the one before.
+
+    An error raised fetching an item is raised where the caller would have met it. Leaving the
+    loop early waits for the fetch in flight (its item is dropped) and closes `items`."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    try:
+        pending: Future[Any] = pool.submit(next, items, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, items, _END)
+            yield item
+    finally:
+        pool.shutdown(wait=True)
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+class WriteBehind:
+    """Runs calls in a thread, one at a time and in order, while the caller goes on.
+
+    `submit` first waits for the call before it (raising its error, if it failed), so at most
+    one is in flight. Leaving the `with` block waits for the last one; its error is raised
+    unless the block is already raising one of its own."""
+
+    def __init__(self, *, name: str = "write-behind") -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._pending: Future[object] | None = None
+
+    def submit(self, call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(call, *args, **kwargs)
+
+    def wait(self) -> None:
+        """Wait for the call in flight, if any, and raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_rest: object) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self._pending is not None:
+                # The block is raising: let the write in flight finish (a page is either written
+                # or not), and keep the block's error rather than this one's.
+                self._pending.exception()
+                self._pending = None
+        finally:
+            self._pool.shutdown(wait=True)
