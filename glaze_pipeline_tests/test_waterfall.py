@@ -1,7 +1,10 @@
 """The waterfall's decisions, with in-process providers (HTTP providers have their own tests)."""
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +12,7 @@ from typing import Any
 import pytest
 
 from glaze_pipeline.core.budget import Budget
-from glaze_pipeline.core.cache import CacheKey, MemoryCache
+from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache
 from glaze_pipeline.core.flight import Claim
 from glaze_pipeline.core.models import CellStatus, EntityKey, EntityRequest, EntityType
 from glaze_pipeline.core.providers.base import (
@@ -167,6 +170,48 @@ def test_a_waterfall_serving_many_batches_keeps_none_of_their_answers() -> None:
     assert asyncio.run(pages()) == [0, 0, 0]
     assert provider.total_calls == 20  # bought once, by the first run
     assert span.stats.cache_hits == 30
+
+
+class SlowReads(MemoryCache):
+    """A cache whose batch read takes a while, as a chunk's Redis MGET and database read do;
+    it notes the thread each read ran in."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.read_in: list[str] = []
+
+    def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
+        self.read_in.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return super().get_many(keys)
+
+
+def test_the_batch_s_cache_read_leaves_the_event_loop_free() -> None:
+    """While a batch's cached answers are read, other work on the loop goes on (lookups in
+    flight, the flight's lock renewal): the read runs in a thread, not on the loop."""
+    cache = SlowReads(0.3)
+    waterfall = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), cache=cache)
+    loop_thread: list[str] = []
+
+    async def scene() -> float:
+        loop_thread.append(threading.current_thread().name)
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        beating = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        await waterfall.enrich_many([want("industry")])
+        beating.cancel()
+        return max(b - a for a, b in itertools.pairwise(ticks))
+
+    longest_gap = asyncio.run(scene())
+    assert cache.read_in and loop_thread[0] not in cache.read_in
+    assert longest_gap < 0.2  # the read took 0.3 s; on the loop the ticker would wait it out
 
 
 def test_name_keys_lower_confidence() -> None:

@@ -321,7 +321,7 @@ class Waterfall:
         Entities start in the order given (the gate is first come, first served);
         `on_outcome` hears each one as soon as it is settled (a streaming writer's cue)."""
         requests = list(requests)
-        self._prefetch(requests)
+        await self._prefetch(requests)
         gate = asyncio.Semaphore(max(1, concurrency))
 
         async def one(request: EntityRequest) -> EntityOutcome:
@@ -509,7 +509,10 @@ class Waterfall:
         self._shared_in[cache_key] = {id(tier) for tier in tiers_of(shared)}
         self._unshared.discard(cache_key)
 
-    def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
+    async def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
+        """The batch's cached answers, read in one go off the event loop: a chunk's read (a
+        Redis MGET, then the database for what Redis lacks) takes a few hundred ms, which on
+        the loop would stall every lookup in flight and the flight's lock renewal."""
         if self.cache is None:
             return
         keys = [
@@ -517,7 +520,8 @@ class Waterfall:
             for request in requests
             for provider in self.providers.get(request.key.type, [])
         ]
-        self._cached.update(self.cache.get_many(keys))
+        if keys:
+            self._cached.update(await asyncio.to_thread(self.cache.get_many, keys))
 
     @property
     def unshared_answers(self) -> bool:
