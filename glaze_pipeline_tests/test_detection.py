@@ -1,6 +1,10 @@
 """Detection on what real lists hold (issue 9, items 7 and 8): bounded parsing, social pages
 in website columns, IDN domains, and keys that meet across runs, on both databases."""
 
+import os
+import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -714,3 +718,33 @@ def test_a_website_cell_gives_the_same_key_cached_or_not() -> None:
     ):
         [target] = targets_for_row("r", {"website": cell}, _columns("industry"), IDS)
         assert target.entity is not None and target.entity.kind == "linkedin"
+
+
+def test_an_entity_key_pickled_in_one_process_is_found_by_its_equal_in_another() -> None:
+    """EntityKey keeps its hash; a chunk's keys are pickled by one step process and read by
+    another, whose str hashes differ (PYTHONHASHSEED): the hash must be made again there."""
+    keys = [
+        EntityKey(EntityType.COMPANY, "domain", "acme.com"),
+        EntityKey(EntityType.PERSON, "email", "ada@acme.com", 0.8),
+    ]
+    blob = pickle.dumps(keys)
+    script = (
+        "import pickle, sys\n"
+        "from glaze_pipeline.core.models import EntityKey, EntityType\n"
+        "keys = pickle.loads(sys.stdin.buffer.read())\n"
+        "fresh = {EntityKey(EntityType.COMPANY, 'domain', 'acme.com'): 'company',\n"
+        "         EntityKey(EntityType.PERSON, 'email', 'ada@acme.com', 0.8): 'person'}\n"
+        "print(','.join(fresh[key] for key in keys))\n"
+    )
+    found = set()
+    for seed in ("1", "2"):
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            input=blob,
+            capture_output=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        found.add(result.stdout.decode().strip())
+    assert found == {"company,person"}
+    assert pickle.loads(blob) == keys and {k: 1 for k in pickle.loads(blob)}.keys() == set(keys)

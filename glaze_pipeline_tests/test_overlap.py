@@ -125,3 +125,30 @@ def test_an_error_in_the_block_waits_for_the_write_in_flight_and_keeps_the_block
         writes.submit(write)
         raise KeyError("stopped")
     assert finished.is_set()  # the write ran to its end before the error went on
+
+
+def test_write_behind_with_two_in_flight_overlaps_two_calls_and_never_three() -> None:
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+    done: list[int] = []
+
+    def write(page: int) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+            done.append(page)
+
+    with WriteBehind(in_flight=2) as writes:
+        for page in range(8):
+            writes.submit(write, page)
+    assert sorted(done) == list(range(8))
+    assert most[0] == 2
+
+
+def test_write_behind_needs_at_least_one_call_in_flight() -> None:
+    with pytest.raises(ValueError, match="in_flight must be >= 1"):
+        WriteBehind(in_flight=0)

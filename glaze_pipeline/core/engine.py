@@ -246,9 +246,13 @@ class JobTarget:
             asked = list(self.columns)
         if self.overwrite:
             return asked, []
-        fill = [
-            c for c in asked if is_empty(row.data.get(c.key)) or written_by(row, c.key, request_id)
-        ]
+        data = row.data
+        if request_id is None:  # detection: once per row read, so no call it can do without
+            fill = [c for c in asked if is_empty(data.get(c.key))]
+        else:
+            fill = [
+                c for c in asked if is_empty(data.get(c.key)) or written_by(row, c.key, request_id)
+            ]
         if len(fill) == len(asked):
             return fill, []
         kept = [] if self.only_empty else [c for c in asked if c not in fill]
@@ -419,7 +423,7 @@ def detect_entities(
         name="detect-read",
     )
     # The next page is read, and this page's rows held, while Python detects (core/overlap.py).
-    with closing(source), WriteBehind(name="detect-hold") as holds:
+    with closing(source), WriteBehind(name="detect-hold", in_flight=2) as holds:
         for page in source:
             if watch is not None:
                 watch.raise_if_stopped()

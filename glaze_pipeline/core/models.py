@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -86,6 +87,20 @@ class EntityKey:
     kind: str  # domain | name | linkedin | email | name_company
     value: str
     strength: float = 1.0
+    # Computed once: a job hashes each key once per cell it reads (the entity index, the
+    # outcomes), and the generated hash calls EntityType's Python-level __hash__ every time.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.type, self.kind, self.value, self.strength)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Callable[..., EntityKey], tuple[EntityType, str, str, float]]:
+        # Never the hash: str hashes differ between processes (a pickled chunk is read by
+        # another step process), so it is computed again where the key is unpickled.
+        return EntityKey, (self.type, self.kind, self.value, self.strength)
 
     @property
     def id(self) -> str:

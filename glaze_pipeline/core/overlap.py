@@ -10,6 +10,7 @@ item in flight, so memory stays one page ahead and writes stay in order.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -41,25 +42,30 @@ def read_ahead(items: Iterator[T], *, name: str = "read-ahead") -> Generator[T, 
 
 
 class WriteBehind:
-    """Runs calls in a thread, one at a time and in order, while the caller goes on.
+    """Runs calls in threads while the caller goes on, at most `in_flight` at a time.
 
-    `submit` first waits for the call before it (raising its error, if it failed), so at most
-    one is in flight. Leaving the `with` block waits for the last one; its error is raised
-    unless the block is already raising one of its own."""
+    `submit` first waits for the oldest call while `in_flight` are running (raising its error,
+    if it failed). With one in flight (the default) calls run one at a time, in order; with
+    more, they overlap each other too (writes that touch different rows, whose order does not
+    matter). Leaving the `with` block waits for every call; the first error is raised unless
+    the block is already raising one of its own."""
 
-    def __init__(self, *, name: str = "write-behind") -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._pending: Future[object] | None = None
+    def __init__(self, *, name: str = "write-behind", in_flight: int = 1) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+        self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix=name)
+        self._in_flight = in_flight
+        self._pending: deque[Future[object]] = deque()
 
     def submit(self, call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-        self.wait()
-        self._pending = self._pool.submit(call, *args, **kwargs)
+        while len(self._pending) >= self._in_flight:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(call, *args, **kwargs))
 
     def wait(self) -> None:
-        """Wait for the call in flight, if any, and raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait for every call in flight; raise the first error."""
+        while self._pending:
+            self._pending.popleft().result()
 
     def __enter__(self) -> WriteBehind:
         return self
@@ -68,10 +74,11 @@ class WriteBehind:
         try:
             if kind is None:
                 self.wait()
-            elif self._pending is not None:
-                # The block is raising: let the write in flight finish (a page is either written
-                # or not), and keep the block's error rather than this one's.
-                self._pending.exception()
-                self._pending = None
+            else:
+                # The block is raising: let the writes in flight finish (a page is either
+                # written or not), and keep the block's error rather than theirs.
+                for pending in self._pending:
+                    pending.exception()
+                self._pending.clear()
         finally:
             self._pool.shutdown(wait=True)
