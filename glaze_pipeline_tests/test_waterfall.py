@@ -359,7 +359,7 @@ class SharingFlight:
     async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
         yield Claim(held=True, shared=self.shared)
 
-    def primary_failed(self) -> bool:
+    def degraded(self) -> bool:
         return self.failed
 
     def close(self) -> None:

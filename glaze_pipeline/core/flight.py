@@ -44,6 +44,11 @@ class Flight(Protocol):
         """Wait until this run holds `key`, `max_wait` ran out, or the lock service failed."""
         ...
 
+    def degraded(self) -> bool:
+        """Whether the shared tier that granted claims wrote answers through to has failed
+        since: answers bought under those claims are then in no shared tier until flushed."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -55,6 +60,9 @@ class NoFlight:
     @asynccontextmanager
     async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
         yield Claim(held=True)
+
+    def degraded(self) -> bool:
+        return False
 
     def close(self) -> None:
         return None

@@ -243,6 +243,11 @@ class RedisFlight:
         if replies is None or isinstance(replies[0], Exception):
             log.warning("could not release %s (it expires on its own)", name)
 
+    def degraded(self) -> bool:
+        # Alone, a failed Redis fails the claims themselves (`Claim.failed`): the waterfall
+        # counts what it buys then as unshared; what Redis took before is Redis's to keep.
+        return False
+
     def close(self) -> None:
         # The client belongs to whoever built it (it is shared with the Redis cache tier).
         return None
@@ -390,6 +395,9 @@ class PostgresFlight:
                 self._connection.close()
             self._connection = None
 
+    def degraded(self) -> bool:
+        return False  # its tier is the database itself
+
     def close(self) -> None:
         """End the session: Postgres frees every lock it still holds."""
         with self._io:
@@ -494,8 +502,10 @@ class FallbackFlight:
                     shared=_meeting(first.shared, behind.shared),
                 )
 
-    def primary_failed(self) -> bool:
-        """Whether Redis has failed since this flight's claim was granted (its breaker is open)."""
+    def degraded(self) -> bool:
+        """Whether Redis has failed since this flight's claims were granted (its breaker is
+        open): contenders then meet in the fallback's tier, and answers written through to
+        Redis may be lost with it."""
         return self._primary_breaker is not None and self._primary_breaker.open
 
     def _guarded(self) -> bool:
@@ -576,7 +586,7 @@ class _RedisMeeting:
 
     async def get_async(self, key: CacheKey) -> CachedAnswer | None:
         found = await read_one(self._redis, key) if self._redis is not None else None
-        if found is not None or not self._flight.primary_failed():
+        if found is not None or not self._flight.degraded():
             return found
         flight = self._flight
         flight._note_fallback()

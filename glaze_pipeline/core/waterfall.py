@@ -527,12 +527,11 @@ class Waterfall:
     def unshared_answers(self) -> bool:
         """Whether an answer bought since the last flush is in no shared tier yet (bought
         without a claim that wrote it through, e.g. while Redis is down), or the shared tier
-        has failed since (a flight's `primary_failed`): only the flush keeps such answers if
+        has failed since (`Flight.degraded`): only the flush keeps such answers if
         the process dies, and contenders that fell back to the database meet them there."""
         if self._unshared:
             return True
-        failed: Callable[[], bool] | None = getattr(self.flight, "primary_failed", None)
-        return bool(self._new_answers) and failed is not None and failed()
+        return bool(self._new_answers) and self.flight.degraded()
 
     def take_new_answers(self) -> dict[CacheKey, CachedAnswer]:
         """The answers bought since the last call, handed over for one batched cache write
