@@ -423,7 +423,10 @@ def detect_entities(
         name="detect-read",
     )
     # The next page is read, and this page's rows held, while Python detects (core/overlap.py).
-    with closing(source), WriteBehind(name="detect-hold", in_flight=2) as holds:
+    # Two holds at a time on Postgres (different rows: a hold is mostly the server's work, and
+    # it has a second core); SQLite takes one writer at a time anyway.
+    holding = 2 if store.dialect == "postgresql" else 1
+    with closing(source), WriteBehind(name="detect-hold", in_flight=holding) as holds:
         for page in source:
             if watch is not None:
                 watch.raise_if_stopped()

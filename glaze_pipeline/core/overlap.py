@@ -4,8 +4,9 @@ Reading a page of rows, deciding what to do with it, and writing what was decide
 waits taken in turn when done in one thread: the database's time to serve the read, Python's
 time to decode and work, the database's time to run the write. On a machine with a spare core
 the two database waits can run while Python works (a thread waiting on a socket lets go of the
-GIL), so a loop costs about its longest part instead of their sum. Each helper keeps at most one
-item in flight, so memory stays one page ahead and writes stay in order.
+GIL), so a loop costs about its longest part instead of their sum. A read-ahead holds one page
+beyond the caller's; a write-behind runs at most `in_flight` calls at once (one by default, so
+writes stay in order).
 """
 
 from __future__ import annotations

@@ -511,8 +511,8 @@ class Waterfall:
 
     async def _prefetch(self, requests: Sequence[EntityRequest]) -> None:
         """The batch's cached answers, read in one go off the event loop: a chunk's read (a
-        Redis MGET, then the database for what Redis lacks) takes a few hundred ms, which on
-        the loop would stall every lookup in flight and the flight's lock renewal."""
+        Redis MGET, then the database for what Redis lacks) grows with the chunk, and on the
+        loop it would stall every lookup in flight and the flight's lock renewal meanwhile."""
         if self.cache is None:
             return
         keys = [
