@@ -247,12 +247,13 @@ class JobTarget:
         if self.overwrite:
             return asked, []
         data = row.data
-        if request_id is None:  # detection: once per row read, so no call it can do without
-            fill = [c for c in asked if is_empty(data.get(c.key))]
-        else:
-            fill = [
-                c for c in asked if is_empty(data.get(c.key)) or written_by(row, c.key, request_id)
-            ]
+        fill = [
+            c
+            for c in asked
+            if is_empty(data.get(c.key))
+            # Detection names no request: no call per cell for it (once per row read).
+            or (request_id is not None and written_by(row, c.key, request_id))
+        ]
         if len(fill) == len(asked):
             return fill, []
         kept = [] if self.only_empty else [c for c in asked if c not in fill]
@@ -435,25 +436,9 @@ def detect_entities(
                 ids = row_ids[index.rows_read : index.rows_read + len(page)]
                 rank = {row_id: i for i, row_id in enumerate(ids)}
                 page.sort(key=lambda row: rank[row.id])
-            index.rows_read += len(page)
-            to_fill: list[str] = []
-            for position, row in enumerate(page, start=index.rows_read - len(page) + 1):
-                fill, keep = target.split(row)
-                kept += len(keep)
-                cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
-                if cell_targets:
-                    to_fill.append(row.id)
-                    if target.overwrite:
-                        for column in fill:
-                            value = row.data.get(column.key)
-                            if not is_empty(value):
-                                read[cell_ref(row.id, column.key)] = cell_digest(value)
-                index.add(cell_targets)
-                if position % SPAN_ROWS == 0:
-                    pages.append(PageMark(row.id, position, len(index.fields)))
+            to_fill, page_kept = _detect_page(target, page, index, read, pages)
+            kept += page_kept
             rows_to_fill += len(to_fill)
-            if page and index.rows_read % SPAN_ROWS:
-                pages.append(PageMark(page[-1].id, index.rows_read, len(index.fields)))
             if request_id is not None and to_fill:
                 holds.submit(
                     store.hold_rows,
@@ -477,6 +462,39 @@ def detect_entities(
         pages=pages,
         rows_to_fill=rows_to_fill,
     )
+
+
+def _detect_page(
+    target: JobTarget,
+    page: Sequence[RowRecord],
+    index: EntityIndex,
+    read: dict[str, int],
+    pages: list[PageMark],
+) -> tuple[list[str], int]:
+    """One page's rows into `index`: returns the ids of the rows with a cell to fill and how
+    many asked-for cells were kept. An overwriting job's non-empty cells are fingerprinted in
+    `read`; `pages` gets a mark every SPAN_ROWS rows and at the page's end."""
+    first = index.rows_read + 1
+    index.rows_read += len(page)
+    kept = 0
+    to_fill: list[str] = []
+    for position, row in enumerate(page, start=first):
+        fill, keep = target.split(row)
+        kept += len(keep)
+        cell_targets = targets_for_row(row.id, row.data, fill, target.identifiers)
+        if cell_targets:
+            to_fill.append(row.id)
+            if target.overwrite:
+                for column in fill:
+                    value = row.data.get(column.key)
+                    if not is_empty(value):
+                        read[cell_ref(row.id, column.key)] = cell_digest(value)
+        index.add(cell_targets)
+        if position % SPAN_ROWS == 0:
+            pages.append(PageMark(row.id, position, len(index.fields)))
+    if page and index.rows_read % SPAN_ROWS:
+        pages.append(PageMark(page[-1].id, index.rows_read, len(index.fields)))
+    return to_fill, kept
 
 
 def plan_chunks(

@@ -449,7 +449,8 @@ class FallbackFlight:
     made elsewhere under a Redis lock has by then ended and its answer been flushed to SQL,
     where the claims that fell back read it (or it outlasted its waiters, who went ahead).
     Once Redis is back, claims that win its lock also take the Postgres one and meet in both
-    tiers for another `grace`, so purchases still under Postgres locks are seen too. `always_guard=True` keeps that on all the time (each purchase
+    tiers for another `grace`, so purchases still under Postgres locks are seen too.
+    `always_guard=True` keeps that on all the time (each purchase
     then takes part in an advisory-lock take and release and an SQL read and write, coalesced
     per tick) for a deployment where some processes may lose Redis while others keep it: a
     process cut off from Redis alone waits out `grace`, but purchases the others begin under

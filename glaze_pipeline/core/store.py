@@ -933,7 +933,7 @@ class Store:
         }
         if row_ids is not None:
             clauses.append(_HOLD_IDS[self.dialect])
-            params["ids"] = json.dumps(list(row_ids))
+            params["ids"] = jsontext.dumps(list(row_ids))
         keys = _json_paths(empty_keys, self.dialect) if empty_keys is not None else None
         if keys is not None:
             clauses.append(_HOLD_EMPTY[self.dialect])
@@ -985,7 +985,7 @@ class Store:
                     )
                 result = connection.execute(
                     text(_RELEASE_SQL[self.dialect]),
-                    {"payload": json.dumps(payload), "request": request_id},
+                    {"payload": jsontext.dumps(payload), "request": request_id},
                 )
             released += int(result.rowcount or 0)
             if len(found) < page_size:
