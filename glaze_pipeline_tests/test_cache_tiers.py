@@ -218,6 +218,34 @@ def test_sql_tier_round_trip_and_upsert(store: Store) -> None:
     assert len(rows) == 2
 
 
+def test_sql_tier_writes_a_large_batch_in_one_statement_value_for_value(store: Store) -> None:
+    cache = SqlAnswerCache(store)
+    fetched = datetime(2026, 11, 24, 9, 30, 15, 123456, tzinfo=UTC)
+    answers: dict[CacheKey, CachedAnswer] = {
+        (f"person:email:p{i}@example.com", "people_vendor"): CachedAnswer(
+            found=i % 5 != 0,
+            values={
+                "title": f'VP "Sales" \\ Zürich {i}',
+                "employees": 2**70 + i,  # wider than 64 bits: kept exactly
+                "score": i / 3,
+                "tags": ["b2b", {"since": None}],
+                "empty": "",
+            }
+            if i % 5
+            else {},
+            confidence={"title": 0.9} if i % 5 else {},
+            fetched_at=fetched,
+        )
+        for i in range(2500)
+    }
+    before = store.statements
+
+    cache.put_many(answers)
+
+    assert store.statements - before == 1
+    assert cache.get_many(answers) == answers
+
+
 def test_sql_tier_expires_misses_sooner(store: Store) -> None:
     cache = SqlAnswerCache(store, ttl=timedelta(days=30), miss_ttl=timedelta(days=1))
     two_days_ago = datetime.now(UTC) - timedelta(days=2)

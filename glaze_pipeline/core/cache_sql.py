@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from glaze_pipeline.core import jsontext
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey
 from glaze_pipeline.core.coalesce import Coalescer, LoopLocal
 from glaze_pipeline.core.schema import EntityCacheEntry
@@ -88,15 +88,35 @@ class SqlAnswerCache:
         return found
 
     def put_many(self, answers: Mapping[CacheKey, CachedAnswer]) -> None:
-        """Upsert answers: one executemany, which SQLAlchemy sends as multi-row batches.
+        """Upsert answers in one statement.
 
-        The statement is built once and its compiled form cached; a `.values([...])` of
-        thousands of literal rows would be compiled afresh every time (seconds per chunk).
+        On Postgres the batch travels as one JSON parameter that the statement reads as a
+        record set (as the row merge does): per answer the client only encodes it, where an
+        executemany made SQLAlchemy process six parameters and psycopg send one statement in
+        its pipeline (~7 % of S3's worker CPU). SQLite keeps the executemany, which its driver
+        runs in C. The statement is built once and its compiled form cached; a
+        `.values([...])` of thousands of literal rows would be compiled afresh every time.
         """
         if not answers:
             return
-        insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
-        statement = insert(EntityCacheEntry)
+        if self.store.dialect == "postgresql":
+            payload = jsontext.dumps(
+                [
+                    {
+                        "entity_id": entity_id,
+                        "provider": provider,
+                        "found": answer.found,
+                        "answer": {"values": answer.values, "confidence": answer.confidence},
+                        "fetched_at": answer.fetched_at.isoformat(),
+                        "expires_at": self._expires_at(answer).isoformat(),
+                    }
+                    for (entity_id, provider), answer in answers.items()
+                ]
+            )
+            with self.store.engine.begin() as connection:
+                connection.execute(text(_PUT_SQL), {"payload": payload})
+            return
+        statement = sqlite_insert(EntityCacheEntry)
         statement = statement.on_conflict_do_update(
             index_elements=["entity_id", "provider"],
             set_={
@@ -113,12 +133,31 @@ class SqlAnswerCache:
                 "found": answer.found,
                 "answer": {"values": dict(answer.values), "confidence": dict(answer.confidence)},
                 "fetched_at": answer.fetched_at,
-                "expires_at": answer.fetched_at + (self.ttl if answer.found else self.miss_ttl),
+                "expires_at": self._expires_at(answer),
             }
             for (entity_id, provider), answer in answers.items()
         ]
         with self.store.engine.begin() as connection:
             connection.execute(statement, rows)
+
+    def _expires_at(self, answer: CachedAnswer) -> datetime:
+        return answer.fetched_at + (self.ttl if answer.found else self.miss_ttl)
+
+
+# Postgres: a batch of answers as one JSON array of records (keys are unique in a batch: it is
+# a mapping, so no row is upserted twice by one statement).
+_PUT_SQL = """
+    INSERT INTO entity_cache AS c (entity_id, provider, found, answer, fetched_at, expires_at)
+    SELECT p.entity_id, p.provider, p.found, p.answer, p.fetched_at, p.expires_at
+    FROM jsonb_to_recordset(CAST(:payload AS jsonb)) AS p(
+        entity_id text, provider text, found boolean, answer jsonb,
+        fetched_at timestamptz, expires_at timestamptz)
+    ON CONFLICT (entity_id, provider) DO UPDATE SET
+        found = excluded.found,
+        answer = excluded.answer,
+        fetched_at = excluded.fetched_at,
+        expires_at = excluded.expires_at
+"""
 
 
 def _aware(moment: datetime) -> datetime:
