@@ -16,7 +16,12 @@ from sqlalchemy import select
 
 from glaze_pipeline.core.answers import open_answer_sharing
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache
-from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
+from glaze_pipeline.core.cache_redis import (
+    DEFAULT_TTL,
+    KEYS_PER_COMMAND,
+    RedisAnswerCache,
+    RedisBreaker,
+)
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.flight import NoFlight
 from glaze_pipeline.core.schema import EntityCacheEntry
@@ -117,6 +122,51 @@ def test_redis_tier_batches_larger_than_one_command(client: redis.Redis) -> None
     cache.put_many(answers)
     keys = [*answers, ("company:domain:absent.com", "p")]
     assert cache.get_many(keys) == answers
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{command}", {})
+    return int(stats.get("calls", 0))
+
+
+def test_redis_tier_writes_a_batch_of_answers_in_one_command(client: redis.Redis) -> None:
+    cache = RedisAnswerCache(client)
+    miss = missing()
+    cache.put_many({MISS_KEY: miss})  # the script is loaded
+    answers = {(f"company:domain:c{i}.com", "p"): found() for i in range(KEYS_PER_COMMAND + 1)}
+    scripts = _calls(client, "evalsha")
+
+    cache.put_many(answers)
+
+    assert _calls(client, "evalsha") - scripts == 2  # KEYS_PER_COMMAND, then the one left
+    assert cache.get_many([*answers, MISS_KEY]) == {**answers, MISS_KEY: miss}
+
+
+def test_redis_tier_writes_with_sets_where_scripts_are_refused(
+    client: redis.Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A user the server's ACL keeps from running scripts (as a managed Redis may).
+    user = "glaze_test_no_scripts"
+    client.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-@scripting"]
+    )
+    limited = redis.Redis.from_url(redis_url, username=user)
+    try:
+        cache = RedisAnswerCache(limited)
+        answers = {(f"company:domain:c{i}.com", "p"): found() for i in range(1500)}
+        hit = found()
+        cache.put_many(answers)
+        cache.put_many({HIT_KEY: hit})
+
+        assert cache.get_many([*answers, HIT_KEY]) == {**answers, HIT_KEY: hit}
+        assert not cache.breaker.open  # a refusal is not an outage
+        refusals = [r for r in caplog.records if "refused the batch-write script" in r.message]
+        assert len(refusals) == 1  # SETs from then on
+        week = int(DEFAULT_TTL.total_seconds())
+        assert week - 60 <= limited.ttl(cache.key(HIT_KEY)) <= week  # written with its TTL
+    finally:
+        limited.close()
+        client.acl_deluser(user)
 
 
 def test_redis_tier_ttl_per_provider_and_shorter_for_misses(client: redis.Redis) -> None:
