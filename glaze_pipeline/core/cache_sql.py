@@ -116,7 +116,7 @@ class SqlAnswerCache:
         On Postgres the batch travels as one JSON parameter that the statement reads as a
         record set (as the row merge does): per answer the client only encodes it, where an
         executemany made SQLAlchemy process six parameters and psycopg send one statement in
-        its pipeline (~7 % of S3's worker CPU). SQLite keeps the executemany, which its driver
+        its pipeline (~7 % of S3's worker samples). SQLite keeps the executemany, which its driver
         runs in C. The statement is built once and its compiled form cached; a
         `.values([...])` of thousands of literal rows would be compiled afresh every time.
         """
@@ -129,7 +129,10 @@ class SqlAnswerCache:
                         "entity_id": entity_id,
                         "provider": provider,
                         "found": answer.found,
-                        "answer": {"values": answer.values, "confidence": answer.confidence},
+                        "answer": {
+                            "values": dict(answer.values),
+                            "confidence": dict(answer.confidence),
+                        },
                         "fetched_at": answer.fetched_at.isoformat(),
                         "expires_at": self._expires_at(answer).isoformat(),
                     }
