@@ -117,8 +117,8 @@ class SqlAnswerCache:
         record set (as the row merge does): per answer the client only encodes it, where an
         executemany made SQLAlchemy process six parameters and psycopg send one statement in
         its pipeline (~7 % of S3's worker samples). SQLite keeps the executemany, which its driver
-        runs in C. The statement is built once and its compiled form cached; a
-        `.values([...])` of thousands of literal rows would be compiled afresh every time.
+        runs in C; its statement's compiled form is cached, where a `.values([...])` of thousands
+        of literal rows would be compiled afresh every time.
         """
         if not answers:
             return
