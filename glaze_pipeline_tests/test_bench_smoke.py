@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from glaze_pipeline.bench import expected
+from glaze_pipeline.bench import cache_throughput, expected
 from glaze_pipeline.bench.expected import statement_limit
 from glaze_pipeline.bench.report import figure_rows
 from glaze_pipeline.bench.run import BenchSettings, run_benchmark
@@ -119,6 +119,17 @@ def test_bench_run_s1_figures_are_consistent(
         == (stream["first_row_s"])
     )
     assert (tmp_path / "chart.png").exists() or "matplotlib" in written.get("chart", "")
+
+
+def test_cache_throughput_times_each_tier_and_reads_back_what_it_wrote(
+    postgres_url: str, redis_url: str
+) -> None:
+    results = cache_throughput.measure(3, 400, postgres_url=postgres_url, redis_url=redis_url)
+
+    # `measure` raises when a tier reads back anything but the batch it wrote.
+    assert list(results) == ["sql put_many", "sql get_many", "redis put_many", "redis get_many"]
+    for figures in results.values():
+        assert figures["wall_s"] > 0 and figures["cpu_s"] >= 0
 
 
 def test_stream_figures_from_timed_events() -> None:
