@@ -71,7 +71,7 @@ class SqlAnswerCache:
         On Postgres the ids travel as one JSON parameter and each answer comes back as text,
         parsed by `jsontext`, the driver's tuples taken at once: a chunk of a job reads
         thousands (every key Redis lacks), and SQLAlchemy's rows with the driver's JSON
-        decoding cost ~1.7x the CPU (30 reads of 1,000 answers: 0.74 s, now 0.43 s)."""
+        decoding cost ~2.5x the CPU (`python -m glaze_pipeline.bench.cache_throughput`)."""
         wanted = set(keys)
         entity_ids = sorted({entity_id for entity_id, _ in wanted})
         found: dict[CacheKey, CachedAnswer] = {}
