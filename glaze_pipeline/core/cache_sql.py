@@ -122,25 +122,21 @@ class SqlAnswerCache:
         """
         if not answers:
             return
+        rows = [
+            {
+                "entity_id": entity_id,
+                "provider": provider,
+                "found": answer.found,
+                "answer": {"values": dict(answer.values), "confidence": dict(answer.confidence)},
+                "fetched_at": answer.fetched_at,
+                "expires_at": answer.fetched_at + (self.ttl if answer.found else self.miss_ttl),
+            }
+            for (entity_id, provider), answer in answers.items()
+        ]
         if self.store.dialect == "postgresql":
-            payload = jsontext.dumps(
-                [
-                    {
-                        "entity_id": entity_id,
-                        "provider": provider,
-                        "found": answer.found,
-                        "answer": {
-                            "values": dict(answer.values),
-                            "confidence": dict(answer.confidence),
-                        },
-                        "fetched_at": answer.fetched_at.isoformat(),
-                        "expires_at": self._expires_at(answer).isoformat(),
-                    }
-                    for (entity_id, provider), answer in answers.items()
-                ]
-            )
+            # Datetimes are written as their text (`jsontext`: default=str), which timestamptz reads.
             with self.store.engine.begin() as connection:
-                connection.execute(text(_PUT_SQL), {"payload": payload})
+                connection.execute(text(_PUT_SQL), {"payload": jsontext.dumps(rows)})
             return
         statement = sqlite_insert(EntityCacheEntry)
         statement = statement.on_conflict_do_update(
@@ -152,22 +148,8 @@ class SqlAnswerCache:
                 "expires_at": statement.excluded.expires_at,
             },
         )
-        rows = [
-            {
-                "entity_id": entity_id,
-                "provider": provider,
-                "found": answer.found,
-                "answer": {"values": dict(answer.values), "confidence": dict(answer.confidence)},
-                "fetched_at": answer.fetched_at,
-                "expires_at": self._expires_at(answer),
-            }
-            for (entity_id, provider), answer in answers.items()
-        ]
         with self.store.engine.begin() as connection:
             connection.execute(statement, rows)
-
-    def _expires_at(self, answer: CachedAnswer) -> datetime:
-        return answer.fetched_at + (self.ttl if answer.found else self.miss_ttl)
 
 
 # Postgres: the unexpired answers of a chunk of entity ids (a JSON array), each as its text.
