@@ -51,6 +51,21 @@ def test_pages_cover_every_row_once(store: Store) -> None:
     assert sorted(r.id for p in pages for r in p) == sorted(ids)
 
 
+def test_pages_grow_to_the_cap_and_still_cover_every_row_once(store: Store) -> None:
+    table_id, ids = make_table(store, rows=60)
+    pages = list(store.iter_row_pages(table_id, page_size=4, grow_to=20))
+    assert [len(p) for p in pages] == [4, 8, 16, 20, 12]
+    assert [r.id for p in pages for r in p] == sorted(ids)
+    # The given ids, in their order: the same sizes.
+    chosen = ids[::-1][:30]
+    pages = list(store.iter_row_pages(table_id, row_ids=chosen, page_size=4, grow_to=20))
+    assert [len(p) for p in pages] == [4, 8, 16, 2]
+    assert sorted(r.id for p in pages for r in p) == sorted(chosen)
+    # A cap below the first page: pages of the first size throughout.
+    pages = list(store.iter_row_pages(table_id, page_size=25, grow_to=10))
+    assert [len(p) for p in pages] == [25, 25, 10]
+
+
 def test_pages_of_given_ids_name_unknown_ids(store: Store) -> None:
     table_id, ids = make_table(store)
     assert [r.id for p in store.iter_row_pages(table_id, row_ids=ids[:2]) for r in p] != []

@@ -153,6 +153,28 @@ def test_rows_are_written_while_lookups_go_on(store: Store) -> None:
     assert result.first_write_s is not None and result.first_write_s < result.seconds / 2
 
 
+def test_a_long_span_writes_in_pages_that_grow_to_the_detection_page(store: Store) -> None:
+    """The first page is small (the first rows land early); each next one twice the last up
+    to `page_size`, so a long span costs a read and a write per `page_size` rows."""
+    table = seed_generated(store, rows=700, unique_companies=70)
+    settings = JobSettings(page_size=200, write_page_size=50, max_chunks=1)
+    target, request_id, _, spans = plan(store, table.id, settings)
+    pages: list[int] = []
+    result = engine.enrich_span(
+        store,
+        request_id,
+        target,
+        spans[0],
+        providers(),
+        settings,
+        cache=None,
+        on_written=lambda patches: pages.append(len(patches)),
+    )
+    assert pages == [50, 100, 200, 200, 150]
+    assert result.summary is not None and result.summary.rows_written == 700
+    assert result.summary.statements == 2 * len(pages)  # a read and a write each
+
+
 def test_a_cancel_mid_span_writes_what_was_bought_and_leaves_the_rest(store: Store) -> None:
     table = seed_generated(store, rows=400, unique_companies=400)
     fakes = providers(latency_s=0.02)

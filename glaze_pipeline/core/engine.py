@@ -196,8 +196,9 @@ class JobSettings:
     threshold: float = DEFAULT_THRESHOLD
     # Rows per page detection reads (a read and a `running` hold each).
     page_size: int = 5000
-    # Rows per streamed write (a read and a JSON-merge UPDATE each): small enough that the
-    # first rows land early, big enough to stay within ~2 statements per 1,000 rows.
+    # Rows in a span's first streamed write (a read and a JSON-merge UPDATE each): small
+    # enough that the first rows land early. Each next page is twice the last, up to
+    # `page_size`: a long span costs ~2 statements per `page_size` rows, not per 1,000.
     write_page_size: int = 1000
     budget_block_calls: int = 20
     # Vendor batch endpoints (`lookup_many`) for the providers that declare one.
@@ -800,10 +801,10 @@ def enrich_span(
 
     The chunk's own entities (first seen in its rows) go through the waterfall in the order
     its rows need them, `settings.concurrency` at a time, as `enrich_chunk` runs them. Beside
-    them a writer reads the span `settings.write_page_size` rows at a time; an entity a page
-    needs that the chunk does not own (an earlier span's) is asked of the waterfall too, which
-    finds it in the cache or waits for its buyer (single-flight); as soon as every entity of
-    the page is answered, the page is written in one JSON-merge statement, with the same
+    them a writer reads the span in pages (`settings.write_page_size` rows first, each next page
+    twice the last, up to `settings.page_size`); an entity a page needs that the chunk does not
+    own (an earlier span's) is asked of the waterfall too, which finds it in the cache or waits
+    for its buyer (single-flight); as soon as every entity of the page is answered, the page is written in one JSON-merge statement, with the same
     compare-and-set rules as `apply_results` (an edit made meanwhile wins). So rows reach the
     table while the lookups go on, and memory holds one chunk's outcomes, not the job's.
 
@@ -868,6 +869,7 @@ def enrich_span(
                 target.table_id,
                 row_ids=chunk.row_ids(target),
                 page_size=settings.write_page_size,
+                grow_to=settings.page_size,
                 after=chunk.after,
                 upto=chunk.upto,
             )

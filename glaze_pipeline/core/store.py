@@ -670,6 +670,7 @@ class Store:
         *,
         row_ids: Sequence[str] | None = None,
         page_size: int = 5000,
+        grow_to: int | None = None,
         with_meta: bool = True,
         after: str = "",
         upto: str | None = None,
@@ -678,15 +679,19 @@ class Store:
 
         Without `row_ids`, the rows with `after < id <= upto` (`upto` None: to the end): a
         span of the table. With `row_ids`, an id that is not in the table raises
-        UnknownRowError naming it (`after` and `upto` must then be left out).
+        UnknownRowError naming it (`after` and `upto` must then be left out). With `grow_to`,
+        the first page is `page_size` rows and each next one twice the last, up to `grow_to`.
         """
         if row_ids is not None and (after or upto is not None):
             raise ValueError("a span (after, upto) is of the whole table, not of given row ids")
         columns = self._record_columns(with_meta=with_meta)
+        sizes = _page_sizes(page_size, grow_to)
         if row_ids is not None:
             ids = list(dict.fromkeys(row_ids))
-            for start in range(0, len(ids), page_size):
-                wanted = ids[start : start + page_size]
+            start = 0
+            while start < len(ids):
+                wanted = ids[start : start + next(sizes)]
+                start += len(wanted)
                 with self.engine.connect() as connection:
                     found = self._read_records(
                         connection,
@@ -703,18 +708,19 @@ class Store:
         if upto is not None:
             span.append(GlazeRow.id <= upto)
         while True:
+            size = next(sizes)
             with self.engine.connect() as connection:
                 found = self._read_records(
                     connection,
                     select(*columns)
                     .where(*span, GlazeRow.id > last)
                     .order_by(GlazeRow.id)
-                    .limit(page_size),
+                    .limit(size),
                 )
             if not found:
                 return
             yield found
-            if len(found) < page_size:
+            if len(found) < size:
                 return
             last = found[-1].id
 
@@ -1365,6 +1371,14 @@ def _documents_payload(entries: Sequence[_Entry]) -> dict[str, Any]:
         for row_id, data, meta, status, confidence, error, stamp, expect in entries
     ]
     return {"payload": encode(rows), "docs": f"[{','.join(docs)}]"}
+
+
+def _page_sizes(first: int, grow_to: int | None) -> Iterator[int]:
+    """`first`, then each size twice the last, up to `grow_to` (None: `first` throughout)."""
+    size = first
+    while True:
+        yield size
+        size = max(size, min(2 * size, grow_to or size))
 
 
 def _unknown_rows(table_id: str, wanted: Sequence[str], present: set[str]) -> UnknownRowError:

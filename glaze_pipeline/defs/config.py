@@ -62,12 +62,13 @@ class EnrichTableConfig(Config):
         default=JobSettings.threshold, description="Confidence at which a field is done."
     )
     page_size: int = Field(
-        default=JobSettings.page_size, description="Rows per page read by detection."
+        default=JobSettings.page_size,
+        description="Rows per page read by detection, and the most a streamed write grows to.",
     )
     write_page_size: int = Field(
         default=JobSettings.write_page_size,
-        description="Rows per streamed write: a page is written as soon as its entities are "
-        "answered.",
+        description="Rows in a span's first streamed write (each next page twice the last, up "
+        "to page_size): a page is written as soon as its entities are answered.",
     )
     batch_endpoints: bool = Field(
         default=JobSettings.batch_endpoints,
