@@ -10,7 +10,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -135,6 +135,26 @@ def test_two_prefixes_on_one_server_do_not_hear_each_other(redis_url: str) -> No
         ours.table_channel("tbl_1"),
     ]
     assert {body["status"] for _, body in messages} == {"succeeded"}
+
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def test_cells_reach_a_subscriber_with_their_values_exact(redis_url: str) -> None:
+    """Values a lead list holds (accents, CJK, emoji, a 20-digit id, nested JSON, a
+    timestamp) come through the Redis message as the cell holds them."""
+    channel = ProgressChannel(redis_url=redis_url, prefix=f"cells-{secrets.token_hex(4)}")
+    value = {"city": "Zürich", "name": "株式会社", "tag": "🚀", "id": 12345678901234567890}
+    with listening(redis_url, channel.table_channel("tbl_1")) as ear:
+        with channel.publisher() as publisher:
+            publisher.publish(
+                "cells", "req_1", "tbl_1", cells=[{"row_id": "r1", "value": value}], at=NOW
+            )
+            publisher.publish("finished", "req_1", "tbl_1", status="succeeded")
+        messages = ear.received()
+    [cells] = [body for _, body in messages if body["event"] == "cells"]
+    assert cells["cells"] == [{"row_id": "r1", "value": value}]
+    assert cells["at"] == str(NOW)
 
 
 def test_a_publisher_without_a_prefix_uses_its_database_default(redis_url: str) -> None:

@@ -17,10 +17,11 @@ each other; environments sharing one database need distinct `GLAZE_PROGRESS_PREF
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Protocol
+
+from glaze_pipeline.core import jsontext
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -91,9 +92,10 @@ class RedisProgress:
         self._failed = False
 
     def publish(self, event: str, request_id: str, table_id: str, **counters: Any) -> None:
-        message = json.dumps(
-            {"event": event, "request_id": request_id, "table_id": table_id, **counters},
-            default=str,
+        # orjson (`jsontext`): a job publishes every cell it writes (with `json`, its encoding
+        # was ~1.3 % of the worker's samples in S5).
+        message = jsontext.dumps_bytes(
+            {"event": event, "request_id": request_id, "table_id": table_id, **counters}
         )
         try:
             pipe = self._client.pipeline(transaction=False)
