@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -21,6 +22,8 @@ from glaze_pipeline.core.cache_redis import (
     KEYS_PER_COMMAND,
     RedisAnswerCache,
     RedisBreaker,
+    RedisLink,
+    redis_link,
 )
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
 from glaze_pipeline.core.flight import NoFlight
@@ -244,6 +247,35 @@ def test_redis_breaker_pays_one_timeout_not_one_per_call() -> None:
         stalled.close()
     assert first >= 0.3
     assert rest < 0.1
+
+
+def test_the_event_loops_link_times_out_a_stalled_pipeline_as_a_whole(client: redis.Redis) -> None:
+    """The link's pipelines answer on a live server; on one that never answers, a pipeline
+    gives up after the client's socket timeout (one deadline for the whole pipeline) and trips
+    the breaker, so the next tick does not wait again."""
+
+    async def run(link: RedisLink) -> tuple[list[object] | None, float, list[object] | None]:
+        started = time.perf_counter()
+        first = await link.execute([("SET", "link-test", "1"), ("GET", "link-test")])
+        took = time.perf_counter() - started
+        return first, took, await link.execute([("GET", "link-test")])
+
+    live = redis_link(client, RedisBreaker())
+    first, _, second = asyncio.run(run(live))
+    assert first == [True, b"1"] and second == [b"1"]
+    client.delete("link-test")
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        stalled = redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=0.3, retry=Retry(NoBackoff(), 0)
+        )
+        breaker = RedisBreaker(cooldown_s=60)
+        first, took, second = asyncio.run(run(redis_link(stalled, breaker)))
+        stalled.close()
+    assert first is None and second is None
+    assert 0.3 <= took < 1.5
+    assert breaker.open
 
 
 def test_redis_tier_rejects_non_positive_ttl(client: redis.Redis) -> None:
