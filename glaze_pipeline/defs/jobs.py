@@ -41,7 +41,7 @@ from glaze_pipeline.core.engine import (
 )
 from glaze_pipeline.core.errors import GlazeError
 from glaze_pipeline.core.estimate import EstimatePart
-from glaze_pipeline.core.heap import frozen_heap
+from glaze_pipeline.core.heap import frozen_heap, quiet_collector
 from glaze_pipeline.core.models import (
     EntityRequest,
     RequestKind,
@@ -285,6 +285,7 @@ def detect_entities(
     with (
         request_closed_on_error(store, request_id, progress, target.table_id),
         RequestWatch(requests, request_id) as watch,
+        quiet_collector(),
     ):
         detection = engine.detect_entities(
             store,
