@@ -804,9 +804,10 @@ def enrich_span(
     them a writer reads the span in pages (`settings.write_page_size` rows first, each next page
     twice the last, up to `settings.page_size`); an entity a page needs that the chunk does not
     own (an earlier span's) is asked of the waterfall too, which finds it in the cache or waits
-    for its buyer (single-flight); as soon as every entity of the page is answered, the page is written in one JSON-merge statement, with the same
-    compare-and-set rules as `apply_results` (an edit made meanwhile wins). So rows reach the
-    table while the lookups go on, and memory holds one chunk's outcomes, not the job's.
+    for its buyer (single-flight); as soon as every entity of the page is answered, the page is
+    written in one JSON-merge statement, with the same compare-and-set rules as `apply_results`
+    (an edit made meanwhile wins). So rows reach the table while the lookups go on, and memory
+    holds one chunk's outcomes, not the job's.
 
     A cancel (or `stopped`, a job cancelled before this chunk began) starts no new lookup: the
     pages are still read to the end, what was bought is written and the rest is counted

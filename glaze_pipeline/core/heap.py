@@ -14,8 +14,8 @@ encoded, a page of detected keys. With Python's default first threshold (a colle
 net allocations) each burst sets off hundreds of young collections whose survivors are promoted
 and then walked by full passes, though rows and keys hold no cycles. `quiet_collector` raises
 that threshold for the step: writing 200,000 rows (`bench/rows_throughput.py`, pages of 1,000
-or 5,000) took 4.5-4.7 s of CPU with the default, a third of it collecting, and 3.1-3.7 s with
-it; detecting 300,000 rows 3.7 s and 2.9 s.
+or 5,000) took 4.0-4.7 s of CPU with the default, 0.7-1.5 s of it collecting, and 3.1-3.7 s
+with it; detecting 300,000 rows 3.7 s and 2.9 s.
 """
 
 from __future__ import annotations
