@@ -194,7 +194,8 @@ class JobSettings:
     max_chunks: int = 16
     concurrency: int = DEFAULT_CONCURRENCY
     threshold: float = DEFAULT_THRESHOLD
-    # Rows per page detection reads (a read and a `running` hold each).
+    # Rows per page detection reads (a read and a `running` hold each), and the most a streamed
+    # write grows to (`write_page_size`).
     page_size: int = 5000
     # Rows in a span's first streamed write (a read and a JSON-merge UPDATE each): small
     # enough that the first rows land early. Each next page is twice the last, up to
