@@ -54,8 +54,11 @@ SpendWriter = Callable[[Mapping[str, SpendDelta]], bool]
 
 
 FIRST_BLOCK = 8  # the least first reservation of a provider (or the calls waiting, if more)
-MAX_BLOCK = 1024  # the cap on one reservation, and so on what a crash can over-count
-MAX_BLOCK_PER_IN_FLIGHT = 8  # a block is at most this many times the peak of calls in flight
+MAX_BLOCK = 4096  # the cap on one reservation, and so on what a crash can over-count
+# A block is at most this many times the peak of calls in flight: at 100 ms a call, about 1.6 s
+# of calls, so a journal at full speed commits less often than its request's heartbeat (at 8
+# and 1,024, S3 took ~120 reservations for 120,000 calls: a quarter of its statements).
+MAX_BLOCK_PER_IN_FLIGHT = 16
 
 
 def first_block_for(entities: int) -> int:
