@@ -127,6 +127,47 @@ def test_budget_is_never_exceeded_under_concurrency() -> None:
     assert statuses.count(CellStatus.SKIPPED) == 60
 
 
+@dataclass
+class TaskCounter(Vendor):
+    """A vendor that notes how many asyncio tasks exist while it answers."""
+
+    most_tasks: int = 0
+    started: list[str] = field(default_factory=list)
+
+    async def lookup(self, key: EntityKey, fields: frozenset[str]) -> ProviderAnswer:
+        self.most_tasks = max(self.most_tasks, len(asyncio.all_tasks()))
+        self.started.append(key.value)
+        await asyncio.sleep(0)
+        return await super().lookup(key, fields)
+
+
+def test_a_batch_holds_concurrency_lookups_not_a_task_per_entity() -> None:
+    """2,000 entities at 20 at a time: 20 workers take them in the order given (memory for 20
+    lookups, not 2,000 tasks); every outcome is heard once, and none is also collected."""
+    vendor = TaskCounter("cheap", 1, {"industry": "Tech"}, max_concurrency=1000)
+    requests = [
+        want("industry", key=EntityKey(EntityType.COMPANY, "domain", f"c{i}.com"))
+        for i in range(2000)
+    ]
+    heard: list[str] = []
+
+    async def scenario() -> list[Any]:
+        return await Waterfall([vendor], budget=Budget(None)).enrich_many(
+            requests, concurrency=20, on_outcome=lambda outcome: heard.append(outcome.key.id)
+        )
+
+    assert asyncio.run(scenario()) == []
+    assert vendor.calls == 2000
+    assert vendor.started == [r.key.value for r in requests]
+    assert sorted(heard) == sorted(r.key.id for r in requests)
+    assert 20 <= vendor.most_tasks <= 20 + 2  # the workers, and the run's main task
+
+    collected = asyncio.run(
+        Waterfall([vendor], budget=Budget(None)).enrich_many(requests[:50], concurrency=7)
+    )
+    assert [o.key.id for o in collected] == [r.key.id for r in requests[:50]]
+
+
 def test_no_provider_for_a_field_fails_with_the_reason() -> None:
     only_industry = Vendor("v", 1, {"industry": "Tech"})
     [outcome] = run(Waterfall([only_industry], budget=Budget(None)), want("industry", "revenue"))
@@ -387,3 +428,8 @@ def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
     alone = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), cache=MemoryCache())
     asyncio.run(alone.enrich_many(companies, flush=False))
     assert alone.unshared_answers  # no shared tier: the flush is all there is
+    # The chunk's clock flushes them once they have waited a second in no shared tier: an
+    # answer bought a moment ago is usually on its way to Redis under its claim.
+    assert not alone.unshared_for(60.0)
+    time.sleep(0.05)
+    assert alone.unshared_for(0.05)
