@@ -42,7 +42,9 @@ def enrich_industry(
     request_id = engine.start_job(store, target, selection, settings)
     detection = engine.detect_entities(store, target)
     chunks = engine.plan_chunks(
-        detection.entities, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
+        detection.entities,
+        chunk_size=settings.chunk_size,
+        max_chunks=settings.fan_out("in_process"),
     )
     assert len(chunks) == len(providers_per_chunk)
     start = threading.Barrier(len(chunks))

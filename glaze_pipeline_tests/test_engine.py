@@ -38,7 +38,9 @@ def run(
     request_id = engine.start_job(store, target, selection, settings)
     detection = engine.detect_entities(store, target, page_size=settings.page_size)
     chunks = engine.plan_chunks(
-        detection.entities, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
+        detection.entities,
+        chunk_size=settings.chunk_size,
+        max_chunks=settings.fan_out("in_process"),
     )
     results = [
         engine.enrich_chunk(store, request_id, c, providers, settings, cache=SqlAnswerCache(store))

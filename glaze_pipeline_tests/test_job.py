@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from dagster import DagsterEventType, DagsterInstance, Definitions
 
-from glaze_pipeline.core import queue
+from glaze_pipeline.core import engine, queue
 from glaze_pipeline.core.seed import LEADS_ENRICH_KEYS, leads_column_id, seed_generated, seed_leads
 from glaze_pipeline.core.store import Store
 from glaze_pipeline.definitions import build_definitions, defs
@@ -41,6 +41,38 @@ def test_definitions_load() -> None:
         "close_job",
     }
     assert {spec.key for spec in defs.assets or []} >= {ENRICHED_TABLE, ENTITY_CACHE}
+
+
+def chunk_steps(result: Any) -> set[str]:
+    return {
+        event.step_key
+        for event in result.all_events
+        if event.step_key and event.step_key.startswith("enrich_entities[")
+    }
+
+
+def test_in_process_the_fan_out_is_narrow_unless_asked(store: Store) -> None:
+    """In process the enrich steps run one after another: the job fans out to at most
+    IN_PROCESS_CHUNKS of them (each costs a start, a tail and its fixed statements for no
+    parallelism); `max_chunks` set in the config still wins. Every row is written either way."""
+    table = seed_generated(store, rows=600, unique_companies=600)
+    columns = [table.column_by_key(k).id for k in ("industry", "employee_count")]
+    # A company a row, pages of 50 rows, at least 2 entities a span: 12 spans if nothing
+    # narrowed them.
+    config = {"table_id": table.id, "column_ids": columns, "chunk_size": 2, "page_size": 50}
+    with DagsterInstance.ephemeral() as instance:
+        narrow = run_job(store, config, instance)
+        assert narrow.success
+        assert len(chunk_steps(narrow)) == engine.IN_PROCESS_CHUNKS == 4
+        [mat] = materializations(narrow, ENRICHED_TABLE)
+        assert mat.metadata["rows_written"].value == 600
+
+        overwrite = {**config, "max_chunks": 12, "overwrite": True}
+        wide = run_job(store, overwrite, instance)
+        assert wide.success
+        assert len(chunk_steps(wide)) == 12
+        [mat] = materializations(wide, ENRICHED_TABLE)
+        assert mat.metadata["rows_written"].value == 600
 
 
 def test_job_on_thousand_rows(store: Store) -> None:

@@ -34,7 +34,7 @@ def plan(
         store, target, page_size=settings.page_size, request_id=request_id
     )
     spans = engine.plan_spans(
-        detection, target, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
+        detection, target, chunk_size=settings.chunk_size, max_chunks=settings.fan_out("in_process")
     )
     return target, request_id, detection, spans
 
@@ -173,6 +173,30 @@ def test_a_long_span_writes_in_pages_that_grow_to_the_detection_page(store: Stor
     assert pages == [50, 100, 200, 200, 150]
     assert result.summary is not None and result.summary.rows_written == 700
     assert result.summary.statements == 2 * len(pages)  # a read and a write each
+
+
+def test_a_later_span_writes_full_pages_from_the_start(store: Store) -> None:
+    """Only the job's first span starts small (its first rows are the job's first); a later
+    one reads and writes `page_size` rows a statement from its first page."""
+    table = seed_generated(store, rows=700, unique_companies=70)
+    settings = JobSettings(page_size=200, write_page_size=50, chunk_size=35, max_chunks=2)
+    target, request_id, _, spans = plan(store, table.id, settings)
+    assert len(spans) == 2 and spans[1].index == 1
+    pages: list[int] = []
+    for span in spans:
+        pages.append(-1)  # where a span begins
+        engine.enrich_span(
+            store,
+            request_id,
+            target,
+            span,
+            providers(),
+            settings,
+            cache=None,
+            on_written=lambda patches: pages.append(len(patches)),
+        )
+    first, later = pages[1 : pages.index(-1, 1)], pages[pages.index(-1, 1) + 1 :]
+    assert first[0] == 50 and later and set(later[:-1]) <= {200} and sum(first + later) == 700
 
 
 def test_a_cancel_mid_span_writes_what_was_bought_and_leaves_the_rest(store: Store) -> None:

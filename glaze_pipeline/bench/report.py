@@ -210,7 +210,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Mock latency {settings['latency_ms']:g} ms (fixed), concurrency "
         f"{settings['concurrency']} (the job's `concurrency`, each vendor's `max_concurrency`, "
         f"and the baseline's limit), page size {settings['page_size']}, chunk size "
-        f"{settings['chunk_size']} / max chunks {settings['max_chunks']}, scale "
+        f"{settings['chunk_size']} / max chunks {_fan_out(settings.get('max_chunks'))}, scale "
         f"{settings['scale']:g}, Redis "
         f"`{settings['redis_url']}`.",
         "",
@@ -310,6 +310,15 @@ def _calls(calls: dict[str, int]) -> str:
     total = sum(calls.values())
     parts = ", ".join(f"{k} {v:,}" for k, v in sorted(calls.items()) if v)
     return f"{total:,} ({parts})" if parts else "0"
+
+
+def _fan_out(max_chunks: int | None) -> str:
+    """The run's fan-out width as set, or the job's default by executor."""
+    if max_chunks is not None:
+        return str(max_chunks)
+    from glaze_pipeline.core.engine import IN_PROCESS_CHUNKS, MAX_CHUNKS
+
+    return f"{IN_PROCESS_CHUNKS} in process, {MAX_CHUNKS} on other executors"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -159,7 +159,7 @@ class BenchSettings:
     baseline_sample: float = 0.02  # S3: the share of rows the baseline really runs
     baseline_pool: int = 40
     chunk_size: int = JobSettings.chunk_size
-    max_chunks: int = JobSettings.max_chunks
+    max_chunks: int | None = JobSettings.max_chunks  # None: the job's default by executor
     page_size: int = JobSettings.page_size
     launch_requests: int = 10
     profile: bool = False  # py-spy flame graphs of the entity-first workers
@@ -174,8 +174,8 @@ class BenchSettings:
             "column_ids": column_ids,
             "concurrency": self.concurrency,
             "chunk_size": self.chunk_size,
-            "max_chunks": self.max_chunks,
             "page_size": self.page_size,
+            **({"max_chunks": self.max_chunks} if self.max_chunks is not None else {}),
         }
 
 

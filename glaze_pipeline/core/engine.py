@@ -73,6 +73,10 @@ FLUSH_SECONDS = 1.0
 SHARED_FLUSH_SECONDS = 5.0
 # How long a terminated chunk may take to let its lookups in flight come back.
 DRAIN_SECONDS = 4.0
+# The most enrich steps when they run side by side (own processes, Celery workers), and when
+# they run one after another in the run's process (see `JobSettings.fan_out`).
+MAX_CHUNKS = 16
+IN_PROCESS_CHUNKS = 4
 # Chunks (spans of rows) are cut at multiples of this many rows (`plan_spans`).
 SPAN_ROWS = 100
 
@@ -191,7 +195,8 @@ class JobSettings:
 
     budget: float | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    max_chunks: int = 16
+    # The most enrich steps a job fans out to; None: by where its steps run (`fan_out`).
+    max_chunks: int | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     threshold: float = DEFAULT_THRESHOLD
     # Rows per page detection reads (a read and a `running` hold each), and the most a streamed
@@ -208,10 +213,22 @@ class JobSettings:
     def __post_init__(self) -> None:
         check_budget(self.budget)
         for name in ("chunk_size", "max_chunks", "concurrency", "page_size", "write_page_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidSelectionError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.threshold <= 1:
             raise InvalidSelectionError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    def fan_out(self, executor: str) -> int:
+        """The most enrich steps for a run on `executor` (`max_chunks` when set).
+
+        In process the steps run one after another, so more of them buys no parallelism and
+        each costs its start, its tail (the lookups thin out as the last entities finish) and a
+        dozen fixed statements (a cache read, journal blocks, observations, its first pages):
+        IN_PROCESS_CHUNKS. Steps in processes of their own or on Celery run side by side:
+        MAX_CHUNKS, so a pool stays busy to the end."""
+        if self.max_chunks is not None:
+            return self.max_chunks
+        return IN_PROCESS_CHUNKS if executor == "in_process" else MAX_CHUNKS
 
 
 @dataclass(frozen=True)
@@ -603,8 +620,8 @@ def enrich_chunk(
     """Run the waterfall over one chunk, drawing on the job's budget in blocks.
 
     Every call is journalled before it is sent (spend never lost), answers are written through
-    to the cache every SHARED_FLUSH_SECONDS (every FLUSH_SECONDS for an answer Redis does not
-    hold), and the request is watched every HEARTBEAT_SECONDS: on a cancel no new lookup
+    to the cache every SHARED_FLUSH_SECONDS (within twice FLUSH_SECONDS for an answer Redis
+    does not hold), and the request is watched every HEARTBEAT_SECONDS: on a cancel no new lookup
     starts, the lookups in flight come back and are cached, and the result says `stopped` (the
     entities not reached are `skipped: cancelled`).
 
@@ -718,9 +735,11 @@ class _Lookups:
             last = time.monotonic()
             while True:
                 await asyncio.sleep(FLUSH_SECONDS)
-                # An answer in no shared tier yet is written within the second; answers a
-                # claim already wrote through to Redis (nearly all, with Redis up) can wait.
-                if waterfall.unshared_answers or time.monotonic() - last >= SHARED_FLUSH_SECONDS:
+                # An answer in no shared tier a second after it was bought is written within
+                # the next; answers a claim wrote through to Redis (nearly all, with Redis up)
+                # can wait.
+                unshared = waterfall.unshared_for(FLUSH_SECONDS)
+                if unshared or time.monotonic() - last >= SHARED_FLUSH_SECONDS:
                     last = time.monotonic()
                     await flush()
                 if on_progress is not None:
@@ -802,8 +821,9 @@ def enrich_span(
 
     The chunk's own entities (first seen in its rows) go through the waterfall in the order
     its rows need them, `settings.concurrency` at a time, as `enrich_chunk` runs them. Beside
-    them a writer reads the span in pages (`settings.write_page_size` rows first, each next page
-    twice the last, up to `settings.page_size`); an entity a page needs that the chunk does not
+    them a writer reads the span in pages (`settings.write_page_size` rows first in the first
+    span, each next page twice the last, up to `settings.page_size`; a later span's pages are
+    `page_size` from the start); an entity a page needs that the chunk does not
     own (an earlier span's) is asked of the waterfall too, which finds it in the cache or waits
     for its buyer (single-flight); as soon as every entity of the page is answered, the page is
     written in one JSON-merge statement, with the same compare-and-set rules as `apply_results`
@@ -870,7 +890,9 @@ def enrich_span(
             pages = store.iter_row_pages(
                 target.table_id,
                 row_ids=chunk.row_ids(target),
-                page_size=settings.write_page_size,
+                # The job's first rows come from its first span; a later one (in process,
+                # after it) reads full pages from the start: ~2 statements fewer a span.
+                page_size=settings.write_page_size if chunk.index == 0 else settings.page_size,
                 grow_to=settings.page_size,
                 after=chunk.after,
                 upto=chunk.upto,

@@ -52,8 +52,10 @@ class EnrichTableConfig(Config):
     chunk_size: int = Field(
         default=JobSettings.chunk_size, description="Min entities per enrich step."
     )
-    max_chunks: int = Field(
-        default=JobSettings.max_chunks, description="Max enrich steps (fan-out width)."
+    max_chunks: int | None = Field(
+        default=JobSettings.max_chunks,
+        description="Max enrich steps (fan-out width); none: 4 in process, where steps run one "
+        "after another, 16 when they run side by side (multiprocess, Celery).",
     )
     concurrency: int = Field(
         default=JobSettings.concurrency, description="Concurrent entity lookups per step."

@@ -58,6 +58,7 @@ from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
 from glaze_pipeline.defs.checks import evaluations_for_request
 from glaze_pipeline.defs.config import EnrichTableConfig
+from glaze_pipeline.defs.executors import selected_executor
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
     GlazeDatabase,
@@ -296,7 +297,10 @@ def detect_entities(
             request_id=request_id if kind is RequestKind.ENRICH else None,
         )
         chunks = engine.plan_spans(
-            detection, target, chunk_size=settings.chunk_size, max_chunks=settings.max_chunks
+            detection,
+            target,
+            chunk_size=settings.chunk_size,
+            max_chunks=settings.fan_out(selected_executor(context.run_config)),
         )
         requests.record_counters(
             request_id,
