@@ -51,8 +51,9 @@ def enrich_table_job() -> JobDefinition:
 
 
 def job_config(**execution: Any) -> dict[str, Any]:
-    # Pages of 2 rows, a chunk per page: the 10 Leads rows make 5 enrich steps when they run
-    # side by side (multiprocess, Celery), 4 in process (`JobSettings.fan_out`).
+    # Pages of 2 rows, a chunk per page that brings a new entity: the 10 Leads rows make 4
+    # enrich steps when they run side by side (multiprocess, Celery), 3 in process, where at
+    # most 4 are planned (`JobSettings.fan_out`) and the last takes the rest.
     config = {
         "table_id": LEADS_TABLE_ID,
         "column_ids": [leads_column_id(key) for key in LEADS_ENRICH_KEYS],
@@ -203,7 +204,7 @@ def test_enrich_table_on_two_celery_workers(
         for event in reference.all_events
         if event.step_key and event.step_key.startswith("enrich_entities[")
     }
-    assert len(chunk_steps) == 4  # in process: at most IN_PROCESS_CHUNKS
+    assert len(chunk_steps) == 3  # in process: at most IN_PROCESS_CHUNKS
 
     monkeypatch.setenv("GLAZE_DATABASE_URL", celery_url)
     workers = start_workers(tmp_path, env, queue)
@@ -230,13 +231,13 @@ def test_enrich_table_on_two_celery_workers(
             connection.default_channel.queue_delete(queue)
 
     print(f"celery run: {wall:.1f}s wall, steps on {sorted(set(ran_on.values()))}")
-    # Every step ran on a worker, the 5 chunks (side by side: one a page) on both of them.
+    # Every step ran on a worker, the 4 chunks (side by side, a span narrower) on both.
     celery_chunks = {step for step in ran_on if step.startswith("enrich_entities[")}
     assert set(ran_on) == {"detect_entities", "apply_results", "close_job", *celery_chunks}
-    assert len(celery_chunks) == 5
+    assert len(celery_chunks) == 4
     chunk_workers = {ran_on[step].partition("-")[0] for step in celery_chunks}
     assert chunk_workers == set(WORKERS)
-    # The same cells, values and provenance as the run in process (4 spans, not 5).
+    # The same cells, values and provenance as the run in process (3 spans, not 4).
     assert differences(cells(celery_url), cells(in_process_url)) == []
     # The steps handed their outputs over through the database, one row per output.
     store = Store(celery_url)
@@ -291,7 +292,7 @@ def test_enrich_table_multiprocess_on_the_embedded_default(
             for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
             if record.dagster_event is not None
         ]
-    assert len(set(started)) == len(started) == 8  # a process per step: 5 of them chunks
+    assert len(set(started)) == len(started) == 7  # a process per step: 4 of them chunks
 
     assert differences(cells(urls["multiprocess"]), cells(urls["in_process"])) == []
     store = Store(urls["multiprocess"])

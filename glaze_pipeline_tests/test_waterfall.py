@@ -428,8 +428,17 @@ def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
     alone = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), cache=MemoryCache())
     asyncio.run(alone.enrich_many(companies, flush=False))
     assert alone.unshared_answers  # no shared tier: the flush is all there is
-    # The chunk's clock flushes them once they have waited a second in no shared tier: an
-    # answer bought a moment ago is usually on its way to Redis under its claim.
-    assert not alone.unshared_for(60.0)
+    assert alone.unshared_for(60.0)  # nothing will share them: urgent at once
+    alone.take_new_answers()
+    assert not alone.unshared_for(0.0)
+
+    # Under a claim whose shared tier failed to take it, an answer counts once it has waited
+    # (one bought a moment ago is usually on its way to Redis).
+    failing = SharingFlight()
+    failing.shared.put_many = None  # the write through raises: the answer stays unshared
+    late = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), flight=failing)
+    asyncio.run(late.enrich_many(companies, flush=False))
+    assert late.unshared_answers
+    assert not late.unshared_for(60.0)
     time.sleep(0.05)
-    assert alone.unshared_for(0.05)
+    assert late.unshared_for(0.05)

@@ -308,6 +308,9 @@ class Waterfall:
         # Bought since the last flush and in no shared tier (yet): only the flush keeps them.
         # When each was bought (time.monotonic), oldest first (insertion order).
         self._unshared: dict[CacheKey, float] = {}
+        # An answer bought since the last flush under a claim with no shared tier (no Redis):
+        # nothing will share it, so it is urgent at once.
+        self._unshareable = False
 
     async def enrich_many(
         self,
@@ -405,8 +408,11 @@ class Waterfall:
                     self._cached[cache_key] = found
                     return found
             answer = await self._buy(provider, key, asked, progress)
-            if answer is not None and shared is not None:
-                await self._publish(shared, cache_key, answer)
+            if answer is not None:
+                if shared is not None:
+                    await self._publish(shared, cache_key, answer)
+                else:
+                    self._unshareable = True
             return answer
 
     async def _buy(
@@ -544,7 +550,9 @@ class Waterfall:
         """`unshared_answers`, counting only answers in no shared tier for `seconds` or more:
         one bought a moment ago is on its way to Redis under its claim (at 2,000 calls a second
         there always is one, and a flush at every such sight was one a second: ~45 of S3's
-        statements instead of ~20)."""
+        statements instead of ~20). One bought with no shared tier to go to counts at once."""
+        if self._unshareable:
+            return True
         oldest = next(iter(self._unshared.values()), None)
         if oldest is not None and time.monotonic() - oldest >= seconds:
             return True
@@ -555,6 +563,7 @@ class Waterfall:
         (call it on the event loop; write them anywhere)."""
         answers, self._new_answers = self._new_answers, {}
         self._unshared.clear()
+        self._unshareable = False
         self._cached.update(answers)
         return answers
 
