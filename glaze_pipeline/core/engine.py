@@ -202,9 +202,10 @@ class JobSettings:
     # Rows per page detection reads (a read and a `running` hold each), and the most a streamed
     # write grows to (`write_page_size`).
     page_size: int = 5000
-    # Rows in a span's first streamed write (a read and a JSON-merge UPDATE each): small
-    # enough that the first rows land early. Each next page is twice the last, up to
-    # `page_size`: a long span costs ~2 statements per `page_size` rows, not per 1,000.
+    # Rows in the first span's first streamed write (a read and a JSON-merge UPDATE each):
+    # small enough that the job's first rows land early. Each next page is twice the last, up
+    # to `page_size` (a later span's pages are `page_size` from its first): ~2 statements per
+    # `page_size` rows of a long span, not per 1,000.
     write_page_size: int = 1000
     budget_block_calls: int = 20
     # Vendor batch endpoints (`lookup_many`) for the providers that declare one.

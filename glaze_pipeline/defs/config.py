@@ -69,8 +69,9 @@ class EnrichTableConfig(Config):
     )
     write_page_size: int = Field(
         default=JobSettings.write_page_size,
-        description="Rows in a span's first streamed write (each next page twice the last, up "
-        "to page_size): a page is written as soon as its entities are answered.",
+        description="Rows in the first span's first streamed write (each next page twice the "
+        "last, up to page_size; a later span starts at page_size): a page is written as soon "
+        "as its entities are answered.",
     )
     batch_endpoints: bool = Field(
         default=JobSettings.batch_endpoints,
