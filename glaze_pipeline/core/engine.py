@@ -1135,9 +1135,9 @@ def apply_results(
     the patch's); rows it skips stay held until `finish_job` (or whatever ends it) lets go.
 
     A cell is written only if it still holds what the job read: empty, or for an overwriting
-    job the value it fingerprinted at detection (`read`, `Detection.read`). The check is made on the page read
-    and again inside the UPDATE (compare-and-set), so an edit made at any time before the
-    write wins: its row is read again and the edited cell is kept (counted skipped, `kept`).
+    job the value it fingerprinted at detection (`read`, `Detection.read`). The check is made
+    on the page read and again inside the UPDATE (compare-and-set), so an edit made at any
+    time before the write wins: its row is read again and the edited cell is kept (counted skipped, `kept`).
 
     With a `watch`, its beats carry the counters so far, and a request closed under the job
     stops it between pages (every row is then either fully written by this job or untouched).

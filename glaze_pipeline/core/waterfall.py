@@ -325,9 +325,10 @@ class Waterfall:
 
         `concurrency` workers take the entities in the order given, one at a time, so memory
         holds `concurrency` lookups, not a task per entity (a span of 27,500 entities as tasks
-        waiting at a semaphore: ~40 MiB more at the peak in S3 at scale 1). `on_outcome` hears each one
-        as soon as it is settled (a streaming writer's cue), and then the outcomes are not
-        also collected: the list returned is empty. Otherwise it holds them in order."""
+        waiting at a semaphore: ~40 MiB more at the peak in S3 at scale 1). `on_outcome`
+        hears each one as soon as it is settled (a streaming writer's cue), and then the
+        outcomes are not also collected: the list returned is empty. Otherwise it holds them
+        in order."""
         requests = list(requests)
         await self._prefetch(requests)
         collected: list[EntityOutcome | None] = [None] * len(requests) if on_outcome is None else []
