@@ -1137,7 +1137,8 @@ def apply_results(
     A cell is written only if it still holds what the job read: empty, or for an overwriting
     job the value it fingerprinted at detection (`read`, `Detection.read`). The check is made
     on the page read and again inside the UPDATE (compare-and-set), so an edit made at any
-    time before the write wins: its row is read again and the edited cell is kept (counted skipped, `kept`).
+    time before the write wins: its row is read again and the edited cell is kept (counted
+    skipped, `kept`).
 
     With a `watch`, its beats carry the counters so far, and a request closed under the job
     stops it between pages (every row is then either fully written by this job or untouched).
