@@ -51,6 +51,18 @@ def chunk_steps(result: Any) -> set[str]:
     }
 
 
+def test_the_fan_out_width_by_executor_and_entities() -> None:
+    settings = engine.JobSettings()
+    assert settings.fan_out("in_process") == engine.IN_PROCESS_CHUNKS == 4
+    # A span holds its own entities' outcomes: in process, spans of 20,000 at most.
+    assert settings.fan_out("in_process", entities=80_000) == 4
+    assert settings.fan_out("in_process", entities=110_000) == 6
+    assert settings.fan_out("in_process", entities=5_000_000) == engine.MAX_CHUNKS == 16
+    assert settings.fan_out("multiprocess", entities=10) == 16
+    assert settings.fan_out("celery") == 16
+    assert engine.JobSettings(max_chunks=3).fan_out("in_process", entities=110_000) == 3
+
+
 def test_in_process_the_fan_out_is_narrow_unless_asked(store: Store) -> None:
     """In process the enrich steps run one after another: the job fans out to at most
     IN_PROCESS_CHUNKS of them (each costs a start, a tail and its fixed statements for no

@@ -300,7 +300,9 @@ def detect_entities(
             detection,
             target,
             chunk_size=settings.chunk_size,
-            max_chunks=settings.fan_out(selected_executor(context.run_config)),
+            max_chunks=settings.fan_out(
+                selected_executor(context.run_config), entities=len(detection.entities)
+            ),
         )
         requests.record_counters(
             request_id,
