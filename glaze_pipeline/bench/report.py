@@ -316,9 +316,12 @@ def _fan_out(max_chunks: int | None) -> str:
     """The run's fan-out width as set, or the job's default by executor."""
     if max_chunks is not None:
         return str(max_chunks)
-    from glaze_pipeline.core.engine import IN_PROCESS_CHUNKS, MAX_CHUNKS
+    from glaze_pipeline.core.engine import IN_PROCESS_CHUNKS, IN_PROCESS_SPAN_ENTITIES, MAX_CHUNKS
 
-    return f"{IN_PROCESS_CHUNKS} in process, {MAX_CHUNKS} on other executors"
+    return (
+        f"{IN_PROCESS_CHUNKS} in process (more if a span would own over "
+        f"{IN_PROCESS_SPAN_ENTITIES:,} entities), {MAX_CHUNKS} on other executors"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

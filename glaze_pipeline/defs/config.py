@@ -55,7 +55,8 @@ class EnrichTableConfig(Config):
     max_chunks: int | None = Field(
         default=JobSettings.max_chunks,
         description="Max enrich steps (fan-out width); none: 4 in process, where steps run one "
-        "after another, 16 when they run side by side (multiprocess, Celery).",
+        "after another (more if a span would own over 20,000 entities), 16 when they run side "
+        "by side (multiprocess, Celery).",
     )
     concurrency: int = Field(
         default=JobSettings.concurrency, description="Concurrent entity lookups per step."
