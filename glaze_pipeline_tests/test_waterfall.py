@@ -407,6 +407,13 @@ class SharingFlight:
         return None
 
 
+class RefusingCache(MemoryCache):
+    """A shared tier that is down: every write fails."""
+
+    def put_many(self, answers: Any) -> None:
+        raise ConnectionError("the shared tier is down")
+
+
 def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
     """The chunk flushes answers a claim already wrote through to the shared tier on a slow
     clock; one the shared tier does not hold (no claim, or the tier failed since) is urgent."""
@@ -418,16 +425,16 @@ def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
     shared = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), flight=flight)
     asyncio.run(shared.enrich_many(companies, flush=False))
     assert len(flight.shared) == 3  # written through under the claims
-    assert not shared.unshared_answers
+    assert not shared.unshared_for()
     flight.failed = True  # Redis failed after: only the flush keeps the answers now
-    assert shared.unshared_answers
+    assert shared.unshared_for()
     bought = {(c.key.id, "fake_company") for c in companies}
     assert bought <= set(shared.take_new_answers())  # with the aliases they brought along
-    assert not shared.unshared_answers  # nothing left to flush
+    assert not shared.unshared_for()  # nothing left to flush
 
     alone = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), cache=MemoryCache())
     asyncio.run(alone.enrich_many(companies, flush=False))
-    assert alone.unshared_answers  # no shared tier: the flush is all there is
+    assert alone.unshared_for()  # no shared tier: the flush is all there is
     assert alone.unshared_for(60.0)  # nothing will share them: urgent at once
     alone.take_new_answers()
     assert not alone.unshared_for(0.0)
@@ -435,10 +442,10 @@ def test_only_answers_no_shared_tier_holds_are_urgent_to_flush() -> None:
     # Under a claim whose shared tier failed to take it, an answer counts once it has waited
     # (one bought a moment ago is usually on its way to Redis).
     failing = SharingFlight()
-    failing.shared.put_many = None  # the write through raises: the answer stays unshared
+    failing.shared = RefusingCache()  # the write through fails: the answer stays unshared
     late = Waterfall([FakeProvider(EntityType.COMPANY)], budget=Budget(None), flight=failing)
     asyncio.run(late.enrich_many(companies, flush=False))
-    assert late.unshared_answers
+    assert late.unshared_for()
     assert not late.unshared_for(60.0)
     time.sleep(0.05)
     assert late.unshared_for(0.05)

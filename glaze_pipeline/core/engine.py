@@ -235,10 +235,8 @@ class JobSettings:
         side by side: MAX_CHUNKS, so a pool stays busy to the end."""
         if self.max_chunks is not None:
             return self.max_chunks
-        if executor != "in_process":
-            return MAX_CHUNKS
-        by_memory = math.ceil(entities / IN_PROCESS_SPAN_ENTITIES)
-        return min(MAX_CHUNKS, max(IN_PROCESS_CHUNKS, by_memory))
+        width = IN_PROCESS_CHUNKS if executor == "in_process" else MAX_CHUNKS
+        return min(MAX_CHUNKS, max(width, math.ceil(entities / IN_PROCESS_SPAN_ENTITIES)))
 
 
 @dataclass(frozen=True)

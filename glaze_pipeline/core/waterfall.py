@@ -332,6 +332,7 @@ class Waterfall:
         requests = list(requests)
         await self._prefetch(requests)
         collected: list[EntityOutcome | None] = [None] * len(requests) if on_outcome is None else []
+        # A position per request, each filled by the worker that took it (or the list empty).
         queue = iter(enumerate(requests))
 
         async def worker() -> None:
@@ -349,7 +350,7 @@ class Waterfall:
         workers = min(max(1, concurrency), len(requests))
         try:
             await asyncio.gather(*(worker() for _ in range(workers)))
-            return [outcome for outcome in collected if outcome is not None]
+            return cast(list[EntityOutcome], collected)
         finally:
             if flush:
                 self.flush_cache()
@@ -539,19 +540,15 @@ class Waterfall:
         if keys:
             self._cached.update(await asyncio.to_thread(self.cache.get_many, keys))
 
-    @property
-    def unshared_answers(self) -> bool:
-        """Whether an answer bought since the last flush is in no shared tier yet (bought
-        without a claim that wrote it through, e.g. while Redis is down), or the shared tier
-        has failed since (`Flight.degraded`): only the flush keeps such answers if
-        the process dies, and contenders that fell back to the database meet them there."""
-        return self.unshared_for(0.0)
-
-    def unshared_for(self, seconds: float) -> bool:
-        """`unshared_answers`, counting only answers in no shared tier for `seconds` or more:
-        one bought a moment ago is on its way to Redis under its claim (at 2,000 calls a second
-        there always is one, and a flush at every such sight was one a second: ~45 of S3's
-        statements instead of ~20). One bought with no shared tier to go to counts at once."""
+    def unshared_for(self, seconds: float = 0.0) -> bool:
+        """Whether an answer bought since the last flush has been in no shared tier for
+        `seconds` or more (bought without a claim that wrote it through, e.g. while Redis is
+        down), or the shared tier has failed since (`Flight.degraded`): only the flush keeps
+        such answers if the process dies, and contenders that fell back to the database meet
+        them there. One bought a moment ago is usually on its way to Redis under its claim (at
+        2,000 calls a second there always is one, and a flush at every such sight was one a
+        second: ~45 of S3's statements instead of ~20); one bought with no shared tier to go to
+        counts at once."""
         if self._unshareable:
             return True
         oldest = next(iter(self._unshared.values()), None)
