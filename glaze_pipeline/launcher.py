@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
@@ -48,9 +47,9 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "glaze_requests"
 
-# (request, its first op's config, tags) -> Dagster run id. The job is the request's kind's
-# (`queue.job_run`): enrich_table, or an AI job.
-LaunchFunction = Callable[[queue.ClaimedRequest, dict[str, Any], dict[str, str]], str]
+# A claimed request (its first op's config, tags, executor) -> Dagster run id. The job is the
+# request's kind's (`queue.job_run`): enrich_table, or an AI job.
+LaunchFunction = Callable[[queue.Launchable], str]
 # How many more runs may start now; None: no limit here.
 Capacity = Callable[[], int | None]
 
@@ -136,7 +135,7 @@ class Launcher:
                 for position, item in enumerate(batch):
                     request = item.request
                     try:
-                        run_id = self.launch(request, item.config, item.tags)
+                        run_id = self.launch(item)
                     except LaunchRejected as error:
                         if requests.reject(request.id, f"launch refused: {error}"):
                             queue.settle_ended(self.store, request.id)  # let go of its rows
@@ -242,6 +241,7 @@ def graphql_launch(graphql_url: str) -> RunStarter:
     before anything is claimed. A code location still loading (or failing to) is only logged:
     it may be ready by the first launch, and a launch it cannot serve (an AI job its code does
     not have yet, say) is refused per request."""
+    from glaze_pipeline.defs.executors import run_config_on
     from glaze_pipeline.graphql_client import (
         CodeLocationError,
         DagsterGraphQLClient,
@@ -265,10 +265,12 @@ def graphql_launch(graphql_url: str) -> RunStarter:
     except CodeLocationError as error:
         log.warning("launcher: %s; launching anyway", _one_line(error))
 
-    def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
-        job_name, run_config = queue.job_run(request.kind, config)
+    def launch(item: queue.Launchable) -> str:
+        request = item.request
+        # A large enrich runs on every core (queue.executor_for), as from the sensor.
+        run_config = run_config_on(item.run_config, item.executor)
         try:
-            return client.launch_run(job_name, run_config, tags=tags)
+            return client.launch_run(item.job_name, run_config, tags=item.tags)
         except (RunConfigInvalidError, JobNotFoundError) as error:
             raise LaunchRejected(str(error)) from error
         except GraphQLTransportError:
@@ -320,10 +322,12 @@ def fork_launch(
                 children.discard(pid)
         return max_runs - len(children)
 
-    def launch(request: queue.ClaimedRequest, config: dict[str, Any], tags: dict[str, str]) -> str:
+    def launch(item: queue.Launchable) -> str:
         if capacity() < 1:
             raise AtCapacity(f"{len(children)} runs in progress")
-        job_name, run_config = queue.job_run(request.kind, config)
+        # In process whatever its size (`item.executor` aside): the child executes the job
+        # right here (execute_in_process), which is what makes this path fast to start.
+        request, job_name, run_config = item.request, item.job_name, item.run_config
         run_id = make_new_run_id()
         pid = os.fork()
         if pid == 0:  # the child: execute, then leave without running the parent's cleanup
@@ -336,7 +340,7 @@ def fork_launch(
                         database_url=database_url,
                         definitions=definitions,
                         instance=instance,
-                        tags=tags,
+                        tags=item.tags,
                         run_id=run_id,
                         log_level=None,  # Dagster's own console log, as any launched run's
                         one_line_log=False,

@@ -11,15 +11,16 @@ import os
 import secrets
 from pathlib import Path
 
+import pytest
 import yaml
 
 from glaze_pipeline.bench import cache_throughput, expected
 from glaze_pipeline.bench.expected import statement_limit
 from glaze_pipeline.bench.report import figure_rows
-from glaze_pipeline.bench.run import BenchSettings, run_benchmark
+from glaze_pipeline.bench.run import BenchSettings, run_benchmark, variant_targets
 from glaze_pipeline.bench.stack import celery_workers, dagster_postgres_yaml
 from glaze_pipeline.bench.worker import stream_figures
-from glaze_pipeline.core.settings import DEFAULT_CELERY_BROKER
+from glaze_pipeline.core.settings import DEFAULT_CELERY_BROKER, MULTIPROCESS_ROWS_ENV
 
 BROKER = os.environ.get("GLAZE_TEST_CELERY_BROKER") or DEFAULT_CELERY_BROKER
 
@@ -222,3 +223,26 @@ def test_executor_rows_say_how_they_ran() -> None:
     assert row[4].startswith("not counted") and row[5] == "2.00"
     assert row[8] == "100 / 0 (Celery worker 150)"
     assert rows["entity-first, multiprocess executor"][2] == "not available"
+
+
+def test_the_queue_launch_row_reads_the_executor_such_a_launch_picks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3's `as launched from the queue` wall is the multiprocess row's from
+    GLAZE_MULTIPROCESS_ROWS held rows on, the in-process row's below."""
+    entity = {"wall_s": 30.0, "first_step_s": 0.1}
+    processes = {"wall_s": 20.0, "first_step_s": 1.0, "provider_calls": {}}
+    s3 = {
+        "rows": 1000,
+        "bound_s": 15.0,
+        "entity_first": entity | {"expected_calls": {}},
+        "variants": {"multiprocess": processes},
+    }
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "1000")
+    [*_, launched] = variant_targets(s3)
+    assert launched["target"].endswith("(as launched from the queue: multiprocess)")
+    assert (launched["got"], launched["met"]) == ("20.0 s", True)  # <= 1.5 x 15 + 1.0
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "1001")
+    [*_, launched] = variant_targets(s3)
+    assert launched["target"].endswith("(as launched from the queue: in_process)")
+    assert (launched["got"], launched["met"]) == ("30.0 s", False)  # > 1.5 x 15 + 0.1

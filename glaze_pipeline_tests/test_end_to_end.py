@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from dagster import DagsterInstance, build_sensor_context
+from dagster import DagsterEventType, DagsterInstance, build_sensor_context
 from sqlalchemy import text
 
 from glaze_pipeline.bench.stack import BIN, Stack, dagster_stack
@@ -25,6 +25,7 @@ from glaze_pipeline.core.models import TERMINAL_REQUEST_STATUSES, RequestStatus
 from glaze_pipeline.core.seed import seed_generated
 from glaze_pipeline.core.spend import MAX_BLOCK_PER_IN_FLIGHT
 from glaze_pipeline.core.store import Store
+from glaze_pipeline.defs.executors import selected_executor
 from glaze_pipeline.defs.resources import (
     STALE_AFTER_ENV,
     GlazeDatabase,
@@ -86,13 +87,15 @@ def app_store(postgres_url: str) -> Iterator[Store]:
 
 @contextmanager
 def daemon_stack(
-    postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
+    postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer, **env: str
 ) -> Iterator[Stack]:
-    """The Dagster daemon over the session's Postgres database, with the mock providers."""
+    """The Dagster daemon over the session's Postgres database, with the mock providers (and
+    `env` in its environment)."""
     empty_app_tables(postgres_url)
     with dagster_stack(postgres_url, webserver=False) as stack:
         stack.env["GLAZE_PROVIDERS_FILE"] = str(providers_file(tmp_path, mock))
         stack.env["GLAZE_REDIS_URL"] = redis_url
+        stack.env.update(env)
         # the daemon was started before these were set: restart it with them
         for process in list(stack.processes):
             stack.stop(process)
@@ -209,6 +212,48 @@ def test_sql_insert_is_launched_by_the_daemon_and_filled(
     with DagsterInstance.from_config(str(stack.home)) as instance:
         run = instance.get_run_by_id(request.run_id)
         assert run is not None and run.tags["glaze/request"] == request_id
+
+
+def test_a_large_request_from_the_queue_runs_its_steps_in_processes_of_their_own(
+    postgres_url: str, redis_url: str, tmp_path: Path, mock: MockProviderServer
+) -> None:
+    """From GLAZE_MULTIPROCESS_ROWS held rows on (lowered to 10 here; 50,000 by default) the
+    sensor launches an enrich on the multiprocess executor: each step in a process of its
+    own, the result the same as in process."""
+    with daemon_stack(
+        postgres_url, redis_url, tmp_path, mock, GLAZE_MULTIPROCESS_ROWS="10"
+    ) as stack:
+        store = Store(postgres_url)
+        try:
+            table = seed_generated(store, rows=20, unique_companies=5)
+            small = seed_generated(store, rows=5, unique_companies=5, name="small")
+            request_id = insert_request(store, table, "industry", "employee_count")
+            request = wait_terminal(store, request_id)
+            assert request.status == "succeeded", request.error
+            assert (request.cells_done, request.rows_written, request.entities) == (40, 20, 5)
+            assert (
+                request.provider_calls
+                == {"cheap_company": 5}
+                == {"cheap_company": cheap_calls(mock)}
+            )
+            assert all(r.data["industry"] for r in store.rows_in_order(table.id))
+            small_id = insert_request(store, small, "industry")
+            assert wait_terminal(store, small_id).status == "succeeded"
+            with DagsterInstance.from_config(str(stack.home)) as instance:
+                for done, executor in (
+                    (request, "multiprocess"),
+                    (store.get_request(small_id), "in_process"),
+                ):
+                    run = instance.get_run_by_id(done.run_id)
+                    assert run is not None and selected_executor(run.run_config) == executor
+                    workers = instance.get_records_for_run(
+                        done.run_id, of_type=DagsterEventType.STEP_WORKER_STARTED
+                    ).records
+                    steps = {record.event_log_entry.step_key for record in workers}
+                    # every step of the large run in its own process; none of the small run's
+                    assert ("detect_entities" in steps) == (executor == "multiprocess")
+        finally:
+            store.dispose()
 
 
 def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from dagster import DagsterInstance, RunRequest, build_sensor_context
+from dagster import DagsterInstance, RunRequest, build_sensor_context, validate_run_config
 from sqlalchemy import text
 
 from glaze_pipeline.bench.stack import BIN, free_port
@@ -32,7 +32,10 @@ from glaze_pipeline.cli import cli
 from glaze_pipeline.core import queue
 from glaze_pipeline.core.requests import RequestRepository
 from glaze_pipeline.core.seed import seed_generated
+from glaze_pipeline.core.settings import MULTIPROCESS_ROWS_ENV, multiprocess_rows
 from glaze_pipeline.core.store import Store
+from glaze_pipeline.definitions import build_definitions
+from glaze_pipeline.defs.executors import selected_executor
 from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
 from glaze_pipeline.defs.sensors import enrichment_queue_sensor
 from glaze_pipeline.launcher import NOTIFY_CHANNEL, Launcher, fork_launch
@@ -50,15 +53,22 @@ class RecordingLaunch:
     ids: list[str] = field(default_factory=list)
     failures_left: int = 0
     attempts: list[float] = field(default_factory=list)
+    executors: dict[str, str] = field(default_factory=dict)
 
-    def __call__(self, request: queue.ClaimedRequest, config: dict[str, Any], tags: Any) -> str:
+    def __call__(self, item: queue.Launchable) -> str:
         self.attempts.append(time.monotonic())
         if self.failures_left:
             self.failures_left -= 1
             raise ConnectionError("dagster unreachable")
-        assert config["request_id"] == request.id == tags["glaze/request"]
+        request = item.request
+        assert item.config["request_id"] == request.id == item.tags["glaze/request"]
         self.ids.append(request.id)
+        self.executors[request.id] = item.executor
         return f"run-{request.id}"
+
+
+def sensor_resources(store: Store) -> dict[str, Any]:
+    return {"glaze_db": GlazeDatabase(url=store.url), "progress": ProgressChannel()}
 
 
 def insert_request(store: Store, table_id: str, selection: str, kind: str = "enrich") -> str:
@@ -126,10 +136,9 @@ def test_a_poisoned_request_fails_alone_and_the_launcher_launches_the_rest(store
 
 def test_a_poisoned_request_fails_alone_and_the_sensor_launches_the_rest(store: Store) -> None:
     good, poisoned = queue_poisoned_batch(store)
-    resources = {"glaze_db": GlazeDatabase(url=store.url), "progress": ProgressChannel()}
     with (
         DagsterInstance.ephemeral() as instance,
-        build_sensor_context(instance=instance, resources=resources) as context,
+        build_sensor_context(instance=instance, resources=sensor_resources(store)) as context,
     ):
         result = enrichment_queue_sensor(context)
     runs = result.run_requests
@@ -137,6 +146,70 @@ def test_a_poisoned_request_fails_alone_and_the_sensor_launches_the_rest(store: 
     assert sorted(run.run_key for run in runs) == sorted(good)
     assert all(state(store, request_id)[0] == "launched" for request_id in good)
     assert_failed_alone(store, poisoned)
+
+
+def test_a_large_request_runs_on_every_core_from_the_launcher_and_the_sensor(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enrich request holding GLAZE_MULTIPROCESS_ROWS rows or more is launched with its
+    steps in processes of their own (a run config enrich_table accepts); a smaller one, an
+    estimate, any request on one core or with the setting at 0 stays in process."""
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "4")
+    small = seed_generated(store, rows=3, unique_companies=2)
+    large = seed_generated(store, rows=6, unique_companies=2)
+    everything = {"whole_table": True}
+    expected = {
+        queue.enqueue(store, small.id, everything): queue.IN_PROCESS,
+        queue.enqueue(store, large.id, everything): queue.MULTIPROCESS,
+        queue.enqueue(store, large.id, everything, kind="estimate"): queue.IN_PROCESS,
+    }
+    launches = RecordingLaunch()
+    assert Launcher(store, launches).launch_pending() == 3
+    assert launches.executors == expected
+
+    for request_id in expected:  # again, through the sensor
+        RequestRepository(store).requeue(request_id, "again, through the sensor")
+    with (
+        DagsterInstance.ephemeral() as instance,
+        build_sensor_context(instance=instance, resources=sensor_resources(store)) as context,
+    ):
+        runs = {run.run_key: run for run in enrichment_queue_sensor(context).run_requests}
+    job = build_definitions().resolve_job_def(queue.ENRICH_JOB)
+    for request_id, executor in expected.items():
+        run_config = runs[request_id].run_config
+        assert selected_executor(run_config) == executor
+        assert validate_run_config(job, run_config)["ops"]["detect_entities"]["config"]
+    processes = runs[next(iter(k for k, v in expected.items() if v == queue.MULTIPROCESS))]
+    assert processes.run_config["execution"]["config"]["multiprocess"]["max_concurrent"] == (
+        os.cpu_count()
+    )
+
+    other = seed_generated(store, rows=6, unique_companies=2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    big = queue.enqueue(store, other.id, everything)
+    assert Launcher(store, launches).launch_pending() == 1
+    assert store.held_rows(big) == 6
+    assert launches.executors[big] == queue.IN_PROCESS  # one core: nothing to gain
+
+
+def test_a_bad_multiprocess_setting_claims_nothing_and_names_itself(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's mistake, not the request's: the claim raises before it takes anything, and
+    the request waits in the queue for the setting to be mended."""
+    table = seed_generated(store, rows=3, unique_companies=2)
+    request_id = queue.enqueue(store, table.id, {"whole_table": True})
+    for value, problem in (("many", "a number"), ("2.5", "a whole number of rows")):
+        monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, value)
+        with pytest.raises(ValueError, match=f"{MULTIPROCESS_ROWS_ENV} must be {problem}"):
+            Launcher(store, RecordingLaunch()).launch_pending()
+        assert state(store, request_id) == ("queued", None, None)
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "0")
+    assert multiprocess_rows() is None
+    assert multiprocess_rows(3) == 3
+    launches = RecordingLaunch()
+    assert Launcher(store, launches).launch_pending() == 1
+    assert launches.executors == {request_id: queue.IN_PROCESS}
 
 
 def test_a_full_launcher_claims_nothing_and_at_most_its_free_slots(store: Store) -> None:

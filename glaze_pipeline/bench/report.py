@@ -228,7 +228,10 @@ def markdown(results: dict[str, Any]) -> str:
         "longest silence between `started`/`progress` events from the first `started` to the "
         "last `progress` (Redis), and between the request row's `updated_at` stamps (polled). "
         "Write rows/s: rows written / the seconds Postgres spent in the row-merge statements; "
-        "detect rows/s: rows / the detect_entities step.",
+        "detect rows/s: rows / the detect_entities step. From the queue (the sensor, the "
+        "GraphQL launcher) an enrich request that holds `GLAZE_MULTIPROCESS_ROWS` rows or more "
+        "(50,000 unless set) runs on the multiprocess executor: the target row `as launched "
+        "from the queue` reads S3's wall on the executor such a launch would pick.",
         "",
         "## Figures",
         "",

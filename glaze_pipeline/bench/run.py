@@ -824,7 +824,22 @@ def variant_targets(s3: dict[str, Any]) -> list[dict[str, Any]]:
             all(calls.get(k, 0) == expected.get(k, 0) for k in set(calls) | set(expected)),
         )
         add_wall_target(add, s3, variant, f" ({name})")
+    launched = queued_launch_executor(s3.get("rows") or 0)
+    chosen = s3["entity_first"] if launched == "in_process" else s3["variants"].get(launched)
+    if chosen is not None and "wall_s" in chosen:
+        add_wall_target(add, s3, chosen, f" (as launched from the queue: {launched})")
     return found
+
+
+def queued_launch_executor(rows: int) -> str:
+    """The executor the queue sensor and the GraphQL launcher give an enrich request that holds
+    `rows` rows (`queue.executor_for`); in process on an engine older than that choice."""
+    try:
+        from glaze_pipeline.core.settings import multiprocess_rows
+    except ImportError:
+        return "in_process"
+    threshold = multiprocess_rows()
+    return "in_process" if threshold is None or rows < threshold else "multiprocess"
 
 
 # --- S3's second rows: batch endpoints, other executors ---------------------------------------

@@ -14,6 +14,10 @@ HOME_ENV = "GLAZE_HOME"
 PRE_ENRICH_BUDGET_ENV = "GLAZE_PRE_ENRICH_BUDGET"
 DEFAULT_PRE_ENRICH_BUDGET = 100.0
 ALLOW_PRIVATE_NETWORKS_ENV = "GLAZE_ALLOW_PRIVATE_NETWORKS"
+MULTIPROCESS_ROWS_ENV = "GLAZE_MULTIPROCESS_ROWS"
+# An enrich run that holds this many rows or more is launched on every core (the multiprocess
+# executor): below it, one process is as fast (see `multiprocess_rows`).
+DEFAULT_MULTIPROCESS_ROWS = 50_000
 # How a job runs unless told otherwise: core/engine.JobSettings' defaults, which the run config
 # and the benchmark read; here, apart from the engine, so the CLI can show them without loading it.
 DEFAULT_CHUNK_SIZE = 2000  # min entities per enrich step (each step costs ~0.3 s of start and tail)
@@ -48,6 +52,27 @@ def pre_enrich_budget(explicit: float | None = None) -> float:
     """
     value = non_negative_setting(explicit, PRE_ENRICH_BUDGET_ENV, label="the pre-enrichment budget")
     return DEFAULT_PRE_ENRICH_BUDGET if value is None else value
+
+
+def multiprocess_rows(explicit: int | None = None) -> int | None:
+    """From how many held rows a launched enrich run puts its steps in processes of their own,
+    one per core: `explicit`, else `GLAZE_MULTIPROCESS_ROWS`, else 50,000. None (never) for 0,
+    or on a machine with one core.
+
+    Measured with `glaze bench run --scenarios S3 --executors in_process,multiprocess`: in one
+    process a large job is bound by the worker's CPU (~0.5 ms a provider call, ~2,000 calls a
+    second at the most), on two it is not; below the threshold the processes' start (~1.7 s a
+    run and ~0.5 s a step) costs more than the second core gives back. Anything but a whole
+    number >= 0 raises, naming the variable.
+    """
+    value = non_negative_setting(explicit, MULTIPROCESS_ROWS_ENV, label="multiprocess rows")
+    rows = DEFAULT_MULTIPROCESS_ROWS if value is None else value
+    if rows != int(rows):
+        source = MULTIPROCESS_ROWS_ENV if explicit is None else "multiprocess rows"
+        raise ValueError(f"{source} must be a whole number of rows, not {rows!r}")
+    if rows == 0 or (os.cpu_count() or 1) < 2:
+        return None
+    return int(rows)
 
 
 def non_negative_setting(

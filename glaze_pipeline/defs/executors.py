@@ -109,6 +109,15 @@ def selected_executor(run_config: Mapping[str, object]) -> str:
     return "in_process"
 
 
+def run_config_on(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`run_config` with the `execution` section that picks executor `name` (in process, the
+    default, leaves it as it is): how a launch path runs a large request on every core
+    (`queue.Launchable.executor`)."""
+    if name == "in_process":
+        return dict(run_config)
+    return {**run_config, "execution": execution_config(name)}
+
+
 def execution_config(
     name: str, *, processes: int | None = None, queue: str = "dagster"
 ) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from glaze_pipeline.core.models import RequestStatus
 from glaze_pipeline.core.store import Store, utcnow
 from glaze_pipeline.defs.ai_jobs import AI_JOB_DEFS
 from glaze_pipeline.defs.config import EnrichTableConfig, JobKind
+from glaze_pipeline.defs.executors import run_config_on
 from glaze_pipeline.defs.jobs import enrich_table
 from glaze_pipeline.defs.resources import (
     GlazeDatabase,
@@ -51,13 +52,14 @@ REQUEST_JOBS = [enrich_table, *AI_JOB_DEFS]
 
 
 def request_runs(launchable: list[queue.Launchable]) -> list[RunRequest]:
-    """One RunRequest per valid claimed request, for its kind's job; its id is the run key
+    """One RunRequest per valid claimed request, for its kind's job, on the executor its size
+    calls for (a large enrich on every core: `queue.executor_for`); its id is the run key
     (never launched twice)."""
     return [
         RunRequest(
             run_key=item.request.id,
             job_name=item.job_name,
-            run_config=item.run_config,
+            run_config=run_config_on(item.run_config, item.executor),
             tags=item.tags,
         )
         for item in launchable
