@@ -33,6 +33,7 @@ APP_TABLES = (
     "tables",
     "provider_observations",
     "llm_calls",
+    "step_outputs",  # what a multiprocess or Celery run handed between its steps
 )
 
 # The tiers: these modules drive real processes (`glaze serve`, the CLI as a subprocess, Dagster's

@@ -9,6 +9,9 @@ checked on its own, on events of known timing.
 import json
 import os
 import secrets
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +20,14 @@ import yaml
 from glaze_pipeline.bench import cache_throughput, expected
 from glaze_pipeline.bench.expected import statement_limit
 from glaze_pipeline.bench.report import figure_rows
-from glaze_pipeline.bench.run import BenchSettings, run_benchmark, variant_targets
+from glaze_pipeline.bench.run import (
+    BenchSettings,
+    run_benchmark,
+    s5_variant_targets,
+    variant_targets,
+)
 from glaze_pipeline.bench.stack import celery_workers, dagster_postgres_yaml
-from glaze_pipeline.bench.worker import stream_figures
+from glaze_pipeline.bench.worker import descendants_usage, stream_figures
 from glaze_pipeline.core.settings import DEFAULT_CELERY_BROKER, MULTIPROCESS_ROWS_ENV
 
 BROKER = os.environ.get("GLAZE_TEST_CELERY_BROKER") or DEFAULT_CELERY_BROKER
@@ -246,3 +254,41 @@ def test_the_queue_launch_row_reads_the_executor_such_a_launch_picks(
     [*_, launched] = variant_targets(s3)
     assert launched["target"].endswith("(as launched from the queue: in_process)")
     assert (launched["got"], launched["met"]) == ("30.0 s", False)  # > 1.5 x 15 + 0.1
+
+
+def test_step_processes_are_measured_from_proc_and_held_to_the_rss_limit() -> None:
+    """A step process's peak RSS is its VmHWM, read from /proc as the run goes: a child that
+    touched 64 MiB shows at least that; S5's multiprocess row holds each process to the limit."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; block = b'x' * (64 << 20); time.sleep(30)"]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            cpu, rss = descendants_usage(os.getpid()).get(child.pid, (0.0, None))
+            if rss is not None and rss >= 64:
+                break
+            assert time.monotonic() < deadline, f"child seen with {rss} MiB"
+            time.sleep(0.1)
+        assert cpu >= 0.0
+    finally:
+        child.kill()
+        child.wait()
+    calls = {"cheap_company": 5}
+    s5 = {
+        "entity_first": {"expected_calls": calls},
+        "variants": {
+            "multiprocess": {
+                "wall_s": 9.0,
+                "provider_calls": calls,
+                "peak_rss_mib": 300.0,
+                "step_processes_peak_rss_mib": 600.0,
+            }
+        },
+    }
+    found = {t["target"]: (t["got"], t["met"]) for t in s5_variant_targets(s5)}
+    assert found == {
+        "provider calls = the needed ones (multiprocess)": ("cheap_company 5", True),
+        "peak RSS per process (multiprocess: run process)": ("300.0 MiB", True),
+        "peak RSS per process (multiprocess: largest step process)": ("600.0 MiB", False),
+    }

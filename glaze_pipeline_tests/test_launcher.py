@@ -192,6 +192,27 @@ def test_a_large_request_runs_on_every_core_from_the_launcher_and_the_sensor(
     assert launches.executors[big] == queue.IN_PROCESS  # one core: nothing to gain
 
 
+def test_a_request_naming_fewer_rows_than_the_threshold_is_not_counted(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its size is in the selection: no count of held rows (a statement) to choose."""
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "4")
+    table = seed_generated(store, rows=7, unique_companies=2)
+    rows = [row.id for row in store.rows_in_order(table.id)]
+    industry = [table.column_by_key("industry").id]
+    counted: list[str] = []
+    count = store.held_rows
+    monkeypatch.setattr(
+        store, "held_rows", lambda request: counted.append(request) or count(request)
+    )
+    few = queue.enqueue(store, table.id, {"column_ids": industry, "row_ids": rows[:3]})
+    many = queue.enqueue(store, table.id, {"column_ids": industry, "row_ids": rows[3:]})
+    launches = RecordingLaunch()
+    assert Launcher(store, launches).launch_pending() == 2
+    assert launches.executors == {few: queue.IN_PROCESS, many: queue.MULTIPROCESS}
+    assert counted == [many]
+
+
 def test_a_bad_multiprocess_setting_claims_nothing_and_names_itself(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

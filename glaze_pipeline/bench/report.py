@@ -140,6 +140,8 @@ def _entity_row(
         + (
             f" (Celery worker {entity['celery_workers_peak_rss_mib']:.0f})"
             if entity.get("celery_workers_peak_rss_mib")
+            else f" (step process {entity['step_processes_peak_rss_mib']:.0f})"
+            if entity.get("step_processes_peak_rss_mib")
             else ""
         ),
         f"{request.get('cells_done', 0):,} / {scenario['cells']:,}",

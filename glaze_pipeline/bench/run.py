@@ -238,6 +238,11 @@ def run_benchmark(
                 s3 = results["scenarios"]["S3"]
                 s3["variants"] = run_s3_variants(plan["S3"], workspace, s3)
                 s3["targets"] += variant_targets(s3)
+            if "S5" in results["scenarios"] and "multiprocess" in settings.executors:
+                # The path a request this large takes from the queue (queue.executor_for).
+                s5 = results["scenarios"]["S5"]
+                s5["variants"] = run_s5_variants(plan["S5"], workspace, s5)
+                s5["targets"] += s5_variant_targets(s5)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -884,6 +889,51 @@ def run_s3_variants(
     return variants
 
 
+def run_s5_variants(
+    scenario: Scenario, workspace: Workspace, s5: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """S5 again, cold, on the multiprocess executor: its calls and each process's peak RSS."""
+    try:
+        return {"multiprocess": _executor_run(scenario, workspace, "multiprocess", s5)}
+    except LookupError as error:
+        workspace.echo(f"   S5-multiprocess: skipped, {error}")
+        return {"multiprocess": {"skipped": f"not available: {error}"}}
+
+
+def s5_variant_targets(s5: dict[str, Any]) -> list[dict[str, Any]]:
+    """S5 on other executors: the needed calls, and every process within the RSS limit."""
+    found: list[dict[str, Any]] = []
+    for name, variant in s5.get("variants", {}).items():
+        if "wall_s" not in variant:
+            continue
+        calls, expected = variant["provider_calls"], s5["entity_first"]["expected_calls"]
+        found.append(
+            {
+                "target": f"provider calls = the needed ones ({name})",
+                "want": _calls_text(expected),
+                "got": _calls_text(calls),
+                "met": all(
+                    calls.get(k, 0) == expected.get(k, 0) for k in set(calls) | set(expected)
+                ),
+                "note": "",
+            }
+        )
+        for label, value in (
+            ("run process", variant.get("peak_rss_mib")),
+            ("largest step process", variant.get("step_processes_peak_rss_mib")),
+        ):
+            found.append(
+                {
+                    "target": f"peak RSS per process ({name}: {label})",
+                    "want": f"<= {RSS_LIMIT_MIB} MiB",
+                    "got": "not measured" if value is None else f"{value} MiB",
+                    "met": None if value is None else value <= RSS_LIMIT_MIB,
+                    "note": "VmHWM of each step process, last polled (every 0.1 s)",
+                }
+            )
+    return found
+
+
 def steps_at_once_resources() -> dict[str, Any] | None:
     """Run config telling the providers resource that `STEPS_AT_ONCE` steps run at once (so
     each takes its share of a vendor's concurrency), where the resource has that field."""
@@ -897,7 +947,7 @@ def steps_at_once_resources() -> dict[str, Any] | None:
 def _executor_run(
     scenario: Scenario, workspace: Workspace, executor: str, s3: dict[str, Any]
 ) -> dict[str, Any]:
-    """S3 with its steps elsewhere: `multiprocess` (2 processes at once) or `celery` (a pool
+    """S3 (or S5) with its steps elsewhere: `multiprocess` (2 processes at once) or `celery` (a pool
     of 2 workers, concurrency 1 each, on a queue of this run's own, sharing a throwaway Postgres
     Dagster instance). LookupError when the engine does not offer the executor."""
     resources = steps_at_once_resources()
@@ -957,11 +1007,11 @@ def _variant_run(
                 celery=celery,
             )
         except RuntimeError as error:
-            workspace.echo(f"   S3-{name}: failed: {error}")
+            workspace.echo(f"   {scenario.name}-{name}: failed: {error}")
             return {"skipped": f"failed: {error}"[:500]}
     if result.get("config_rejected"):
         reason = str(result["config_rejected"]).splitlines()[0][:200]
-        workspace.echo(f"   S3-{name}: not available (the job rejected its config)")
+        workspace.echo(f"   {scenario.name}-{name}: not available (the job rejected its config)")
         return {"skipped": f"not available: the job rejected the config ({reason})"}
     result["bound_s"] = s3["bound_s"]
     return result

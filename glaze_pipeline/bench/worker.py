@@ -114,9 +114,11 @@ class StreamWatch:
         self.beats: list[tuple[float, float]] = []  # (seen at, the row's updated_at)
         self.cpu_s = 0.0
         self.errors: list[str] = []
-        # Steps in other processes (multiprocess): each descendant's CPU, last seen by a poll.
+        # Steps in other processes (multiprocess): each descendant's CPU and peak RSS, last
+        # seen by a poll.
         self.track_children = track_children
         self.children_cpu: dict[int, float] = {}
+        self.children_peak_rss: dict[int, float] = {}
         self._client = redis.Redis.from_url(redis_url)
         self._pubsub = self._client.pubsub()
         self._stop = threading.Event()
@@ -193,7 +195,10 @@ class StreamWatch:
 
         seen = time.time()
         if self.track_children:
-            self.children_cpu.update(descendants_cpu(os.getpid()))
+            for pid, (cpu, rss) in descendants_usage(os.getpid()).items():
+                self.children_cpu[pid] = cpu
+                if rss is not None:
+                    self.children_peak_rss[pid] = rss
         if self.mock_url:
             try:
                 vendors = http.get(f"{self.mock_url}/_stats").json()["vendors"]
@@ -221,16 +226,18 @@ class StreamWatch:
         }
 
 
-def descendants_cpu(root: int) -> dict[int, float]:
-    """User + system CPU of every live descendant of process `root`, from /proc."""
+def descendants_usage(root: int) -> dict[int, tuple[float, float | None]]:
+    """(user + system CPU s, peak RSS MiB) of every live descendant of process `root`, from
+    /proc."""
     from glaze_pipeline.bench.services import cpu_seconds as process_cpu
+    from glaze_pipeline.bench.services import peak_rss_mib_of
     from glaze_pipeline.bench.stack import process_tree
 
-    found: dict[int, float] = {}
+    found: dict[int, tuple[float, float | None]] = {}
     for pid in process_tree(root) - {root}:
         cpu = process_cpu(pid)
         if cpu is not None:
-            found[pid] = cpu
+            found[pid] = (cpu, peak_rss_mib_of(pid))
     return found
 
 
@@ -435,6 +442,10 @@ def run_entity(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s_with_watch": round(cpu_all, 2),
         "cpu_s_step_processes": round(children_cpu, 2),
         "peak_rss_mib": round(rss, 1),
+        # The largest step process (the fork server and each step's, as last polled).
+        "step_processes_peak_rss_mib": round(max(watch.children_peak_rss.values()), 1)
+        if watch.children_peak_rss
+        else None,
         "step_processes": len(step_pids),
         "steps_by_celery_worker": _count_by_worker(ran_on),
         "stream": watch.figures(started_at),

@@ -119,7 +119,8 @@ def bench_api_latency(
     default="in_process",
     show_default=True,
     help="Comma-separated: in_process, multiprocess, celery; S3 runs again on each other one "
-    "(a second row; skipped, saying why, where the engine does not offer it).",
+    "(a second row; skipped, saying why, where the engine does not offer it), and S5 on "
+    "multiprocess (the path a request that large takes from the queue).",
 )
 @click.option(
     "--leads-runs", type=POSITIVE, default=3, show_default=True, help="L: runs (the median)."

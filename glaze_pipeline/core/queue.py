@@ -191,8 +191,9 @@ def claim_launchable(
     one set-based statement per request: the rows it names, or, for a whole-table selection,
     the table's rows with a cell to fill (rows with nothing to fill are never held); requests
     `enqueue` already held cost an index probe per row and no write. Invalid requests let go
-    of whatever `enqueue` held. A held `enrich` is counted (one more statement) to choose
-    where its steps run (`executor_for`).
+    of whatever `enqueue` held. A held `enrich` over the whole table, or naming
+    `multiprocess_rows()` rows or more, is counted (one more statement) to choose where its
+    steps run (`executor_for`).
     """
     # Read before anything is claimed: a bad setting is the server's mistake, not a request's,
     # so it raises here (naming the variable) and every request stays queued.
@@ -212,20 +213,27 @@ def claim_launchable(
         executor = IN_PROCESS
         if target is not None and config["kind"] == RequestKind.ENRICH.value:
             hold_queued(store, request.id, target)
-            executor = executor_for(store, request.id, threshold)
+            executor = executor_for(store, request.id, threshold, target)
         launchable.append(Launchable(request, config, run_tags(request), executor))
     return launchable, rejected
 
 
-def executor_for(store: Store, request_id: str, threshold: int | None) -> str:
+def executor_for(
+    store: Store, request_id: str, threshold: int | None, target: JobTarget | None = None
+) -> str:
     """Where a claimed `enrich` request's steps should run when its launch path can choose
     (the queue sensor, the GraphQL launcher): `multiprocess`, one process per core, when it
     holds `threshold` rows or more (`settings.multiprocess_rows()`: 50,000 unless
     GLAZE_MULTIPROCESS_ROWS says otherwise; one count over the held rows' index), else in
     process. In one process a job that large is bound by the worker's CPU, not by the
     vendors; a smaller one loses more to the processes' start than the other core gives back
-    (S3 on two cores: 30,000 rows 34 s in one process, 41 s on two; 60,000 rows 68 s, 63 s)."""
-    if threshold is None or store.held_rows(request_id) < threshold:
+    (S3 on two cores: 30,000 rows 34 s in one process, 41 s on two; 60,000 rows 68 s, 63 s).
+    A `target` naming fewer rows than that is answered without the count."""
+    if threshold is None:
+        return IN_PROCESS
+    if target is not None and target.row_ids is not None and len(target.row_ids) < threshold:
+        return IN_PROCESS
+    if store.held_rows(request_id) < threshold:
         return IN_PROCESS
     return MULTIPROCESS
 

@@ -505,9 +505,11 @@ def enrich_entities(
         else ""
     )
     context.log.info(
-        f"{len(chunk.entities)} entities in {result.seconds:.2f}s: calls {dict(stats.calls)}, "
-        f"cache hits {stats.cache_hits} ({stats.shared_hits} from concurrent runs, via "
-        f"{sharing.backend}), errors {dict(stats.errors)}"
+        # By provider name: the order the calls happened to finish in is noise in a log line.
+        f"{len(chunk.entities)} entities in {result.seconds:.2f}s: calls "
+        f"{dict(sorted(stats.calls.items()))}, cache hits {stats.cache_hits} "
+        f"({stats.shared_hits} from concurrent runs, via {sharing.backend}), errors "
+        f"{dict(sorted(stats.errors.items()))}"
         + (f"; not sent {stats.not_sent_dict()}" if stats.not_sent else "")
         + written
         + (f"; stopped: {result.stopped}" if result.stopped else "")
