@@ -947,9 +947,9 @@ def steps_at_once_resources() -> dict[str, Any] | None:
 def _executor_run(
     scenario: Scenario, workspace: Workspace, executor: str, s3: dict[str, Any]
 ) -> dict[str, Any]:
-    """S3 (or S5) with its steps elsewhere: `multiprocess` (2 processes at once) or `celery` (a pool
-    of 2 workers, concurrency 1 each, on a queue of this run's own, sharing a throwaway Postgres
-    Dagster instance). LookupError when the engine does not offer the executor."""
+    """S3 (or S5) with its steps elsewhere: `multiprocess` (2 processes at once) or `celery`
+    (a pool of 2 workers, concurrency 1 each, on a queue of this run's own, sharing a throwaway
+    Postgres Dagster instance). LookupError when the engine does not offer the executor."""
     resources = steps_at_once_resources()
     if executor == "multiprocess":
         execution = execution_for(executor, processes=STEPS_AT_ONCE)
