@@ -59,6 +59,35 @@ def test_spans_cover_every_row_once_and_own_every_entity_once(store: Store) -> N
     assert first_needs <= {request.key.id for request in spans[0].entities}
 
 
+def test_spans_side_by_side_share_the_work_when_rows_repeat_their_entities(
+    store: Store,
+) -> None:
+    """S5's shape (rows cycle over the companies, each met first in the first rows): cut by
+    entities, the last span writes nearly every row; side by side, the spans share rows and
+    entities by weight, and still cover every row and own every entity once."""
+    table = seed_generated(store, rows=3_000, unique_companies=300, unique_people=300)
+    settings = JobSettings(page_size=500, chunk_size=10, max_chunks=8)
+    target, _, detection, by_entities = plan(store, table.id, settings)
+    assert max(span.rows for span in by_entities) >= 2_000  # the imbalance
+    side = engine.plan_spans(detection, target, chunk_size=10, max_chunks=8, side_by_side=True)
+    assert 4 <= len(side) <= 8
+    assert sum(span.rows for span in side) == 3_000
+    work = len(detection.entities) * engine.ENTITY_ROWS + 3_000
+    for span in side[:-1]:  # each an equal share, to the next 100-row mark
+        weight = len(span.entities) * engine.ENTITY_ROWS + span.rows
+        assert work / 8 <= weight <= work / 8 + 100 * (1 + engine.ENTITY_ROWS)
+    assert max(span.rows for span in side) <= 3_000 * 0.4  # by entities: over two thirds
+    owned = [request.key.id for span in side for request in span.entities]
+    assert len(owned) == len(set(owned)) == len(detection.entities)
+    seen = [
+        row.id
+        for span in side
+        for page in store.iter_row_pages(table.id, after=span.after, upto=span.upto)
+        for row in page
+    ]
+    assert sorted(seen) == sorted(row.id for row in store.rows_in_order(table.id))
+
+
 def test_an_explicit_selection_is_cut_by_position(store: Store) -> None:
     table = seed_generated(store, rows=300, unique_companies=30)
     rows = store.rows_in_order(table.id)

@@ -296,13 +296,13 @@ def detect_entities(
             # Only a job that writes cells holds rows `running` (estimate, pre_enrich write none).
             request_id=request_id if kind is RequestKind.ENRICH else None,
         )
+        executor = selected_executor(context.run_config)
         chunks = engine.plan_spans(
             detection,
             target,
             chunk_size=settings.chunk_size,
-            max_chunks=settings.fan_out(
-                selected_executor(context.run_config), entities=len(detection.entities)
-            ),
+            max_chunks=settings.fan_out(executor, entities=len(detection.entities)),
+            side_by_side=executor != "in_process",
         )
         requests.record_counters(
             request_id,
