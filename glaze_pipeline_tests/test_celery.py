@@ -51,9 +51,11 @@ def enrich_table_job() -> JobDefinition:
 
 
 def job_config(**execution: Any) -> dict[str, Any]:
-    # Pages of 2 rows, a chunk per page that brings a new entity: the 10 Leads rows make 4
-    # enrich steps when they run side by side (multiprocess, Celery), 3 in process, where at
-    # most 4 are planned (`JobSettings.fan_out`) and the last takes the rest.
+    # Pages of 2 rows, a chunk per page that brings a new entity: the 10 Leads rows make 5
+    # enrich steps when they run side by side (multiprocess, Celery: cut to equal work, each
+    # page's new entities and rows weighed), 3 in process, where at most 4 are planned
+    # (`JobSettings.fan_out`), each owning its share of the entities, and the last takes the
+    # rest.
     config = {
         "table_id": LEADS_TABLE_ID,
         "column_ids": [leads_column_id(key) for key in LEADS_ENRICH_KEYS],
@@ -231,13 +233,13 @@ def test_enrich_table_on_two_celery_workers(
             connection.default_channel.queue_delete(queue)
 
     print(f"celery run: {wall:.1f}s wall, steps on {sorted(set(ran_on.values()))}")
-    # Every step ran on a worker, the 4 chunks (side by side, a span narrower) on both.
+    # Every step ran on a worker, the 5 chunks (side by side, spans of equal work) on both.
     celery_chunks = {step for step in ran_on if step.startswith("enrich_entities[")}
     assert set(ran_on) == {"detect_entities", "apply_results", "close_job", *celery_chunks}
-    assert len(celery_chunks) == 4
+    assert len(celery_chunks) == 5
     chunk_workers = {ran_on[step].partition("-")[0] for step in celery_chunks}
     assert chunk_workers == set(WORKERS)
-    # The same cells, values and provenance as the run in process (3 spans, not 4).
+    # The same cells, values and provenance as the run in process (3 spans, not 5).
     assert differences(cells(celery_url), cells(in_process_url)) == []
     # The steps handed their outputs over through the database, one row per output.
     store = Store(celery_url)
@@ -292,7 +294,7 @@ def test_enrich_table_multiprocess_on_the_embedded_default(
             for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
             if record.dagster_event is not None
         ]
-    assert len(set(started)) == len(started) == 7  # a process per step: 4 of them chunks
+    assert len(set(started)) == len(started) == 8  # a process per step: 5 of them chunks
 
     assert differences(cells(urls["multiprocess"]), cells(urls["in_process"])) == []
     store = Store(urls["multiprocess"])

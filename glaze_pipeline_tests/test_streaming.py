@@ -68,7 +68,9 @@ def test_spans_side_by_side_share_the_work_when_rows_repeat_their_entities(
     table = seed_generated(store, rows=3_000, unique_companies=300, unique_people=300)
     settings = JobSettings(page_size=500, chunk_size=10, max_chunks=8)
     target, _, detection, by_entities = plan(store, table.id, settings)
-    assert max(span.rows for span in by_entities) >= 2_000  # the imbalance
+    # The imbalance (row ids are random: the first rows meet most entities, not all of them;
+    # 1,600-2,400 rows in the last span in eight tries)
+    assert max(span.rows for span in by_entities) >= 1_200
     side = engine.plan_spans(detection, target, chunk_size=10, max_chunks=8, side_by_side=True)
     assert 4 <= len(side) <= 8
     assert sum(span.rows for span in side) == 3_000
@@ -76,7 +78,7 @@ def test_spans_side_by_side_share_the_work_when_rows_repeat_their_entities(
     for span in side[:-1]:  # each an equal share, to the next 100-row mark
         weight = len(span.entities) * engine.ENTITY_ROWS + span.rows
         assert work / 8 <= weight <= work / 8 + 100 * (1 + engine.ENTITY_ROWS)
-    assert max(span.rows for span in side) <= 3_000 * 0.4  # by entities: over two thirds
+    assert max(span.rows for span in side) <= 1_200 < max(span.rows for span in by_entities)
     owned = [request.key.id for span in side for request in span.entities]
     assert len(owned) == len(set(owned)) == len(detection.entities)
     seen = [
