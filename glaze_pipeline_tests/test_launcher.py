@@ -39,6 +39,7 @@ from glaze_pipeline.defs.executors import selected_executor
 from glaze_pipeline.defs.resources import GlazeDatabase, ProgressChannel
 from glaze_pipeline.defs.sensors import enrichment_queue_sensor
 from glaze_pipeline.launcher import NOTIFY_CHANNEL, Launcher, fork_launch
+from glaze_pipeline_tests.conftest import REDIS_TEST_URL
 from glaze_pipeline_tests.provider_helpers import wait_until
 
 LAUNCHER_LOG = "glaze_pipeline.launcher"
@@ -149,12 +150,15 @@ def test_a_poisoned_request_fails_alone_and_the_sensor_launches_the_rest(store: 
 
 
 def test_a_large_request_runs_on_every_core_from_the_launcher_and_the_sensor(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
     """An enrich request holding GLAZE_MULTIPROCESS_ROWS rows or more is launched with its
     steps in processes of their own (a run config enrich_table accepts); a smaller one, an
-    estimate, any request on one core or with the setting at 0 stays in process."""
+    estimate, any request on one core or with the setting at 0 stays in process. (On SQLite
+    the processes share their purchases through Redis: see the next test.)"""
     monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "4")
+    if store.dialect == "sqlite":
+        monkeypatch.setenv("GLAZE_REDIS_URL", redis_url)
     small = seed_generated(store, rows=3, unique_companies=2)
     large = seed_generated(store, rows=6, unique_companies=2)
     everything = {"whole_table": True}
@@ -192,11 +196,29 @@ def test_a_large_request_runs_on_every_core_from_the_launcher_and_the_sensor(
     assert launches.executors[big] == queue.IN_PROCESS  # one core: nothing to gain
 
 
+def test_on_sqlite_without_redis_a_large_request_stays_in_one_process(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No single-flight across processes there (two spans at once would both buy what they
+    share), so the size does not matter: in process, and no count."""
+    monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "4")
+    monkeypatch.delenv("GLAZE_REDIS_URL", raising=False)
+    table = seed_generated(sqlite_store, rows=6, unique_companies=2)
+    request_id = queue.enqueue(sqlite_store, table.id, {"whole_table": True})
+    counted: list[str] = []
+    monkeypatch.setattr(sqlite_store, "held_rows", counted.append)
+    launches = RecordingLaunch()
+    assert Launcher(sqlite_store, launches).launch_pending() == 1
+    assert launches.executors == {request_id: queue.IN_PROCESS}
+    assert counted == []
+
+
 def test_a_request_naming_fewer_rows_than_the_threshold_is_not_counted(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its size is in the selection: no count of held rows (a statement) to choose."""
     monkeypatch.setenv(MULTIPROCESS_ROWS_ENV, "4")
+    monkeypatch.setenv("GLAZE_REDIS_URL", REDIS_TEST_URL)  # SQLite shares purchases through it
     table = seed_generated(store, rows=7, unique_companies=2)
     rows = [row.id for row in store.rows_in_order(table.id)]
     industry = [table.column_by_key("industry").id]

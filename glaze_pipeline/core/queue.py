@@ -39,7 +39,7 @@ from glaze_pipeline.core.requests import (
     ClaimedRequest,
     RequestRepository,
 )
-from glaze_pipeline.core.settings import multiprocess_rows
+from glaze_pipeline.core.settings import multiprocess_rows, redis_url
 from glaze_pipeline.core.store import Store
 
 __all__ = [
@@ -198,6 +198,8 @@ def claim_launchable(
     # Read before anything is claimed: a bad setting is the server's mistake, not a request's,
     # so it raises here (naming the variable) and every request stays queued.
     threshold = multiprocess_rows()
+    if not shares_purchases(store):
+        threshold = None
     requests = RequestRepository(store)
     launchable: list[Launchable] = []
     rejected: list[tuple[str, str]] = []
@@ -228,6 +230,8 @@ def executor_for(
     process. In one process a job that large is bound by the worker's CPU, not by the
     vendors; a smaller one loses more to the processes' start than the other core gives back
     (S3 on two cores: 30,000 rows 34 s in one process, 41 s on two; 60,000 rows 68 s, 63 s).
+    `claim_launchable` passes no threshold where the processes could not share their
+    purchases (`shares_purchases`).
     A `target` naming fewer rows than that is answered without the count."""
     if threshold is None:
         return IN_PROCESS
@@ -236,6 +240,15 @@ def executor_for(
     if store.held_rows(request_id) < threshold:
         return IN_PROCESS
     return MULTIPROCESS
+
+
+def shares_purchases(store: Store) -> bool:
+    """Whether steps in processes of their own would buy each entity once: their single-flight
+    is Redis (GLAZE_REDIS_URL) or Postgres' advisory locks. On SQLite without Redis there is
+    none across processes (core/answers.py), and two spans running at once would both buy an
+    entity they share (a 60,000-row table on two processes, tried: 7,434 company calls for
+    6,000 companies), so the queue keeps such a request in one process, whatever its size."""
+    return store.dialect == "postgresql" or redis_url() is not None
 
 
 def hold_queued(store: Store, request_id: str, target: JobTarget) -> int:
