@@ -68,6 +68,7 @@ __all__ = [
     "request_cancel",
     "run_tags",
     "settle_ended",
+    "shares_purchases",
     "tags_for",
 ]
 
@@ -191,9 +192,10 @@ def claim_launchable(
     one set-based statement per request: the rows it names, or, for a whole-table selection,
     the table's rows with a cell to fill (rows with nothing to fill are never held); requests
     `enqueue` already held cost an index probe per row and no write. Invalid requests let go
-    of whatever `enqueue` held. A held `enrich` over the whole table, or naming
-    `multiprocess_rows()` rows or more, is counted (one more statement) to choose where its
-    steps run (`executor_for`).
+    of whatever `enqueue` held. Where processes would share their purchases
+    (`shares_purchases`), a held `enrich` over the whole table, or naming `multiprocess_rows()`
+    rows or more, is counted (one more statement) to choose where its steps run
+    (`executor_for`).
     """
     # Read before anything is claimed: a bad setting is the server's mistake, not a request's,
     # so it raises here (naming the variable) and every request stays queued.
@@ -230,9 +232,9 @@ def executor_for(
     process. In one process a job that large is bound by the worker's CPU, not by the
     vendors; a smaller one loses more to the processes' start than the other core gives back
     (S3 on two cores: 30,000 rows 34 s in one process, 41 s on two; 60,000 rows 68 s, 63 s).
-    `claim_launchable` passes no threshold where the processes could not share their
-    purchases (`shares_purchases`).
-    A `target` naming fewer rows than that is answered without the count."""
+    A `target` naming fewer rows than that is answered without the count; no `threshold`
+    (`claim_launchable` passes none where the processes could not share their purchases:
+    `shares_purchases`) is in process."""
     if threshold is None:
         return IN_PROCESS
     if target is not None and target.row_ids is not None and len(target.row_ids) < threshold:
