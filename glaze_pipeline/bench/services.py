@@ -99,18 +99,6 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib_of(pid: int) -> float | None:
-    """A live process's peak resident set so far (VmHWM in /proc/<pid>/status), in MiB."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return None
-
-
 @dataclass
 class MockProcess:
     """`glaze mock-providers` running as its own process on a free port."""

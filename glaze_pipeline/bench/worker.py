@@ -230,14 +230,14 @@ def descendants_usage(root: int) -> dict[int, tuple[float, float | None]]:
     """(user + system CPU s, peak RSS MiB) of every live descendant of process `root`, from
     /proc."""
     from glaze_pipeline.bench.services import cpu_seconds as process_cpu
-    from glaze_pipeline.bench.services import peak_rss_mib_of
+    from glaze_pipeline.bench.services import peak_rss_mib as process_peak_rss
     from glaze_pipeline.bench.stack import process_tree
 
     found: dict[int, tuple[float, float | None]] = {}
     for pid in process_tree(root) - {root}:
         cpu = process_cpu(pid)
         if cpu is not None:
-            found[pid] = (cpu, peak_rss_mib_of(pid))
+            found[pid] = (cpu, process_peak_rss(pid))
     return found
 
 

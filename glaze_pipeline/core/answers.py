@@ -150,8 +150,15 @@ def open_answer_sharing(
     return AnswerSharing(TieredCache([memory, shared, sql]), flight, client)
 
 
+def shared_across_processes(store: Store, redis_url: str | None) -> bool:
+    """Whether `open_answer_sharing(store, redis_url)` gives a single-flight that holds across
+    processes (Redis, or the store's own: advisory locks on Postgres), so steps running at once
+    in processes of their own still buy each entity once. SQLite's own is none."""
+    return bool(redis_url) or store.dialect == "postgresql"
+
+
 def _database_flight(store: Store, sql: SqlAnswerCache, settings: SharingSettings) -> Flight:
     """The store's own single-flight: advisory locks on Postgres; none on SQLite (one process)."""
-    if store.dialect == "postgresql":
+    if shared_across_processes(store, None):
         return PostgresFlight(store.url, shared=sql, max_wait=settings.max_wait)
     return NoFlight()

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from glaze_pipeline.core.ai.workflow import AI_JOBS, ai_kind, check_task
+from glaze_pipeline.core.answers import shared_across_processes
 from glaze_pipeline.core.engine import JobSettings, JobTarget, resolve_target
 from glaze_pipeline.core.errors import GlazeError, InvalidSelectionError
 from glaze_pipeline.core.models import (
@@ -245,12 +246,12 @@ def executor_for(
 
 
 def shares_purchases(store: Store) -> bool:
-    """Whether steps in processes of their own would buy each entity once: their single-flight
-    is Redis (GLAZE_REDIS_URL) or Postgres' advisory locks. On SQLite without Redis there is
-    none across processes (core/answers.py), and two spans running at once would both buy an
-    entity they share (a 60,000-row table on two processes, tried: 7,434 company calls for
-    6,000 companies), so the queue keeps such a request in one process, whatever its size."""
-    return store.dialect == "postgresql" or redis_url() is not None
+    """Whether steps in processes of their own would buy each entity once with this store and
+    GLAZE_REDIS_URL (`answers.shared_across_processes`). On SQLite without Redis they would
+    not: two spans running at once both buy an entity they share (a 60,000-row table on two
+    processes, tried: 7,434 company calls for 6,000 companies), so the queue keeps such a
+    request in one process, whatever its size."""
+    return shared_across_processes(store, redis_url())
 
 
 def hold_queued(store: Store, request_id: str, target: JobTarget) -> int:
