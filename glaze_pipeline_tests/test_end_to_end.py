@@ -59,7 +59,7 @@ def mock() -> Iterator[MockProviderServer]:
         yield server
 
 
-def providers_file(tmp_path: Path, mock: MockProviderServer) -> Path:
+def providers_file(tmp_path: Path, mock: MockProviderServer, max_concurrency: int = 50) -> Path:
     path = tmp_path / "providers.yaml"
     entry = {
         "kind": "json_api",
@@ -71,7 +71,11 @@ def providers_file(tmp_path: Path, mock: MockProviderServer) -> Path:
         "fields": {"industry": "industry", "employee_count": "metrics.employees"},
         "cost_per_call": 1.0,
         "confidence": 0.85,
-        "http": {"max_concurrency": 50, "rate_limit_per_s": 1000, "rate_limit_burst": 100},
+        "http": {
+            "max_concurrency": max_concurrency,
+            "rate_limit_per_s": 1000,
+            "rate_limit_burst": 100,
+        },
     }
     path.write_text(yaml.safe_dump({"providers": [entry]}))
     return path
@@ -254,6 +258,78 @@ def test_a_large_request_from_the_queue_runs_its_steps_in_processes_of_their_own
                     assert ("detect_entities" in steps) == (executor == "multiprocess")
         finally:
             store.dispose()
+
+
+def test_a_multiprocess_run_on_the_sqlite_default_buys_once_within_the_vendors_limit(
+    tmp_path: Path, mock: MockProviderServer
+) -> None:
+    """`dagster job execute` on two processes, as a user runs it, on the embedded default: a
+    SQLite file, no Redis. The spans side by side share companies: each is bought once (file
+    locks beside the database), and the vendor's max_concurrency (4) holds across the two
+    processes (each takes its share, from the executor's max_concurrent)."""
+    database = tmp_path / "glaze.db"
+    store = Store(f"sqlite:///{database}")
+    store.upgrade()
+    table = seed_generated(store, rows=120, unique_companies=24)
+    industry = table.column_by_key("industry").id
+    run_config = {
+        "ops": {
+            "detect_entities": {
+                "config": {
+                    "table_id": table.id,
+                    "column_ids": [industry],
+                    "chunk_size": 1,
+                    "page_size": 10,
+                    "concurrency": 20,
+                }
+            }
+        },
+        "execution": {"config": {"multiprocess": {"max_concurrent": 2}}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLAZE_", "DAGSTER_"))}
+    env.update(
+        GLAZE_DATABASE_URL=f"sqlite:///{database}",
+        GLAZE_PROVIDERS_FILE=str(providers_file(tmp_path, mock, max_concurrency=4)),
+        DAGSTER_HOME=str(tmp_path),
+    )
+    done = subprocess.run(
+        [
+            str(BIN / "dagster"),
+            *("job", "execute", "-m", "glaze_pipeline.definitions", "-j", "enrich_table"),
+            *("-c", str(tmp_path / "run.yaml")),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        [summary] = store.recent_requests()
+        request = store.get_request(summary.id)
+        assert request.status == "succeeded", request.error
+        assert request.provider_calls == {"cheap_company": 24}
+        rows = store.rows_in_order(table.id)
+        assert len(rows) == 120 and all(row.data["industry"] for row in rows)
+    finally:
+        store.dispose()
+    vendor = mock.stats()["vendors"]["cheap"]
+    assert vendor["requests"] == 24  # each company once, whichever process bought it
+    assert vendor["max_in_flight"] <= 4
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        [run] = instance.get_runs()
+        started = instance.get_records_for_run(
+            run.run_id, of_type=DagsterEventType.STEP_START
+        ).records
+        pids = {
+            record.event_log_entry.dagster_event.pid
+            for record in started
+            if record.event_log_entry.step_key.startswith("enrich_entities")
+        }
+        assert len(pids) >= 2  # the spans ran in processes of their own
 
 
 def test_the_fork_launcher_claims_and_runs_requests_ahead_of_the_sensor(

@@ -1,20 +1,24 @@
-"""Single-flight across runs: real Redis locks, real Postgres advisory locks, real threads.
+"""Single-flight across runs: real Redis locks, real Postgres advisory locks, real file locks
+beside a SQLite file, real threads (and a real process where a holder dies).
 
 Each run has its own flight, memory tier and provider instance, as separate processes would;
-they meet only in Redis and Postgres. "Redis down" is a Redis URL nobody listens on: the runs
-must fall back to the Postgres advisory locks and still buy every answer once.
+they meet only in Redis and the database. "Redis down" is a Redis URL nobody listens on: the
+runs must fall back to the database's locks and still buy every answer once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -24,7 +28,12 @@ from sqlalchemy import text
 
 from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core import engine
-from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
+from glaze_pipeline.core.answers import (
+    AnswerSharing,
+    SharingSettings,
+    open_answer_sharing,
+    shared_across_processes,
+)
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache, tiers_of
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
@@ -45,6 +54,7 @@ from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
     FallbackFlight,
+    FileFlight,
     PostgresFlight,
     RedisFlight,
     advisory_lock_id,
@@ -65,28 +75,48 @@ KEY: CacheKey = ("company:domain:co000.example", PROVIDER)
 SharingFactory = Callable[..., AnswerSharing]
 
 
-@pytest.fixture(params=["redis+postgres", "redis down", "postgres"])
-def open_sharing(request: pytest.FixtureRequest, pg_store: Store) -> Iterator[SharingFactory]:
-    """Opens one run's cache + flight: Redis locks with Postgres advisory locks behind them;
-    the same with Redis configured but down (the advisory locks alone then); or no Redis."""
-    url = {
-        "redis+postgres": request.getfixturevalue("redis_url"),
-        "redis down": down_redis_url(),
-        "postgres": None,
-    }[request.param]
+# open_sharing's variants: the app database, Redis (up, down or none), the backend it reports.
+SHARINGS = {
+    "redis+postgres": ("pg_store", "up", "redis+postgres"),
+    "redis down": ("pg_store", "down", "redis+postgres"),
+    "postgres": ("pg_store", None, "postgres"),
+    "sqlite": ("sqlite_store", None, "file"),
+    "redis down, sqlite": ("sqlite_store", "down", "redis+file"),
+}
+
+
+@pytest.fixture(params=list(SHARINGS))
+def open_sharing(request: pytest.FixtureRequest) -> Iterator[SharingFactory]:
+    """Opens one run's cache + flight: Redis locks with the database's lock behind them
+    (Postgres advisory locks, file locks next to a SQLite file); the same with Redis configured
+    but down (the database's locks alone then); or no Redis."""
+    store_fixture, redis_state, backend = SHARINGS[request.param]
+    store: Store = request.getfixturevalue(store_fixture)
+    url = {"up": request.getfixturevalue("redis_url"), "down": down_redis_url(), None: None}[
+        redis_state
+    ]
     opened: list[AnswerSharing] = []
 
     def factory(max_wait: timedelta = DEFAULT_MAX_WAIT) -> AnswerSharing:
         # Redis down from the start: nobody holds a Redis lock to wait out for long.
         settings = SharingSettings(max_wait=max_wait, outage_grace=timedelta(seconds=0.2))
-        sharing = open_answer_sharing(pg_store, url, settings=settings)
-        assert sharing.backend == ("postgres" if url is None else "redis+postgres")
+        sharing = open_answer_sharing(store, url, settings=settings)
+        assert sharing.backend == backend
         opened.append(sharing)
         return sharing
 
     yield factory
     for sharing in opened:
         sharing.close()
+
+
+@pytest.fixture
+def sharing_store(request: pytest.FixtureRequest, open_sharing: SharingFactory) -> Store:
+    """The app database of this test's `open_sharing` variant."""
+    store: Store = request.getfixturevalue(
+        SHARINGS[request.node.callspec.params["open_sharing"]][0]
+    )
+    return store
 
 
 def down_redis_url() -> str:
@@ -197,7 +227,7 @@ def test_waiter_reads_the_holders_answer_without_charge_or_budget(
 
 
 def test_leader_writes_its_answer_through_before_releasing(
-    open_sharing: SharingFactory, pg_store: Store, request: pytest.FixtureRequest
+    open_sharing: SharingFactory, sharing_store: Store, request: pytest.FixtureRequest
 ) -> None:
     sharing = open_sharing()
     fake = provider()
@@ -206,14 +236,14 @@ def test_leader_writes_its_answer_through_before_releasing(
     asyncio.run(waterfall.enrich(COMPANIES[0]))
 
     assert fake.total_calls == 1
-    sql = SqlAnswerCache(pg_store)
+    sql = SqlAnswerCache(sharing_store)
     if request.node.callspec.params["open_sharing"] == "redis+postgres":
         # In Redis, where runs that lock on Redis meet; the table gets it with the flush.
         assert sharing.redis is not None
         assert KEY in RedisAnswerCache(sharing.redis).get_many([KEY])
         assert KEY not in sql.get_many([KEY])
         waterfall.flush_cache()
-    # In SQL, where runs that hold the Postgres lock meet (Redis down, or none).
+    # In SQL, where runs that hold the database's lock meet (Redis down, or none).
     assert KEY in sql.get_many([KEY])
 
 
@@ -623,8 +653,8 @@ def test_after_an_outage_redis_holders_take_the_postgres_lock_for_a_grace(
         client.close()
 
 
-def test_redis_down_on_sqlite_goes_ahead_unlocked_and_says_so_once(
-    sqlite_store: Store, caplog: pytest.LogCaptureFixture
+def test_redis_down_on_an_in_memory_sqlite_goes_ahead_unlocked_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def claims(flight: Flight) -> list[Claim]:
         taken = []
@@ -633,16 +663,96 @@ def test_redis_down_on_sqlite_goes_ahead_unlocked_and_says_so_once(
                 taken.append(claim)
         return taken
 
+    memory = Store("sqlite://")  # one process's own database: no file to lock beside
     with (
         caplog.at_level(logging.WARNING, logger="glaze_pipeline.core.singleflight"),
-        open_answer_sharing(sqlite_store, down_redis_url()) as sharing,
+        open_answer_sharing(memory, down_redis_url()) as sharing,
     ):
-        assert sharing.backend == "redis"  # SQLite has no lock to put behind Redis's
+        assert sharing.backend == "redis"  # no lock to put behind Redis's
         taken = asyncio.run(claims(sharing.flight))
+    memory.dispose()
 
     assert taken == [Claim(held=True, shared=None)] * 2  # nothing to wait on, nowhere to meet
     fallbacks = [r for r in caplog.records if "no lock to fall back to" in r.getMessage()]
     assert len(fallbacks) == 1
+
+
+# -- SQLite's file locks ---------------------------------------------------------------------
+
+HOLD_A_FILE_LOCK = """
+import asyncio, sys, time
+from glaze_pipeline.core.singleflight import FileFlight
+
+async def hold() -> None:
+    async with FileFlight(sys.argv[1], shared=None).claim((sys.argv[2], sys.argv[3])) as claim:
+        print("held" if claim.held else "refused", flush=True)
+        time.sleep(60)
+
+asyncio.run(hold())
+"""
+
+
+def test_a_sqlite_file_locks_beside_itself(sqlite_store: Store) -> None:
+    with open_answer_sharing(sqlite_store) as sharing:
+        assert sharing.backend == "file"
+        assert isinstance(sharing.flight, FileFlight)
+        assert sharing.flight.path == f"{sqlite_store.sqlite_file}-flights"
+    assert shared_across_processes(sqlite_store, None)
+    memory = Store("sqlite://")
+    with open_answer_sharing(memory) as sharing:
+        assert sharing.backend == "none"
+    assert not shared_across_processes(memory, None)
+    memory.dispose()
+
+
+def test_a_file_lock_is_freed_when_the_holder_process_dies(tmp_path: Path) -> None:
+    path = str(tmp_path / "glaze.db-flights")
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_FILE_LOCK, path, *KEY], stdout=subprocess.PIPE
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == b"held\n"
+            waiter = FileFlight(path, shared=None, max_wait=timedelta(seconds=10))
+
+            async def scenario() -> tuple[bool, bool, float]:
+                started = time.perf_counter()
+                waiting = asyncio.create_task(waiter.claim(KEY).__aenter__())
+                await asyncio.sleep(0.3)
+                blocked = not waiting.done()
+                holder.kill()  # a crash: no release, the kernel closes its files
+                held = (await asyncio.wait_for(waiting, 10)).held
+                return blocked, held, time.perf_counter() - started
+
+            blocked, held, waited = asyncio.run(scenario())
+            waiter.close()
+        finally:
+            holder.kill()
+    assert blocked  # another process held it
+    assert held is True
+    assert 0.3 <= waited < 3.0  # freed by the crash, long before max_wait
+
+
+def test_file_flight_refuses_a_key_it_already_holds_and_frees_all_on_close(
+    tmp_path: Path,
+) -> None:
+    # An open file re-grants its own locks; the flight must not let two local claims in.
+    path = tmp_path / "glaze.db-flights"
+    flight = FileFlight(path, shared=None, max_wait=timedelta(milliseconds=150))
+    other = FileFlight(path, shared=None, max_wait=timedelta(milliseconds=150))
+
+    async def scenario() -> tuple[bool, bool, bool, bool]:
+        async with flight.claim(KEY) as first, flight.claim(KEY) as second:
+            async with other.claim(KEY) as elsewhere:  # another flight, the same process
+                pass
+            held = flight.claim(("company:domain:kept.example", PROVIDER))
+            assert (await held.__aenter__()).held
+            flight.close()  # whatever it still holds is freed with its file
+            async with other.claim(("company:domain:kept.example", PROVIDER)) as freed:
+                return first.held, second.held, elsewhere.held, freed.held
+
+    assert asyncio.run(scenario()) == (True, False, False, True)
+    other.close()
 
 
 def test_redis_up_on_sqlite_meets_in_redis_alone(sqlite_store: Store, redis_url: str) -> None:
@@ -663,17 +773,17 @@ def test_redis_up_on_sqlite_meets_in_redis_alone(sqlite_store: Store, redis_url:
 
 
 def test_two_jobs_enrich_chunk_buys_each_answer_once(
-    open_sharing: SharingFactory, pg_store: Store
+    open_sharing: SharingFactory, sharing_store: Store
 ) -> None:
     """Two jobs over the same 100 companies, each through engine.enrich_chunk in its thread."""
-    table = seed_generated(pg_store, rows=100, unique_companies=100)
+    table = seed_generated(sharing_store, rows=100, unique_companies=100)
     selection = Selection(column_ids=[table.column_by_key("industry").id])
     settings = JobSettings()
-    target = engine.resolve_target(pg_store, table.id, selection)
-    entities = engine.detect_entities(pg_store, target).entities
+    target = engine.resolve_target(sharing_store, table.id, selection)
+    entities = engine.detect_entities(sharing_store, target).entities
     assert len(entities) == 100
     jobs = [
-        (engine.start_job(pg_store, target, selection, settings), open_sharing(), provider())
+        (engine.start_job(sharing_store, target, selection, settings), open_sharing(), provider())
         for _ in range(2)
     ]
     barrier = threading.Barrier(len(jobs))
@@ -681,7 +791,7 @@ def test_two_jobs_enrich_chunk_buys_each_answer_once(
     def run(request_id: str, sharing: AnswerSharing, fake: FakeProvider) -> engine.ChunkResult:
         barrier.wait()
         return engine.enrich_chunk(
-            pg_store,
+            sharing_store,
             request_id,
             entities,
             [fake],

@@ -7,11 +7,14 @@
   table by the chunk's flush. While Redis is down, runs lock and meet in Postgres: after
   waiting out the purchases made under Redis locks, so single-flight survives the outage
   (`FallbackFlight`; `always_guard` takes the Postgres lock behind every Redis one instead);
-- with Redis, on SQLite: memory -> Redis -> SQL, and Redis locks; while Redis is down there is
-  no lock to fall back to, and runs go ahead unlocked (logged once);
+- with Redis, on SQLite: memory -> Redis -> SQL, and Redis locks; while Redis is down, the
+  file locks behind them as on Postgres (or, with none, runs go ahead unlocked, logged once);
 - without Redis, on Postgres: memory -> SQL, and advisory locks; the answer is written through
   to the `entity_cache` table;
-- without Redis, on SQLite (the embedded default, one process): memory -> SQL, no locking.
+- without Redis, on SQLite (the embedded default): memory -> SQL, and file locks next to the
+  database (`FileFlight`: the processes of one machine, e.g. two runs, or the steps of a
+  multiprocess run); the answer is written through to the `entity_cache` table. An in-memory
+  SQLite database, or a system without open-file-description locks, has none: no locking.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from glaze_pipeline.core.singleflight import (
     DEFAULT_LOCK_TTL,
     DEFAULT_MAX_WAIT,
     FallbackFlight,
+    FileFlight,
     PostgresFlight,
     RedisFlight,
+    offers_file_locks,
 )
 from glaze_pipeline.core.store import Store
 
@@ -152,13 +157,27 @@ def open_answer_sharing(
 
 def shared_across_processes(store: Store, redis_url: str | None) -> bool:
     """Whether `open_answer_sharing(store, redis_url)` gives a single-flight that holds across
-    processes (Redis, or the store's own: advisory locks on Postgres), so steps running at once
-    in processes of their own still buy each entity once. SQLite's own is none."""
-    return bool(redis_url) or store.dialect == "postgresql"
+    processes (Redis, or the store's own: advisory locks on Postgres, file locks next to a
+    SQLite file), so steps running at once in processes of their own still buy each entity
+    once."""
+    return bool(redis_url) or store.dialect == "postgresql" or _lock_file(store) is not None
+
+
+def _lock_file(store: Store) -> str | None:
+    """Where a SQLite database's single-flight locks live: `<database>-flights`, beside its
+    `-wal` and `-shm` files. None: Postgres, in-memory SQLite, no file locks here."""
+    database = store.sqlite_file
+    if database is None or not offers_file_locks():
+        return None
+    return f"{database}-flights"
 
 
 def _database_flight(store: Store, sql: SqlAnswerCache, settings: SharingSettings) -> Flight:
-    """The store's own single-flight: advisory locks on Postgres; none on SQLite (one process)."""
-    if shared_across_processes(store, None):
+    """The store's own single-flight: advisory locks on Postgres, file locks on a SQLite file,
+    none for an in-memory database."""
+    if store.dialect == "postgresql":
         return PostgresFlight(store.url, shared=sql, max_wait=settings.max_wait)
+    lock_file = _lock_file(store)
+    if lock_file is not None:
+        return FileFlight(lock_file, shared=sql, max_wait=settings.max_wait)
     return NoFlight()

@@ -247,10 +247,10 @@ def executor_for(
 
 def shares_purchases(store: Store) -> bool:
     """Whether steps in processes of their own would buy each entity once with this store and
-    GLAZE_REDIS_URL (`answers.shared_across_processes`). On SQLite without Redis they would
-    not: two spans running at once both buy an entity they share (a 60,000-row table on two
-    processes, tried: 7,434 company calls for 6,000 companies), so the queue keeps such a
-    request in one process, whatever its size."""
+    GLAZE_REDIS_URL (`answers.shared_across_processes`: Redis, Postgres's advisory locks, or
+    file locks beside a SQLite file). Where they would not (an in-memory SQLite database, a
+    system without open-file-description locks) two spans running at once would both buy an
+    entity they share, so the queue keeps the request in one process, whatever its size."""
     return shared_across_processes(store, redis_url())
 
 

@@ -20,9 +20,13 @@ back from one lock service to another must meet its contenders in the matching t
   lock expires after `lock_ttl` (10 s).
 - `PostgresFlight`: `pg_try_advisory_lock` on a 64-bit hash of the key, held on one dedicated
   connection per flight. A crashed holder's session ends and frees its locks at once.
+- `FileFlight`: the SQLite default's (one machine): a lock on one byte, at a 62-bit hash of the
+  key, of a lock file next to the database, taken without blocking. The kernel frees a crashed
+  holder's locks at once.
 - `FallbackFlight`: Redis first, the database's lock behind it, so Redis going down never
   turns single-flight off where the database has a lock to offer.
-- `NoFlight`: SQLite and single-process runs, where there is no one to share with.
+- `NoFlight`: an in-memory SQLite database (one process), where there is no one to share with,
+  and SQLite on a system without open-file-description locks (macOS).
 
 A backend whose lock service fails reports the claim `unavailable` and holds nothing; on its
 own it then fails open (the run proceeds unlocked, the error is logged).
@@ -36,12 +40,15 @@ in one thread hop. A lock taken for a claimant that was cancelled meanwhile is g
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import itertools
 import logging
 import os
 import random
 import secrets
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -406,6 +413,107 @@ class PostgresFlight:
         self._engine.dispose()
 
 
+# `struct flock` on Linux: type, whence, start, len, pid (0: an open file description's lock).
+_FLOCK = "hhqqi0q"
+_CONTENDED = (errno.EACCES, errno.EAGAIN)
+
+
+def file_lock_offset(key: CacheKey, namespace: str = PG_NAMESPACE) -> int:
+    """The byte of the lock file that stands for `key`: its advisory-lock hash, 62 bits."""
+    return advisory_lock_id(key, namespace) & (2**62 - 1)
+
+
+def offers_file_locks() -> bool:
+    """Whether this system has open-file-description locks (Linux; not macOS): `FileFlight`
+    needs them."""
+    return hasattr(fcntl, "F_OFD_SETLK")
+
+
+class FileFlight:
+    """Single-flight across the processes of one machine (the SQLite default) through
+    open-file-description locks (`F_OFD_SETLK`) on a lock file next to the database.
+
+    A key is one byte of the file, at `file_lock_offset` (the file stays empty: a lock may lie
+    past its end), taken without blocking and tried again on the advisory locks' backoff. The
+    locks belong to this flight's open file, not its process: two flights conflict in one
+    process as in two, a holder that dies frees its locks with its files at once (no TTL to
+    outwait), and `close()` frees them all. An open file description re-grants its own locks,
+    so a key this flight holds is refused in process first. The syscall takes microseconds: it
+    is made on the loop, no thread hop nor coalescing.
+    """
+
+    backend = "file"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        shared: AnswerCache | None,
+        namespace: str = PG_NAMESPACE,
+        max_wait: timedelta = DEFAULT_MAX_WAIT,
+    ) -> None:
+        if max_wait < timedelta(0):
+            raise ValueError("max_wait must not be negative")
+        self.path = os.fspath(path)
+        self.shared = shared
+        self.namespace = namespace
+        self.max_wait_s = max_wait.total_seconds()
+        self._io = threading.Lock()  # the held set, across the loops of this process
+        self._held: set[int] = set()
+        self._pid = os.getpid()
+        self._fd: int | None = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @asynccontextmanager
+    async def claim(self, key: CacheKey) -> AsyncIterator[Claim]:
+        offset = file_lock_offset(key, self.namespace)
+        outcome = await _wait_for(lambda: self._try_lock(offset), self.max_wait_s)
+        try:
+            yield _claim(outcome, self.shared)
+        finally:
+            if outcome:
+                self._unlock(offset)
+
+    async def _try_lock(self, offset: int) -> bool | None:
+        """True (taken), False (held: elsewhere, or by this flight), None (the lock failed)."""
+        with self._io:
+            if self._pid != os.getpid():  # a forked child shares the parent's open file
+                self._pid, self._fd, self._held = os.getpid(), self._open(), set()
+            if self._fd is None or offset in self._held:
+                return None if self._fd is None else False
+            try:
+                self._lock(self._fd, fcntl.F_WRLCK, offset)
+            except OSError as error:
+                if error.errno in _CONTENDED:
+                    return False
+                log.warning("single-flight file lock %s unavailable: %s", self.path, error)
+                return None
+            self._held.add(offset)
+            return True
+
+    def _unlock(self, offset: int) -> None:
+        with self._io:
+            if offset in self._held and self._fd is not None:
+                self._held.discard(offset)
+                self._lock(self._fd, fcntl.F_UNLCK, offset)
+
+    def _lock(self, fd: int, kind: int, offset: int) -> None:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, 0, offset, 1, 0))
+
+    def degraded(self) -> bool:
+        return False  # its tier is the database itself
+
+    def close(self) -> None:
+        """Close the lock file: the kernel frees every lock this flight still holds."""
+        with self._io:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+            self._held.clear()
+
+
 @dataclass
 class _Outage:
     """What this process has seen of one Redis server's outages (shared by its flights)."""
@@ -456,8 +564,8 @@ class FallbackFlight:
     process cut off from Redis alone waits out `grace`, but purchases the others begin under
     Redis locks after that are not locked in Postgres, and may be bought twice.
 
-    A fallback of `NoFlight` (SQLite, which has no lock to offer) makes Redis down an explicit
-    "going ahead unlocked", without the wait. Either way it is logged once per flight. A
+    A fallback of `NoFlight` (no lock to offer: an in-memory SQLite database, or a system
+    without file locks) makes Redis down an explicit "going ahead unlocked", without the wait. Either way it is logged once per flight. A
     primary that was outwaited (`max_wait`) is not followed by a second wait on the fallback:
     the run goes ahead, as it would on Redis alone.
     """

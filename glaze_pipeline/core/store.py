@@ -317,6 +317,16 @@ class Store:
         event.listen(self.engine, "before_cursor_execute", self._count)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database's file; None on Postgres and for an in-memory database."""
+        parsed = make_url(self.url)
+        if self.dialect != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return None
+        if parsed.query.get("mode") == "memory":
+            return None
+        return Path(parsed.database)
+
     def _count(self, *_args: Any) -> None:
         self.statements += 1
         Store.process_statements += 1

@@ -109,6 +109,21 @@ def selected_executor(run_config: Mapping[str, object]) -> str:
     return "in_process"
 
 
+def steps_at_once(run_config: Mapping[str, Any]) -> int:
+    """How many steps the run config's executor runs at once, as far as the config says: the
+    multiprocess executor's `max_concurrent` (unset or 0: the environment's
+    DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT, else one per core, as Dagster reads it);
+    1 in process and on Celery (no run config knows its workers: `concurrent_steps` on the
+    providers resource says how many)."""
+    if selected_executor(run_config) != "multiprocess":
+        return 1
+    chosen = run_config["execution"]["config"]["multiprocess"] or {}
+    configured = chosen.get("max_concurrent") or os.getenv(
+        "DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT"
+    )
+    return max(1, int(configured) if configured else os.cpu_count() or 1)
+
+
 def run_config_on(run_config: Mapping[str, Any], name: str) -> dict[str, Any]:
     """`run_config` with the `execution` section that picks executor `name` (in process, the
     default, leaves it as it is): how a launch path runs a large request on every core

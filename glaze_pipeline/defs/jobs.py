@@ -58,7 +58,7 @@ from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
 from glaze_pipeline.defs.checks import evaluations_for_request
 from glaze_pipeline.defs.config import EnrichTableConfig
-from glaze_pipeline.defs.executors import selected_executor
+from glaze_pipeline.defs.executors import selected_executor, steps_at_once
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
     GlazeDatabase,
@@ -452,7 +452,11 @@ def enrich_entities(
 
         # The AI columns' LLM client lives as long as this step (its connections belong to
         # the event loop the chunk runs); their LLM attempts are recorded by the chunk.
-        step_providers = [*providers.providers(), *ai_providers(llm, plan.target)]
+        # Steps side by side share each vendor's max_concurrency (a Celery pool: concurrent_steps).
+        step_providers = [
+            *providers.providers(steps_at_once(context.run_config)),
+            *ai_providers(llm, plan.target),
+        ]
         if plan.settings.batch_endpoints:
             step_providers = with_batching(step_providers)
         with frozen_heap(), providers.sharing(store) as sharing:

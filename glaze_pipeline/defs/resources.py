@@ -68,7 +68,7 @@ class EnrichmentProviders(ConfigurableResource):
 
     `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
     providers); `redis_url` adds the shared Redis tier and Redis single-flight (else
-    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or nothing on SQLite);
+    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or file locks beside SQLite's file);
     `cache_ttl_by_provider` sets how long the Redis tier keeps a provider's answers. With
     Redis, every process keeps each vendor's rate limit together with the others
     (core/providers/http/shared_limits.py); `concurrent_steps` gives each step its share of a
@@ -82,7 +82,8 @@ class EnrichmentProviders(ConfigurableResource):
         ge=1,
         description="How many enrich steps run at once (processes here or on Celery workers): "
         "each takes that share of a vendor's max_concurrency; with Redis, all of them keep "
-        "the vendor's rate limit together.",
+        "the vendor's rate limit together. The multiprocess executor's max_concurrent counts "
+        "by itself; set this for Celery (its workers' concurrency, all told).",
     )
     always_guard: bool = Field(
         default=False,
@@ -99,13 +100,16 @@ class EnrichmentProviders(ConfigurableResource):
 
     _providers: list[Provider] | None = PrivateAttr(default=None)
 
-    def providers(self) -> list[Provider]:
-        # Loaded once per run: circuit breakers and rate limits live as long as the run.
+    def providers(self, steps_at_once: int = 1) -> list[Provider]:
+        """The waterfall's providers, loaded once per process (circuit breakers and rate limits
+        live as long as the run). Each takes its share of a vendor's `max_concurrency` for the
+        larger of `concurrent_steps` and `steps_at_once` (what the run's executor runs at once,
+        `executors.steps_at_once`; the first call's count holds for the process)."""
         if self._providers is None:
             self._providers = load_providers(
                 self.config_file,
                 redis_url=redis_url(self.redis_url),
-                processes=self.concurrent_steps,
+                processes=max(self.concurrent_steps, steps_at_once),
             )
         return self._providers
 
