@@ -26,8 +26,9 @@ from glaze_pipeline.core.cache_redis import (
     redis_link,
 )
 from glaze_pipeline.core.cache_sql import SqlAnswerCache
+from glaze_pipeline.core.flight import NoFlight
 from glaze_pipeline.core.schema import EntityCacheEntry
-from glaze_pipeline.core.singleflight import FallbackFlight, FileFlight, PostgresFlight, RedisFlight
+from glaze_pipeline.core.singleflight import FallbackFlight, PostgresFlight, RedisFlight
 from glaze_pipeline.core.store import Store
 
 HIT_KEY: CacheKey = ("company:domain:acme.com", "clearbit")
@@ -366,16 +367,16 @@ def test_tiered_cache_writes_every_tier(store: Store, client: redis.Redis) -> No
 
 def test_answer_sharing_with_redis(store: Store, redis_url: str, client: redis.Redis) -> None:
     with open_answer_sharing(store, redis_url) as sharing:
-        # Redis locks, with the database's lock behind them (advisory, or beside SQLite's file).
+        # Redis locks, with the database's lock behind them where there is one (Postgres).
         assert isinstance(sharing.flight, FallbackFlight)
         assert isinstance(sharing.flight.primary, RedisFlight)
         if store.dialect == "postgresql":
             assert sharing.backend == "redis+postgres"
             assert isinstance(sharing.flight.fallback, PostgresFlight)
+            assert isinstance(sharing.flight.fallback.shared, SqlAnswerCache)
         else:
-            assert sharing.backend == "redis+file"
-            assert isinstance(sharing.flight.fallback, FileFlight)
-        assert isinstance(sharing.flight.fallback.shared, SqlAnswerCache)
+            assert sharing.backend == "redis"
+            assert isinstance(sharing.flight.fallback, NoFlight)
         sharing.cache.put_many({HIT_KEY: found()})
         assert client.exists("glaze:answer:clearbit:company:domain:acme.com") == 1
         assert set(SqlAnswerCache(store).get_many([HIT_KEY])) == {HIT_KEY}
@@ -388,8 +389,7 @@ def test_answer_sharing_without_redis(store: Store) -> None:
             assert isinstance(sharing.flight, PostgresFlight)
             assert isinstance(sharing.flight.shared, SqlAnswerCache)
         else:
-            assert sharing.backend == "file"
-            assert isinstance(sharing.flight, FileFlight)
-            assert isinstance(sharing.flight.shared, SqlAnswerCache)
+            assert sharing.backend == "none"
+            assert isinstance(sharing.flight, NoFlight)
         sharing.cache.put_many({HIT_KEY: found()})
         assert set(SqlAnswerCache(store).get_many([HIT_KEY])) == {HIT_KEY}

@@ -57,7 +57,7 @@ class FixedProviders(EnrichmentProviders):
 
     fixed: ClassVar[list[Provider]] = []
 
-    def providers(self) -> list[Provider]:
+    def providers(self, steps_at_once: int = 1) -> list[Provider]:
         return list(self.fixed)
 
 

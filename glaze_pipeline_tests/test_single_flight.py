@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,12 +30,7 @@ from sqlalchemy import text
 
 from glaze_pipeline.bench.stack import free_port
 from glaze_pipeline.core import engine
-from glaze_pipeline.core.answers import (
-    AnswerSharing,
-    SharingSettings,
-    open_answer_sharing,
-    shared_across_processes,
-)
+from glaze_pipeline.core.answers import AnswerSharing, SharingSettings, open_answer_sharing
 from glaze_pipeline.core.budget import Budget
 from glaze_pipeline.core.cache import CachedAnswer, CacheKey, MemoryCache, TieredCache, tiers_of
 from glaze_pipeline.core.cache_redis import RedisAnswerCache, RedisBreaker
@@ -100,7 +97,8 @@ def open_sharing(request: pytest.FixtureRequest) -> Iterator[SharingFactory]:
     def factory(max_wait: timedelta = DEFAULT_MAX_WAIT) -> AnswerSharing:
         # Redis down from the start: nobody holds a Redis lock to wait out for long.
         settings = SharingSettings(max_wait=max_wait, outage_grace=timedelta(seconds=0.2))
-        sharing = open_answer_sharing(store, url, settings=settings)
+        # As steps side by side open it (a run in one process takes no file lock on SQLite).
+        sharing = open_answer_sharing(store, url, settings=settings, side_by_side=True)
         assert sharing.backend == backend
         opened.append(sharing)
         return sharing
@@ -195,22 +193,50 @@ def test_without_single_flight_both_runs_pay(pg_store: Store) -> None:
     assert sum(fake.total_calls for _, fake in runs) > 100
 
 
+@dataclass
+class Asking:
+    """A flight that says when a claim is asked for: its run has missed the cache by then."""
+
+    inner: Flight
+    asked: threading.Event
+
+    @property
+    def backend(self) -> str:
+        return self.inner.backend
+
+    def claim(self, key: CacheKey) -> AbstractAsyncContextManager[Claim]:
+        self.asked.set()
+        return self.inner.claim(key)
+
+    def degraded(self) -> bool:
+        return self.inner.degraded()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def test_waiter_reads_the_holders_answer_without_charge_or_budget(
     open_sharing: SharingFactory,
 ) -> None:
     holder, waiter = open_sharing(), open_sharing()
     answer = CachedAnswer(True, {"industry": "Bought once"}, {}, datetime.now(UTC))
     fake = provider()
+    asked = threading.Event()
     # A budget of nothing: the waiter would skip the field if it tried to reserve a call.
-    waterfall = Waterfall([fake], budget=Budget(0.0), cache=waiter.cache, flight=waiter.flight)
+    waterfall = Waterfall(
+        [fake], budget=Budget(0.0), cache=waiter.cache, flight=Asking(waiter.flight, asked)
+    )
 
     async def scenario() -> list[EntityOutcome]:
         claim = holder.flight.claim(KEY)
         taken = await claim.__aenter__()
         assert taken.held is True and taken.shared is not None
         waiting = asyncio.create_task(waterfall.enrich_many(COMPANIES[:1]))
-        await asyncio.sleep(0.15)
-        assert not waiting.done()  # it missed the cache and is waiting on the holder
+        # Answer only once the waiter has missed the cache and asked for the key (a loaded
+        # machine can take longer than any fixed sleep to read a cache with Redis down).
+        assert await asyncio.to_thread(asked.wait, 10)
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # it is waiting on the holder
         await asyncio.to_thread(taken.shared.put_many, {KEY: answer})
         await claim.__aexit__(None, None, None)
         return await asyncio.wait_for(waiting, 5)
@@ -666,7 +692,7 @@ def test_redis_down_on_an_in_memory_sqlite_goes_ahead_unlocked_and_says_so_once(
     memory = Store("sqlite://")  # one process's own database: no file to lock beside
     with (
         caplog.at_level(logging.WARNING, logger="glaze_pipeline.core.singleflight"),
-        open_answer_sharing(memory, down_redis_url()) as sharing,
+        open_answer_sharing(memory, down_redis_url(), side_by_side=True) as sharing,
     ):
         assert sharing.backend == "redis"  # no lock to put behind Redis's
         taken = asyncio.run(claims(sharing.flight))
@@ -692,16 +718,17 @@ asyncio.run(hold())
 """
 
 
-def test_a_sqlite_file_locks_beside_itself(sqlite_store: Store) -> None:
-    with open_answer_sharing(sqlite_store) as sharing:
+def test_steps_side_by_side_on_a_sqlite_file_lock_beside_it(sqlite_store: Store) -> None:
+    with open_answer_sharing(sqlite_store, side_by_side=True) as sharing:
         assert sharing.backend == "file"
         assert isinstance(sharing.flight, FileFlight)
         assert sharing.flight.path == f"{sqlite_store.sqlite_file}-flights"
-    assert shared_across_processes(sqlite_store, None)
-    memory = Store("sqlite://")
-    with open_answer_sharing(memory) as sharing:
+        assert isinstance(sharing.flight.shared, SqlAnswerCache)
+    with open_answer_sharing(sqlite_store) as sharing:  # one process: nobody to meet
         assert sharing.backend == "none"
-    assert not shared_across_processes(memory, None)
+    memory = Store("sqlite://")  # no file to lock beside
+    with open_answer_sharing(memory, side_by_side=True) as sharing:
+        assert sharing.backend == "none"
     memory.dispose()
 
 

@@ -20,13 +20,14 @@ back from one lock service to another must meet its contenders in the matching t
   lock expires after `lock_ttl` (10 s).
 - `PostgresFlight`: `pg_try_advisory_lock` on a 64-bit hash of the key, held on one dedicated
   connection per flight. A crashed holder's session ends and frees its locks at once.
-- `FileFlight`: the SQLite default's (one machine): a lock on one byte, at a 62-bit hash of the
-  key, of a lock file next to the database, taken without blocking. The kernel frees a crashed
-  holder's locks at once.
+- `FileFlight`: the SQLite default's, for steps side by side on one machine: a lock on one
+  byte, at a 62-bit hash of the key, of a lock file next to the database, taken without
+  blocking. The kernel frees a crashed holder's locks at once.
 - `FallbackFlight`: Redis first, the database's lock behind it, so Redis going down never
   turns single-flight off where the database has a lock to offer.
-- `NoFlight`: an in-memory SQLite database (one process), where there is no one to share with,
-  and SQLite on a system without open-file-description locks (macOS).
+- `NoFlight`: a run in one process on SQLite (no one to share with: its spans run one after
+  another, and meet in its cache), an in-memory database, and SQLite on a system without
+  open-file-description locks (macOS).
 
 A backend whose lock service fails reports the claim `unavailable` and holds nothing; on its
 own it then fails open (the run proceeds unlocked, the error is logged).
@@ -564,10 +565,10 @@ class FallbackFlight:
     process cut off from Redis alone waits out `grace`, but purchases the others begin under
     Redis locks after that are not locked in Postgres, and may be bought twice.
 
-    A fallback of `NoFlight` (no lock to offer: an in-memory SQLite database, or a system
-    without file locks) makes Redis down an explicit "going ahead unlocked", without the wait. Either way it is logged once per flight. A
-    primary that was outwaited (`max_wait`) is not followed by a second wait on the fallback:
-    the run goes ahead, as it would on Redis alone.
+    A fallback of `NoFlight` (no lock to offer: SQLite in one process or in memory, a system
+    without file locks) makes Redis down an explicit "going ahead unlocked", without the wait.
+    Either way it is logged once per flight. A primary that was outwaited (`max_wait`) is not
+    followed by a second wait on the fallback: the run goes ahead, as it would on Redis alone.
     """
 
     def __init__(

@@ -459,7 +459,8 @@ def enrich_entities(
         ]
         if plan.settings.batch_endpoints:
             step_providers = with_batching(step_providers)
-        with frozen_heap(), providers.sharing(store) as sharing:
+        side_by_side = selected_executor(context.run_config) != "in_process"
+        with frozen_heap(), providers.sharing(store, side_by_side=side_by_side) as sharing:
             if writes:
                 result = engine.enrich_span(
                     store,

@@ -68,7 +68,8 @@ class EnrichmentProviders(ConfigurableResource):
 
     `config_file` names the providers YAML (else GLAZE_PROVIDERS_FILE, else the bundled fake
     providers); `redis_url` adds the shared Redis tier and Redis single-flight (else
-    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or file locks beside SQLite's file);
+    GLAZE_REDIS_URL; without Redis, Postgres advisory locks, or on SQLite file locks for steps
+    side by side);
     `cache_ttl_by_provider` sets how long the Redis tier keeps a provider's answers. With
     Redis, every process keeps each vendor's rate limit together with the others
     (core/providers/http/shared_limits.py); `concurrent_steps` gives each step its share of a
@@ -113,8 +114,9 @@ class EnrichmentProviders(ConfigurableResource):
             )
         return self._providers
 
-    def sharing(self, store: Store) -> AnswerSharing:
-        """The tiered cache and single-flight for one step; close it (a context manager)."""
+    def sharing(self, store: Store, *, side_by_side: bool = False) -> AnswerSharing:
+        """The tiered cache and single-flight for one step; close it (a context manager).
+        `side_by_side`: the run's steps run in processes of their own (not in process)."""
         settings = SharingSettings(
             redis_ttl_by_provider={
                 name: timedelta(seconds=seconds)
@@ -122,7 +124,9 @@ class EnrichmentProviders(ConfigurableResource):
             },
             always_guard=self.always_guard,
         )
-        return open_answer_sharing(store, redis_url(self.redis_url), settings=settings)
+        return open_answer_sharing(
+            store, redis_url(self.redis_url), settings=settings, side_by_side=side_by_side
+        )
 
 
 class ProgressChannel(ConfigurableResource):
