@@ -1,5 +1,6 @@
 """Executor selection by run config, and the step outputs table behind the shared IO manager."""
 
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,6 +17,7 @@ from glaze_pipeline.defs.executors import (
     _requirements,
     glaze_executor,
     selected_executor,
+    steps_at_once,
     with_forkserver_default,
 )
 
@@ -56,6 +58,26 @@ def test_the_run_config_selects_the_executor() -> None:
     assert with_forkserver_default(spawn) == spawn
     defs = build_definitions()
     assert defs.resolve_job_def("data_checks").executor_def is glaze_executor
+
+
+def test_steps_at_once_is_what_the_executor_runs_side_by_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step's share of a vendor's max_concurrency divides by this (defs/jobs.py)."""
+
+    def on(config: dict) -> dict:
+        return {"execution": {"config": config}}
+
+    monkeypatch.delenv("DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert steps_at_once({}) == 1
+    assert steps_at_once(on({"in_process": {}})) == 1
+    assert steps_at_once(on({"celery": {"broker": "x"}})) == 1  # its pool: concurrent_steps
+    assert steps_at_once(on({"multiprocess": {"max_concurrent": 3}})) == 3
+    assert steps_at_once(on({"multiprocess": {}})) == 6  # Dagster's default: one per core
+    assert steps_at_once(on({"multiprocess": {"max_concurrent": 0}})) == 6
+    monkeypatch.setenv("DAGSTER_MULTIPROCESS_EXECUTOR_MAX_CONCURRENT", "4")
+    assert steps_at_once(on({"multiprocess": None})) == 4
 
 
 def test_a_run_in_process_keeps_its_outputs_in_memory(sqlite_store: Store) -> None:
