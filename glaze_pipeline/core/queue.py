@@ -249,7 +249,7 @@ def shares_purchases(store: Store) -> bool:
     and GLAZE_REDIS_URL: through Redis, or Postgres's advisory locks. On the SQLite default
     without Redis they meet in file locks beside the database, each purchase written through
     to SQLite under its lock, behind the rows' writes for its one writer: a 60,000-row table
-    (6,000 companies, 60,000 people) took 65-78 s on two processes against 59-70 s in one. So
+    (6,000 companies, 60,000 people) took 65-78 s on two processes against 59-73 s in one. So
     the queue keeps such a request in one process, whatever its size."""
     return bool(redis_url()) or store.dialect == "postgresql"
 
