@@ -320,12 +320,7 @@ class Store:
     @property
     def sqlite_file(self) -> Path | None:
         """The SQLite database's file; None on Postgres and for an in-memory database."""
-        parsed = make_url(self.url)
-        if self.dialect != "sqlite" or parsed.database in (None, "", ":memory:"):
-            return None
-        if parsed.query.get("mode") == "memory":
-            return None
-        return Path(parsed.database)
+        return sqlite_file(self.url)
 
     def _count(self, *_args: Any) -> None:
         self.statements += 1
@@ -1434,11 +1429,22 @@ def lenient_json_loads(value: str) -> Any:
         return value
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.query.get("mode") == "memory":
+        return None
+    return Path(parsed.database)
+
+
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        database = sqlite_file(url)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         # A JSON value the app wrote that is not JSON (SQLite cannot refuse it) reads back as
         # its text, so one malformed request is shown and rejected instead of crashing readers.
         engine = create_engine(

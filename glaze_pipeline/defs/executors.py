@@ -109,6 +109,12 @@ def selected_executor(run_config: Mapping[str, object]) -> str:
     return "in_process"
 
 
+def side_by_side(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run's steps execute in processes of their own (multiprocess, Celery), so
+    enrich steps may run at the same time: spans cut to equal work, a shared single-flight."""
+    return selected_executor(run_config) != "in_process"
+
+
 def steps_at_once(run_config: Mapping[str, Any]) -> int:
     """How many steps the run config's executor runs at once, as far as the config says: the
     multiprocess executor's `max_concurrent` (unset or 0: the environment's

@@ -58,7 +58,7 @@ from glaze_pipeline.core.waterfall import WaterfallStats
 from glaze_pipeline.defs.assets import ENRICHED_TABLE, ENTITY_CACHE, TABLE_PARTITIONS_NAME
 from glaze_pipeline.defs.checks import evaluations_for_request
 from glaze_pipeline.defs.config import EnrichTableConfig
-from glaze_pipeline.defs.executors import selected_executor, steps_at_once
+from glaze_pipeline.defs.executors import selected_executor, side_by_side, steps_at_once
 from glaze_pipeline.defs.resources import (
     EnrichmentProviders,
     GlazeDatabase,
@@ -302,7 +302,7 @@ def detect_entities(
             target,
             chunk_size=settings.chunk_size,
             max_chunks=settings.fan_out(executor, entities=len(detection.entities)),
-            side_by_side=executor != "in_process",
+            side_by_side=side_by_side(context.run_config),
         )
         requests.record_counters(
             request_id,
@@ -459,8 +459,10 @@ def enrich_entities(
         ]
         if plan.settings.batch_endpoints:
             step_providers = with_batching(step_providers)
-        side_by_side = selected_executor(context.run_config) != "in_process"
-        with frozen_heap(), providers.sharing(store, side_by_side=side_by_side) as sharing:
+        with (
+            frozen_heap(),
+            providers.sharing(store, side_by_side=side_by_side(context.run_config)) as sharing,
+        ):
             if writes:
                 result = engine.enrich_span(
                     store,
