@@ -298,14 +298,14 @@ def fork_launch(
     from dagster import DagsterInstance
     from dagster._core.utils import make_new_run_id
 
-    from glaze_pipeline.core.detection import normalize_domain
+    from glaze_pipeline.core.detection import load_suffix_list
     from glaze_pipeline.definitions import build_definitions
     from glaze_pipeline.runner import run_in_process
 
     definitions = build_definitions(database_url, providers_file)
     for name in (ENRICH_JOB, *(job_name for job_name, _ in AI_JOBS.values())):
         definitions.get_job_def(name)  # built now, once, not in every child
-    normalize_domain("warm.example.com")  # load the suffix list now, not in every child
+    load_suffix_list()  # now, not in every child
     with DagsterInstance.get():
         # Create (or migrate) the instance's storage once here: children forked at the same
         # moment would otherwise race to initialise a fresh SQLite storage.

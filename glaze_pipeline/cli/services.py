@@ -233,14 +233,14 @@ def worker(
     The worker runs steps of any run on the broker's queue: it needs this package installed,
     the app database (GLAZE_DATABASE_URL), the Dagster instance's storage (Postgres, with the
     env its dagster.yaml reads) and the same providers/Redis settings as the run. It is
-    dagster-celery's `execute_plan` task, preloaded with glaze_pipeline.definitions so that
+    dagster-celery's `execute_plan` task, preloaded with glaze_pipeline.defs.warm so that
     each step starts warm. See docs/scaling.md.
     """
     from dagster_celery.executor import CeleryExecutor
     from dagster_celery.make_app import make_app
     from dagster_celery.tasks import create_task
 
-    import glaze_pipeline.definitions  # noqa: F401 - preloaded: the pool's children fork warm
+    import glaze_pipeline.defs.warm  # noqa: F401 - preloaded: the pool's children fork warm
 
     check_run_services()  # the providers file loads, a configured Redis answers
     config_source = {"task_default_queue": queues[0]} if queues else None

@@ -313,6 +313,12 @@ def _extractor() -> Any:
     )
 
 
+def load_suffix_list() -> None:
+    """Parse the bundled Public Suffix List now, not at the first host looked at: a process
+    that forks workers does it once for all of them (defs/warm.py)."""
+    _extractor()("example.com")
+
+
 def _bounded(value: Any, limit: int) -> str:
     """A cell's text (NFKC, stripped) when it is at most `limit` characters, else "".
 

@@ -4,7 +4,7 @@
 
 * `in_process` (the default: nothing set) — every step in the run's own process, as before.
 * `multiprocess` — each step in its own process on this machine, at most `max_concurrent` at
-  once; forkserver, with `glaze_pipeline.definitions` preloaded once in the fork server, unless
+  once; forkserver, with `glaze_pipeline.defs.warm` preloaded once in the fork server, unless
   `start_method` says otherwise.
 * `celery` — each step is a Celery task run by a worker (`glaze worker`, docs/scaling.md), on
   this machine or another: dagster-celery's executor and its config (broker, backend,
@@ -39,9 +39,10 @@ from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
 from glaze_pipeline.core.settings import CELERY_BROKER_ENV, DEFAULT_CELERY_BROKER
 
-PRELOAD = "glaze_pipeline.definitions"
+PRELOAD = "glaze_pipeline.defs.warm"
 """What the multiprocess executor's fork server imports once: every step process forks from it
-warm, instead of importing Dagster and the engine again (spawn)."""
+warm (the definitions, the instance's storage, the drivers), instead of importing Dagster and
+the engine again (spawn)."""
 
 IN_ANOTHER_PROCESS = ("multiprocess", "celery")
 
