@@ -25,6 +25,7 @@ Two ways to start the run, each a `RunStarter`:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -310,6 +311,10 @@ def fork_launch(
         # Create (or migrate) the instance's storage once here: children forked at the same
         # moment would otherwise race to initialise a fresh SQLite storage.
         pass
+    # What is loaded now lives as long as this process: out of the collector's sight, so a
+    # child's full collections do not walk (and copy) it (as defs/warm.py does for steps).
+    gc.collect()
+    gc.freeze()
     children: set[int] = set()
 
     def capacity() -> int:

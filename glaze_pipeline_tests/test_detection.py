@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -34,7 +35,16 @@ from glaze_pipeline.core.detection import (
     work_email_domain,
 )
 from glaze_pipeline.core.fields import infer_field
-from glaze_pipeline.core.models import EntityKey, EntityType, Selection
+from glaze_pipeline.core.models import (
+    CellStatus,
+    EntityKey,
+    EntityOutcome,
+    EntityRequest,
+    EntityType,
+    FieldOutcome,
+    FieldValue,
+    Selection,
+)
 from glaze_pipeline.core.providers.fake import FakeProvider, fake_value
 from glaze_pipeline.core.schema import EntityCacheEntry
 from glaze_pipeline.core.store import ColumnDef, Store
@@ -748,3 +758,27 @@ def test_an_entity_key_pickled_in_one_process_is_found_by_its_equal_in_another()
         found.add(result.stdout.decode().strip())
     assert found == {"company,person"}
     assert pickle.loads(blob) == keys and {k: 1 for k in pickle.loads(blob)}.keys() == set(keys)
+
+
+def test_a_steps_entities_and_outcomes_pickle_as_they_were() -> None:
+    """A chunk's EntityRequests and an outcome's values cross processes pickled (as constructor
+    calls, not field by field): every field comes back, defaults and None included."""
+    fetched = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+    key = EntityKey(EntityType.PERSON, "name_company", "ada lovelace|acme.com", 0.7)
+    requests = [
+        EntityRequest(key, frozenset({"title", "email"}), 3),
+        EntityRequest(EntityKey(EntityType.COMPANY, "domain", "acme.com"), frozenset({"industry"})),
+    ]
+    outcome = EntityOutcome(
+        key,
+        {
+            "title": FieldOutcome(CellStatus.DONE, FieldValue("CTO", 0.63, "vendor", fetched)),
+            "email": FieldOutcome(CellStatus.FAILED, error="vendor: HTTP 500"),
+            "phone": FieldOutcome(CellStatus.NOT_FOUND),
+        },
+    )
+    again_requests, again_outcome = pickle.loads(pickle.dumps((requests, outcome)))
+    assert again_requests == requests and again_outcome == outcome
+    assert [r.cells for r in again_requests] == [3, 0]
+    assert again_outcome.fields["title"].value.fetched_at == fetched
+    assert {again_requests[0].key: "found"}[key] == "found"

@@ -171,6 +171,11 @@ class FieldValue:
     source: str
     fetched_at: datetime
 
+    def __reduce__(self) -> tuple[type[FieldValue], tuple[Any, float, str, datetime]]:
+        # Pickled as a constructor call: a frozen slotted dataclass's default unpickling
+        # calls `dataclasses.fields()` per object (~8 us: 0.8 s per 100,000 of a step's input).
+        return FieldValue, (self.value, self.confidence, self.source, self.fetched_at)
+
 
 @dataclass(frozen=True, slots=True)
 class FieldOutcome:
@@ -179,6 +184,9 @@ class FieldOutcome:
     status: CellStatus
     value: FieldValue | None = None
     error: str | None = None
+
+    def __reduce__(self) -> tuple[type[FieldOutcome], tuple[Any, ...]]:
+        return FieldOutcome, (self.status, self.value, self.error)  # as FieldValue's
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +197,17 @@ class EntityRequest:
     fields: frozenset[str]
     cells: int = 0  # how many of the job's cells are about it (0: not counted)
 
+    def __reduce__(self) -> tuple[type[EntityRequest], tuple[Any, ...]]:
+        return EntityRequest, (self.key, self.fields, self.cells)  # as FieldValue's
+
 
 @dataclass(frozen=True, slots=True)
 class EntityOutcome:
     key: EntityKey
     fields: dict[str, FieldOutcome]
+
+    def __reduce__(self) -> tuple[type[EntityOutcome], tuple[Any, ...]]:
+        return EntityOutcome, (self.key, self.fields)  # as FieldValue's
 
 
 @dataclass
