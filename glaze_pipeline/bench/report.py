@@ -221,8 +221,9 @@ def markdown(results: dict[str, Any]) -> str:
         "then premium); the issue's entities x latency / concurrency is in results.json as "
         "`bound_entities_s`.",
         "",
-        "CPU ms / call: the worker process's CPU during the run (its benchmark watcher thread "
-        "taken out) / the calls the mock served; the mock's CPU is apart (last table). First "
+        "CPU ms / call: the worker process's CPU during the run (the benchmark's watcher runs "
+        "in a process of its own) / the calls the mock served; the mock's CPU is apart (last "
+        "table). First "
         "row: seconds from the run's start to the first progress event saying rows were "
         "written (`cells`, or `progress` with rows_written > 0), heard on the table's Redis "
         "channel by a subscriber started before the run, and the share of the provider calls "

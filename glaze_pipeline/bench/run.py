@@ -458,7 +458,7 @@ def _run_on_celery(
 def derived_figures(result: dict[str, Any]) -> dict[str, Any]:
     """Per-call CPU and rows per second, from a worker's result and the mock's counts.
 
-    * `cpu_ms_per_call`: the worker's CPU over the run (its watcher thread's taken out) / the
+    * `cpu_ms_per_call`: the worker's CPU over the run (the watcher runs apart) / the
       provider calls the mock served.
     * `detect_rows_per_s`: rows read / the detect_entities step's seconds.
     * `write_rows_per_s`: rows written / `write_seconds` (the time Postgres spent in the
