@@ -11,6 +11,7 @@ Then it freezes what it loaded (`gc.freeze`, below).
 
 import gc
 
+# Imported to be loaded (here, once), not used here.
 import dagster._core.instance.factory
 import dagster._core.secrets.env_file
 import dagster._core.storage.defs_state.blob_storage_state_storage
@@ -31,8 +32,9 @@ from glaze_pipeline.core import detection
 detection.load_suffix_list()
 
 # Everything loaded so far lives as long as the process: out of the collector's sight from now
-# on, in this process and in every child forked from it. Else a child's first full collection
-# walks the ~280,000 objects inherited (touching, and so copying, every page they are on):
-# ~0.15 s of CPU in each step process, paid again at each later full collection.
+# on, in this process and in every child forked from it. A step freezes the heap itself, but
+# only once its body runs (core/heap.py); before that (Dagster's setup, its inputs unpickled)
+# a full collection walked the ~280,000 objects inherited, touching and so copying every page
+# they are on: ~0.15 s of CPU in each step process.
 gc.collect()
 gc.freeze()
