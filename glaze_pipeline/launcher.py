@@ -25,7 +25,6 @@ Two ways to start the run, each a `RunStarter`:
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import threading
@@ -300,6 +299,7 @@ def fork_launch(
     from dagster._core.utils import make_new_run_id
 
     from glaze_pipeline.core.detection import load_suffix_list
+    from glaze_pipeline.core.heap import freeze_before_fork
     from glaze_pipeline.definitions import build_definitions
     from glaze_pipeline.runner import run_in_process
 
@@ -311,10 +311,7 @@ def fork_launch(
         # Create (or migrate) the instance's storage once here: children forked at the same
         # moment would otherwise race to initialise a fresh SQLite storage.
         pass
-    # What is loaded now lives as long as this process: out of the collector's sight, so a
-    # child's full collections do not walk (and copy) it (as defs/warm.py does for steps).
-    gc.collect()
-    gc.freeze()
+    freeze_before_fork()  # what is loaded now: out of the children's collections
     children: set[int] = set()
 
     def capacity() -> int:

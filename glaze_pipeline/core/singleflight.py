@@ -482,8 +482,10 @@ class FileFlight:
         with self._io:
             if self._pid != os.getpid():  # a forked child shares the parent's open file
                 self._pid, self._fd, self._held = os.getpid(), self._open(), set()
-            if self._fd is None or offset in self._held:
-                return None if self._fd is None else False
+            if self._fd is None:
+                return None  # closed
+            if offset in self._held:
+                return False  # this flight holds it: its file would grant it again
             try:
                 self._lock(self._fd, fcntl.F_WRLCK, offset)
             except OSError as error:

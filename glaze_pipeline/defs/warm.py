@@ -6,10 +6,8 @@ The definitions alone left each step process importing the Dagster instance's st
 (`create_instance_from_ref`), the Postgres driver and tldextract, and parsing the Public Suffix
 List: ~0.5 s of CPU per step, 12 % of a multiprocess S3's step CPU at scale 0.2 (py-spy, 15
 step processes). Modules and parsed data only: no connection is opened here, none is forked.
-Then it freezes what it loaded (`gc.freeze`, below).
+Then it freezes what it loaded (`heap.freeze_before_fork`).
 """
-
-import gc
 
 # Imported to be loaded (here, once), not used here.
 import dagster._core.instance.factory
@@ -28,13 +26,7 @@ import upath.implementations.local  # noqa: F401
 
 import glaze_pipeline.definitions  # noqa: F401
 from glaze_pipeline.core import detection
+from glaze_pipeline.core.heap import freeze_before_fork
 
 detection.load_suffix_list()
-
-# Everything loaded so far lives as long as the process: out of the collector's sight from now
-# on, in this process and in every child forked from it. A step freezes the heap itself, but
-# only once its body runs (core/heap.py); before that (Dagster's setup, its inputs unpickled)
-# a full collection walked the ~280,000 objects inherited, touching and so copying every page
-# they are on: ~0.15 s of CPU in each step process.
-gc.collect()
-gc.freeze()
+freeze_before_fork()
